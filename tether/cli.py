@@ -1,0 +1,57 @@
+"""The `tether` command.
+
+Each sub-command lives in its own module and is imported only when it is run, so `tether label`
+never imports torch and `tether --help` is instant. A sub-command module exposes `main(argv) -> int`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("tether.algo.pretrain:main", "train a tokenizer and a small GPT from scratch on a text corpus"),
+    "sft": ("tether.algo.sft:main", "supervised fine-tuning on demonstrations"),
+    "rm": ("tether.algo.rm:main", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("tether.algo.dpo:main", "direct preference optimisation (DPO / IPO / conservative DPO)"),
+    "ppo": ("tether.algo.ppo:main", "PPO against a reward model with a KL penalty to the reference"),
+    "generate": ("tether.generate:main", "sample from a checkpoint, writing jsonl"),
+    "pipeline": ("tether.algo.pipeline:main", "run SFT -> RM -> PPO (or SFT -> DPO) in order, resumable"),
+    "demo": ("tether.demo:main", "the controlled-sentiment RLHF experiment, end to end on a CPU"),
+    "eval": ("tether.eval.cli:main", "reward-model, policy, sycophancy and preference-data reports"),
+    "label": ("tether.feedback.cli:main", "the annotation web app: serve, import, generate, export"),
+    "model": ("tether.models_cli:main", "model utilities (import-gguf, info)"),
+    "bench": ("benchmarks.compare:main", "speed and memory comparison against TRL"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: tether <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Run `tether <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from tether import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tether: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
