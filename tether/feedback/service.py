@@ -1,0 +1,803 @@
+"""Everything the web app and the CLI do to the database: users, projects, imports, assignment of
+items to annotators, judgments, progress, quality statistics and export.
+
+Assignment rules (they hold under concurrency on SQLite and PostgreSQL):
+- an annotator gets an item only if they have neither judged nor reserved it (unique constraints on
+  (task, user) for judgments and reservations make this hold even against races);
+- a non-gold item goes to at most `project.overlap` distinct annotators: `tasks.n_claims` counts its
+  judgments plus live reservations and is only ever raised by a conditional
+  `UPDATE ... SET n_claims = n_claims + 1 WHERE n_claims < overlap`, which the database serialises;
+- gold items go to every annotator once (they measure the annotator, not the item);
+- a reservation expires after `lease` and its slot is given back; a judgment that arrives after its
+  reservation expired is still accepted if a slot is free.
+Each submission is one transaction; a second submission for the same (task, user) returns the stored
+judgment unchanged (`duplicate=True`), so back-button resubmits and client retries never count twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from itertools import combinations
+from typing import Any
+
+from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tether.feedback import agreement
+from tether.feedback.models import KINDS, ROLES, Assignment, Judgment, Membership, Project, Task, User, utcnow
+from tether.feedback.security import hash_password
+
+RANK_MIN, RANK_MAX = 4, 7
+MAX_TEXT = 200_000
+MAX_RATIONALE = 10_000
+REASONS = ("more helpful", "more accurate", "safer", "better written", "follows instructions", "other")
+COMPARE_CHOICES = ("A", "B", "tie", "skip")
+RANK_GOLD_THRESHOLD = 0.75  # a gold ranking counts as correct if at least this share of pairs agree
+RATE_GOLD_TOLERANCE = 1  # a gold rating counts as correct within +-1
+DEFAULT_LEASE = timedelta(minutes=30)
+
+
+class ServiceError(Exception):
+    status = 400
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Invalid(ServiceError):
+    status = 422
+
+
+class ImportRejected(ServiceError):
+    """A task file with errors; nothing of it was imported. `errors` is [(line number, reason)]."""
+
+    status = 422
+
+    def __init__(self, errors: list[tuple[int, str]]):
+        self.errors = errors
+        shown = "; ".join(f"line {n}: {r}" for n, r in errors[:10])
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        super().__init__(f"import rejected, nothing imported: {shown}{more}")
+
+
+# ---------------------------------------------------------------- users and projects
+
+
+def create_user(s: Session, username: str, password: str, role: str = "annotator", hasher=None) -> User:  # noqa: ANN001
+    username = username.strip()
+    if not username or len(username) > 64 or not all(c.isalnum() or c in "._-@" for c in username):
+        raise Invalid("username: 1-64 characters, letters, digits and . _ - @")
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {ROLES}")
+    if s.scalar(select(User.id).where(User.username == username)) is not None:
+        raise Conflict(f"user {username!r} exists")
+    try:
+        h = hash_password(password, hasher)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+    user = User(username=username, password_hash=h, role=role)
+    s.add(user)
+    s.flush()
+    return user
+
+
+def get_user(s: Session, username: str) -> User:
+    u = s.scalar(select(User).where(User.username == username))
+    if u is None:
+        raise NotFound(f"no user {username!r}")
+    return u
+
+
+def create_project(s: Session, name: str, kind: str, guidelines: str = "", overlap: int = 2) -> Project:
+    name = name.strip()
+    if not name or len(name) > 128:
+        raise Invalid("project name: 1-128 characters")
+    if kind not in KINDS:
+        raise Invalid(f"kind must be one of {KINDS}")
+    if not 1 <= int(overlap) <= 50:
+        raise Invalid("overlap must be between 1 and 50")
+    if s.scalar(select(Project.id).where(Project.name == name)) is not None:
+        raise Conflict(f"project {name!r} exists")
+    p = Project(name=name, kind=kind, guidelines=guidelines or "", overlap=int(overlap))
+    s.add(p)
+    s.flush()
+    return p
+
+
+def get_project(s: Session, ref: str | int) -> Project:
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        p = s.get(Project, int(ref))
+        if p is None and isinstance(ref, str):
+            p = s.scalar(select(Project).where(Project.name == ref))
+    else:
+        p = s.scalar(select(Project).where(Project.name == ref))
+    if p is None:
+        raise NotFound(f"no project {ref!r}")
+    return p
+
+
+def add_member(s: Session, project: Project, user: User) -> None:
+    if s.get(Membership, (project.id, user.id)) is None:
+        s.add(Membership(project_id=project.id, user_id=user.id))
+        s.flush()
+
+
+def can_access(s: Session, project: Project, user: User) -> bool:
+    return user.is_admin or s.get(Membership, (project.id, user.id)) is not None
+
+
+def projects_for(s: Session, user: User) -> list[Project]:
+    q = select(Project).order_by(Project.id)
+    if not user.is_admin:
+        q = q.join(Membership, Membership.project_id == Project.id).where(Membership.user_id == user.id)
+    return list(s.scalars(q))
+
+
+# ---------------------------------------------------------------- import
+
+
+@dataclass
+class ParsedTask:
+    external_id: str
+    group_key: str
+    prompt: str
+    responses: list[str]
+    response_ids: list[int]
+    gold: Any = None
+    meta: dict = field(default_factory=dict)
+
+
+def _check_ranking(r: Any, n: int) -> list[int]:
+    if not isinstance(r, list) or sorted(x if isinstance(x, int) and not isinstance(x, bool) else -1 for x in r) != list(range(n)):
+        raise ValueError(f"a ranking must list each response index 0..{n - 1} once, best first")
+    return r
+
+
+def parse_task_lines(kind: str, text: str) -> tuple[list[ParsedTask], list[tuple[int, str]]]:
+    """Validate a jsonl task file; returns (tasks, errors). See docs/labeling.md for the format."""
+    tasks: list[ParsedTask] = []
+    errors: list[tuple[int, str]] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append((lineno, f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        try:
+            parsed = _parse_obj(kind, obj, lineno)
+        except ValueError as e:
+            errors.append((lineno, str(e)))
+            continue
+        gk = parsed[0].group_key
+        if gk in first_line:
+            errors.append((lineno, f"duplicate id {gk!r} (also on line {first_line[gk]})"))
+            continue
+        first_line[gk] = lineno
+        tasks.extend(parsed)
+    if not tasks and not errors:
+        errors.append((0, "no tasks in file"))
+    return tasks, errors
+
+
+def _parse_obj(kind: str, obj: Any, lineno: int) -> list[ParsedTask]:
+    if not isinstance(obj, dict):
+        raise ValueError("each line must be a JSON object")
+    prompt = obj.get("prompt")
+    if "prompt" not in obj:
+        raise ValueError("missing field 'prompt'")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("'prompt' must be a non-empty string")
+    if "responses" not in obj:
+        raise ValueError("missing field 'responses'")
+    responses = obj["responses"]
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise ValueError("'responses' must be a list of strings")
+    if any(len(x) > MAX_TEXT for x in [prompt, *responses]):
+        raise ValueError(f"a text is longer than {MAX_TEXT} characters")
+    n = len(responses)
+    if kind == "compare" and n < 2:
+        raise ValueError(f"a comparison needs at least 2 responses, got {n}")
+    if kind == "rank" and not RANK_MIN <= n <= RANK_MAX:
+        raise ValueError(f"a ranking needs {RANK_MIN} to {RANK_MAX} responses, got {n}")
+    if kind == "rate" and n < 1:
+        raise ValueError("a rating needs at least 1 response")
+    ext = obj.get("id")
+    if ext is None:
+        ext = "h" + hashlib.sha256(json.dumps([prompt, responses]).encode()).hexdigest()[:16]
+    elif isinstance(ext, int) and not isinstance(ext, bool):
+        ext = str(ext)
+    if not isinstance(ext, str) or not ext or len(ext) > 200 or "#" in ext:
+        raise ValueError("'id' must be a non-empty string (at most 200 characters, no '#')")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError("'meta' must be an object")
+    extra = {k: v for k, v in obj.items() if k not in ("prompt", "responses", "id", "gold", "meta")}
+    meta = {**extra, **meta}
+    gold = obj.get("gold")
+    if gold is not None:
+        gold = _parse_gold(kind, gold, n)
+    out: list[ParsedTask] = []
+    if kind == "compare":
+        pairs = [(0, 1)] if n == 2 else list(combinations(range(n), 2))
+        for i, j in pairs:
+            g = None
+            if gold is not None:  # gold is a full ranking here
+                g = "A" if gold.index(i) < gold.index(j) else "B"
+            eid = ext if n == 2 else f"{ext}#{i}-{j}"
+            out.append(ParsedTask(eid, ext, prompt, [responses[i], responses[j]], [i, j], g, meta))
+    elif kind == "rank":
+        out.append(ParsedTask(ext, ext, prompt, list(responses), list(range(n)), gold, meta))
+    else:
+        for i in range(n):
+            g = None if gold is None else gold[i]
+            eid = ext if n == 1 else f"{ext}#{i}"
+            out.append(ParsedTask(eid, ext, prompt, [responses[i]], [i], g, meta))
+    return out
+
+
+def _parse_gold(kind: str, gold: Any, n: int) -> Any:
+    if kind == "compare":
+        if gold in ("A", "B") and n == 2:
+            return [0, 1] if gold == "A" else [1, 0]
+        try:
+            return _check_ranking(gold, n)
+        except ValueError:
+            raise ValueError("'gold' for a comparison is \"A\" or \"B\" (2 responses) or a ranking of all response indices, best first") from None
+    if kind == "rank":
+        return _check_ranking(gold, n)
+    golds = gold if isinstance(gold, list) else [gold]
+    if len(golds) != n or not all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 5 for g in golds):
+        raise ValueError("'gold' for a rating is an integer 1-5 (one response) or a list of one per response")
+    return golds
+
+
+def import_tasks(s: Session, project: Project, text: str) -> int:
+    """Validate the whole file, then insert it in the caller's transaction; all or nothing."""
+    tasks, errors = parse_task_lines(project.kind, text)
+    if not errors:
+        existing = set(
+            s.scalars(
+                select(Task.external_id).where(
+                    Task.project_id == project.id, Task.external_id.in_([t.external_id for t in tasks])
+                )
+            )
+        )
+        line_of = _line_numbers(text)
+        for t in tasks:
+            if t.external_id in existing:
+                errors.append((line_of.get(t.group_key, 0), f"id {t.group_key!r} is already in project {project.name!r}"))
+    if errors:
+        raise ImportRejected(errors)
+    s.add_all(
+        Task(
+            project_id=project.id,
+            external_id=t.external_id,
+            group_key=t.group_key,
+            prompt=t.prompt,
+            responses=t.responses,
+            response_ids=t.response_ids,
+            is_gold=t.gold is not None,
+            gold=t.gold,
+            meta=t.meta,
+            n_claims=0,
+        )
+        for t in tasks
+    )
+    s.flush()
+    return len(tasks)
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    out = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            obj = json.loads(line)
+            ext = obj.get("id")
+            if ext is None:
+                ext = "h" + hashlib.sha256(json.dumps([obj["prompt"], obj["responses"]]).encode()).hexdigest()[:16]
+            out.setdefault(str(ext), lineno)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def _claimable(project: Project):  # noqa: ANN202
+    return or_(Task.is_gold.is_(True), Task.n_claims < project.overlap)
+
+
+def _sweep_expired(s: Session, project: Project) -> None:
+    """Give back the slots of expired reservations (each one exactly once, whoever races us)."""
+    now = utcnow()
+    rows = s.execute(
+        select(Assignment.id, Assignment.task_id)
+        .where(Assignment.project_id == project.id, Assignment.expires_at < now)
+        .limit(200)
+    ).all()
+    for aid, tid in rows:
+        res = s.execute(delete(Assignment).where(Assignment.id == aid, Assignment.expires_at < now))
+        if res.rowcount == 1:
+            s.execute(update(Task).where(Task.id == tid).values(n_claims=Task.n_claims - 1))
+
+
+def next_task(s: Session, project: Project, user: User, lease: timedelta = DEFAULT_LEASE) -> Task | None:
+    """The item this annotator should judge next (reserving it), or None when there is nothing left.
+    Call inside a write transaction."""
+    _sweep_expired(s, project)
+    mine = s.scalar(
+        select(Task)
+        .join(Assignment, Assignment.task_id == Task.id)
+        .where(Assignment.project_id == project.id, Assignment.user_id == user.id)
+        .order_by(Assignment.created_at, Assignment.id)
+        .limit(1)
+    )
+    if mine is not None:
+        return mine
+    judged = exists().where(Judgment.task_id == Task.id, Judgment.user_id == user.id)
+    reserved = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
+    # finish items that others started first (agreement becomes measurable early), then in import order
+    order = case((Task.is_gold.is_(True), 0), else_=Task.n_claims)
+    candidates = s.scalars(
+        select(Task.id)
+        .where(Task.project_id == project.id, _claimable(project), ~judged, ~reserved)
+        .order_by(order.desc(), Task.id)
+        .limit(8)
+    ).all()
+    now = utcnow()
+    for tid in candidates:
+        try:
+            with s.begin_nested():
+                res = s.execute(
+                    update(Task).where(Task.id == tid, _claimable(project)).values(n_claims=Task.n_claims + 1)
+                )
+                if res.rowcount != 1:
+                    continue  # someone else took the last slot
+                s.add(Assignment(project_id=project.id, task_id=tid, user_id=user.id, created_at=now, expires_at=now + lease))
+                s.flush()
+        except IntegrityError:
+            continue
+        return s.get(Task, tid)
+    return None
+
+
+# ---------------------------------------------------------------- judgments
+
+
+def normalize_value(project: Project, task: Task, data: dict) -> tuple[dict, bool]:
+    """Validate a submitted judgment; returns (canonical value, skipped)."""
+    n = len(task.responses)
+    if project.kind == "compare":
+        choice = data.get("choice")
+        if choice not in COMPARE_CHOICES:
+            raise Invalid(f"choice must be one of {COMPARE_CHOICES}")
+        return {"choice": choice}, choice == "skip"
+    if _truthy(data.get("skip")):
+        return {"skip": True}, True
+    if project.kind == "rank":
+        r = data.get("ranking")
+        if isinstance(r, str):
+            try:
+                r = [int(x) for x in r.split(",") if x.strip() != ""]
+            except ValueError:
+                raise Invalid("ranking must be comma-separated response indices") from None
+        try:
+            return {"ranking": _check_ranking(r, n)}, False
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+    rating = data.get("rating")
+    try:
+        rating = int(rating)
+    except (TypeError, ValueError):
+        raise Invalid("rating must be an integer from 1 to 5") from None
+    if not 1 <= rating <= 5 or (isinstance(data.get("rating"), float) and data["rating"] != rating):
+        raise Invalid("rating must be an integer from 1 to 5")
+    return {"rating": rating}, False
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or (isinstance(v, str) and v.lower() in ("1", "true", "yes", "on"))
+
+
+def _gold_correct(project: Project, task: Task, value: dict, skipped: bool) -> bool | None:
+    if not task.is_gold or skipped:
+        return None
+    if project.kind == "compare":
+        if value["choice"] == "tie":
+            return False
+        return value["choice"] == task.gold if isinstance(task.gold, str) else (
+            (value["choice"] == "A") == (task.gold.index(0) < task.gold.index(1))
+        )
+    if project.kind == "rank":
+        pos_g = {r: i for i, r in enumerate(task.gold)}
+        pos_a = {r: i for i, r in enumerate(value["ranking"])}
+        pairs = list(combinations(range(len(task.responses)), 2))
+        good = sum((pos_g[i] < pos_g[j]) == (pos_a[i] < pos_a[j]) for i, j in pairs)
+        return good / len(pairs) >= RANK_GOLD_THRESHOLD
+    return abs(value["rating"] - int(task.gold)) <= RATE_GOLD_TOLERANCE
+
+
+@dataclass
+class SubmitResult:
+    judgment: Judgment
+    duplicate: bool
+
+
+def submit(db, project_id: int, user_id: int, task_id: int, data: dict) -> SubmitResult:  # noqa: ANN001
+    """Record one judgment in its own transaction (committed before this returns)."""
+    try:
+        with db.write() as s:
+            return _submit(s, project_id, user_id, task_id, data)
+    except IntegrityError:
+        # a concurrent submission for the same (task, user) won the race: return what it stored
+        with db.read() as s:
+            j = s.scalar(select(Judgment).where(Judgment.task_id == task_id, Judgment.user_id == user_id))
+            if j is None:
+                raise
+            return SubmitResult(j, True)
+
+
+def _submit(s: Session, project_id: int, user_id: int, task_id: int, data: dict) -> SubmitResult:
+    project = s.get(Project, project_id)
+    task = s.get(Task, task_id)
+    if project is None or task is None or task.project_id != project_id:
+        raise NotFound("no such item in this project")
+    old = s.scalar(select(Judgment).where(Judgment.task_id == task_id, Judgment.user_id == user_id))
+    if old is not None:
+        return SubmitResult(old, True)
+    value, skipped = normalize_value(project, task, data)
+    reason = data.get("reason") or None
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 64):
+        raise Invalid("reason: at most 64 characters")
+    rationale = data.get("rationale") or None
+    if rationale is not None and (not isinstance(rationale, str) or len(rationale) > MAX_RATIONALE):
+        raise Invalid(f"rationale: at most {MAX_RATIONALE} characters")
+    sub_id = data.get("submission_id") or None
+    if sub_id is not None:
+        sub_id = str(sub_id)[:64]
+    client_ms = data.get("client_ms")
+    try:
+        client_ms = None if client_ms in (None, "") else max(0, min(int(float(client_ms)), 86_400_000))
+    except (TypeError, ValueError):
+        client_ms = None
+    now = utcnow()
+    a = s.scalar(select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user_id))
+    server_ms = None
+    if a is not None and s.execute(delete(Assignment).where(Assignment.id == a.id)).rowcount == 1:
+        server_ms = int((now - a.created_at).total_seconds() * 1000)  # the reservation's slot becomes this judgment's
+    else:
+        res = s.execute(update(Task).where(Task.id == task_id, _claimable(project)).values(n_claims=Task.n_claims + 1))
+        if res.rowcount != 1:
+            raise Conflict("this item already has all the judgments it needs; take the next one")
+    j = Judgment(
+        project_id=project_id,
+        task_id=task_id,
+        user_id=user_id,
+        value=value,
+        skipped=skipped,
+        reason=reason,
+        rationale=rationale,
+        submission_id=sub_id,
+        server_ms=server_ms,
+        client_ms=client_ms,
+        gold_correct=_gold_correct(project, task, value, skipped),
+        created_at=now,
+    )
+    s.add(j)
+    s.flush()
+    return SubmitResult(j, False)
+
+
+# ---------------------------------------------------------------- progress and statistics
+
+
+def progress(s: Session, project: Project, user: User) -> dict:
+    total = s.scalar(select(func.count(Task.id)).where(Task.project_id == project.id)) or 0
+    done = s.scalar(
+        select(func.count(Judgment.id)).where(Judgment.project_id == project.id, Judgment.user_id == user.id)
+    ) or 0
+    judged = exists().where(Judgment.task_id == Task.id, Judgment.user_id == user.id)
+    reserved = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
+    available = s.scalar(
+        select(func.count(Task.id)).where(
+            Task.project_id == project.id, ~judged, or_(reserved, _claimable(project))
+        )
+    ) or 0
+    n_regular = s.scalar(select(func.count(Task.id)).where(Task.project_id == project.id, Task.is_gold.is_(False))) or 0
+    per_task = (
+        select(func.count(Judgment.id).label("c"))
+        .join(Task, Task.id == Judgment.task_id)
+        .where(Task.project_id == project.id, Task.is_gold.is_(False))
+        .group_by(Judgment.task_id)
+        .subquery()
+    )
+    filled = s.scalar(select(func.coalesce(func.sum(case((per_task.c.c > project.overlap, project.overlap), else_=per_task.c.c)), 0))) or 0
+    return {
+        "project": project.name,
+        "done": int(done),
+        "available": int(available),
+        "total_items": int(total),
+        "completion": (float(filled) / (n_regular * project.overlap)) if n_regular else 0.0,
+    }
+
+
+def _units(project: Project, rows: list[tuple[Task, Judgment, str]]) -> dict:
+    """labels[unit][annotator] for agreement: compare/rate per item, rank per response pair."""
+    labels: dict = defaultdict(dict)
+    for task, j, who in rows:
+        if j.skipped or task.is_gold:
+            continue
+        if project.kind == "compare":
+            labels[task.id][who] = j.value["choice"]
+        elif project.kind == "rate":
+            labels[task.id][who] = j.value["rating"]
+        else:
+            pos = {r: i for i, r in enumerate(j.value["ranking"])}
+            for a, b in combinations(range(len(task.responses)), 2):
+                labels[(task.id, a, b)][who] = "a" if pos[a] < pos[b] else "b"
+    return labels
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _rows(s: Session, project: Project) -> list[tuple[Task, Judgment, str]]:
+    return list(
+        s.execute(
+            select(Task, Judgment, User.username)
+            .join(Judgment, Judgment.task_id == Task.id)
+            .join(User, User.id == Judgment.user_id)
+            .where(Task.project_id == project.id)
+            .order_by(Judgment.id)
+        ).tuples()
+    )
+
+
+def project_stats(s: Session, project: Project) -> dict:
+    rows = _rows(s, project)
+    n_tasks = s.scalar(select(func.count(Task.id)).where(Task.project_id == project.id)) or 0
+    n_gold = s.scalar(select(func.count(Task.id)).where(Task.project_id == project.id, Task.is_gold.is_(True))) or 0
+    per_task = Counter(t.id for t, _j, _u in rows if not t.is_gold)
+    labels = _units(project, rows)
+    level = "interval" if project.kind == "rate" else "nominal"
+    pairs = agreement.pairwise_cohen(labels)
+    kappas = [p["kappa"] for p in pairs if p["kappa"] is not None]
+    maj = agreement.majority_agreement(labels)
+    per_user: dict = defaultdict(lambda: {"judgments": 0, "skipped": 0, "gold": 0, "gold_correct": 0, "ms": [], "client_ms": []})
+    dist: Counter = Counter()
+    for task, j, who in rows:
+        u = per_user[who]
+        u["judgments"] += 1
+        u["skipped"] += int(j.skipped)
+        if j.gold_correct is not None:
+            u["gold"] += 1
+            u["gold_correct"] += int(j.gold_correct)
+        if j.server_ms is not None:
+            u["ms"].append(j.server_ms)
+        if j.client_ms is not None:
+            u["client_ms"].append(j.client_ms)
+        dist[_label_name(project, j)] += 1
+    annotators = []
+    for who, u in sorted(per_user.items()):
+        annotators.append(
+            {
+                "annotator": who,
+                "judgments": u["judgments"],
+                "skipped": u["skipped"],
+                "majority_agreement": maj.get(who, {}).get("agree"),
+                "majority_n": maj.get(who, {}).get("n", 0),
+                "gold_items": u["gold"],
+                "gold_accuracy": (u["gold_correct"] / u["gold"]) if u["gold"] else None,
+                "median_seconds": (statistics.median(u["ms"]) / 1000) if u["ms"] else None,
+                "median_client_seconds": (statistics.median(u["client_ms"]) / 1000) if u["client_ms"] else None,
+            }
+        )
+    all_ms = [j.server_ms for _t, j, _u in rows if j.server_ms is not None]
+    return {
+        "project": project.name,
+        "kind": project.kind,
+        "overlap": project.overlap,
+        "counts": {
+            "items": int(n_tasks),
+            "gold_items": int(n_gold),
+            "judgments": len(rows),
+            "skipped": sum(1 for _t, j, _u in rows if j.skipped),
+            "items_with_judgments": len(per_task),
+            "items_complete": sum(1 for c in per_task.values() if c >= project.overlap),
+            "annotators": len(per_user),
+        },
+        "labels": dict(dist),
+        "agreement": {
+            "units": sum(1 for v in labels.values() if len(v) >= 2),
+            "unit": "response pair" if project.kind == "rank" else "item",
+            "krippendorff_alpha": agreement.krippendorff_alpha(labels, level),
+            "krippendorff_level": level,
+            "krippendorff_alpha_ordinal": agreement.krippendorff_alpha(labels, "ordinal") if project.kind == "rate" else None,
+            "fleiss_kappa": agreement.fleiss_kappa(labels),
+            "mean_cohen_kappa": (sum(kappas) / len(kappas)) if kappas else None,
+            "cohen_pairs": pairs,
+        },
+        "annotators": annotators,
+        "time": {
+            "median_seconds": (statistics.median(all_ms) / 1000) if all_ms else None,
+            "p90_seconds": (_pct(all_ms, 0.9) / 1000) if all_ms else None,
+        },
+    }
+
+
+def _label_name(project: Project, j: Judgment) -> str:
+    if j.skipped:
+        return "skip"
+    if project.kind == "compare":
+        return j.value["choice"]
+    if project.kind == "rate":
+        return str(j.value["rating"])
+    return "ranked"
+
+
+# ---------------------------------------------------------------- export
+
+POLICIES = ("majority", "all")
+
+
+def export_preferences(s: Session, project: Project, policy: str = "majority", include_gold: bool = False) -> list[dict]:
+    """Preference records {prompt, chosen, rejected, id, source, meta} for `tether rm` / `tether dpo`.
+
+    compare: majority = the strict plurality of A / B / tie votes (a tie or a tied vote gives no record);
+             all = one record per A or B vote.
+    rank:    each ranking is read as all its pairs; majority = per pair, the order most annotators
+             chose (equal counts give no record); all = every pair of every ranking.
+    rate:    items split from one source line are compared with each other; majority = by mean rating
+             (equal means give no record); all = pairs within one annotator's own ratings.
+    Skips are never used; gold items only with include_gold.
+    """
+    if policy not in POLICIES:
+        raise Invalid(f"policy must be one of {POLICIES}")
+    rows = [r for r in _rows(s, project) if include_gold or not r[0].is_gold]
+    source = f"tether-label:{project.name}"
+    out: list[dict] = []
+
+    def rec(task: Task, chosen: str, rejected: str, rid: str, meta: dict) -> dict:
+        return {
+            "prompt": task.prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "id": f"{project.name}/{rid}",
+            "source": source,
+            "meta": {"project": project.name, "kind": project.kind, "policy": policy, "group": task.group_key, **meta},
+        }
+
+    by_task: dict[int, list[tuple[Task, Judgment, str]]] = defaultdict(list)
+    for r in rows:
+        by_task[r[0].id].append(r)
+
+    if project.kind == "compare":
+        for tid, trs in by_task.items():
+            task = trs[0][0]
+            votes = Counter(j.value["choice"] for _t, j, _u in trs)
+            n = sum(votes[c] for c in ("A", "B", "tie"))
+            a, b = task.responses
+            ia, ib = task.response_ids
+            base = {"task": task.external_id, "task_pk": tid, "votes": {c: votes[c] for c in COMPARE_CHOICES}, "n_annotators": len(trs)}
+            if policy == "majority":
+                win = agreement.plurality([j.value["choice"] for _t, j, _u in trs if not j.skipped])
+                if win in ("A", "B"):
+                    c, r_ = (a, b) if win == "A" else (b, a)
+                    ids = (ia, ib) if win == "A" else (ib, ia)
+                    out.append(rec(task, c, r_, task.external_id, {**base, "response_ids": list(ids), "agreement": votes[win] / n}))
+            else:
+                for _t, j, who in trs:
+                    ch = j.value["choice"]
+                    if ch in ("A", "B"):
+                        c, r_ = (a, b) if ch == "A" else (b, a)
+                        ids = (ia, ib) if ch == "A" else (ib, ia)
+                        out.append(rec(task, c, r_, f"{task.external_id}/u{j.user_id}", {**base, "annotator": who, "response_ids": list(ids)}))
+    elif project.kind == "rank":
+        for tid, trs in by_task.items():
+            task = trs[0][0]
+            ranks = [(j, who) for _t, j, who in trs if not j.skipped]
+            base = {"task": task.external_id, "task_pk": tid, "n_annotators": len(trs), "n_rankings": len(ranks)}
+            pos_list = [({r: i for i, r in enumerate(j.value["ranking"])}, j, who) for j, who in ranks]
+            for x, y in combinations(range(len(task.responses)), 2):
+                if policy == "majority":
+                    above = sum(p[x] < p[y] for p, _j, _w in pos_list)
+                    below = len(pos_list) - above
+                    if above == below:
+                        continue
+                    c, r_ = (x, y) if above > below else (y, x)
+                    k = max(above, below)
+                    out.append(rec(task, task.responses[c], task.responses[r_], f"{task.external_id}/{c}>{r_}",
+                                   {**base, "response_ids": [c, r_], "votes": {"chosen": k, "rejected": len(pos_list) - k}, "agreement": k / len(pos_list)}))
+                else:
+                    for p, j, who in pos_list:
+                        c, r_ = (x, y) if p[x] < p[y] else (y, x)
+                        out.append(rec(task, task.responses[c], task.responses[r_], f"{task.external_id}/{c}>{r_}/u{j.user_id}",
+                                       {**base, "annotator": who, "response_ids": [c, r_]}))
+    else:
+        groups: dict[str, list[tuple[Task, Judgment, str]]] = defaultdict(list)
+        for r in rows:
+            if not r[1].skipped:
+                groups[r[0].group_key].append(r)
+        for gk, grs in groups.items():
+            items: dict[int, tuple[Task, list[int]]] = {}
+            for t, j, _w in grs:
+                items.setdefault(t.response_ids[0], (t, []))[1].append(j.value["rating"])
+            if policy == "majority":
+                means = {i: sum(v) / len(v) for i, (_t, v) in items.items()}
+                for x, y in combinations(sorted(items), 2):
+                    if means[x] == means[y]:
+                        continue
+                    c, r_ = (x, y) if means[x] > means[y] else (y, x)
+                    tc, tr = items[c][0], items[r_][0]
+                    out.append(rec(tc, tc.responses[0], tr.responses[0], f"{gk}/{c}>{r_}",
+                                   {"task": gk, "response_ids": [c, r_], "mean_rating": {"chosen": means[c], "rejected": means[r_]},
+                                    "n_ratings": {"chosen": len(items[c][1]), "rejected": len(items[r_][1])}}))
+            else:
+                by_user: dict = defaultdict(dict)
+                for t, j, who in grs:
+                    by_user[(j.user_id, who)][t.response_ids[0]] = (t, j.value["rating"])
+                for (uid, who), mine in by_user.items():
+                    for x, y in combinations(sorted(mine), 2):
+                        if mine[x][1] == mine[y][1]:
+                            continue
+                        c, r_ = (x, y) if mine[x][1] > mine[y][1] else (y, x)
+                        out.append(rec(mine[c][0], mine[c][0].responses[0], mine[r_][0].responses[0], f"{gk}/{c}>{r_}/u{uid}",
+                                       {"task": gk, "annotator": who, "response_ids": [c, r_], "ratings": {"chosen": mine[c][1], "rejected": mine[r_][1]}}))
+    return out
+
+
+def export_raw(s: Session, project: Project) -> list[dict]:
+    """Every judgment, with its item, for audits and re-analysis."""
+    return [
+        {
+            "project": project.name,
+            "kind": project.kind,
+            "task": t.external_id,
+            "group": t.group_key,
+            "prompt": t.prompt,
+            "responses": t.responses,
+            "response_ids": t.response_ids,
+            "is_gold": t.is_gold,
+            "annotator": who,
+            "value": j.value,
+            "skipped": j.skipped,
+            "reason": j.reason,
+            "rationale": j.rationale,
+            "gold_correct": j.gold_correct,
+            "server_ms": j.server_ms,
+            "client_ms": j.client_ms,
+            "submission_id": j.submission_id,
+            "created_at": j.created_at.isoformat() + "Z",
+            "judgment_id": j.id,
+        }
+        for t, j, who in _rows(s, project)
+    ]
+
+
+def write_jsonl(records: list[dict], path: str) -> None:
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
