@@ -1,0 +1,80 @@
+"""Set-up shared by every stage: run folder, resolved config, seeds, data splits, step counts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from tether.checkpoint import Checkpointer, atomic_write_text, seed_everything
+from tether.config import ConfigError, save_config, to_dict
+from tether.track import console
+
+SUMMARY_FILE = "summary.json"
+
+
+def start_run(cfg, stage: str) -> tuple[Path, Checkpointer]:
+    """Create the run folder, print and save the resolved config, seed every RNG."""
+    if not cfg.model:
+        raise ConfigError("config key 'model': required (a local Hugging Face model folder)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = to_dict(cfg)
+    console.print(f"[bold]tether {stage}[/bold] -> {out}")
+    console.print(json.dumps(resolved, indent=None, separators=(", ", "=")), highlight=False, soft_wrap=True)
+    save_config(cfg, out / "config.json")
+    seed_everything(cfg.seed)
+    return out, Checkpointer(out, keep=cfg.keep_checkpoints)
+
+
+def load_train_eval(loader: Callable, cfg) -> tuple[list, list, Any]:
+    """Read data.train (and data.eval, or split eval_fraction off train). Returns (train, eval, report)."""
+    from tether.data import split_eval
+
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train': required (a data file)")
+    train, report = loader(cfg.data.train, cfg.data.on_bad_record)
+    if cfg.data.eval:
+        held_out, eval_report = loader(cfg.data.eval, cfg.data.on_bad_record)
+        console.print(f"eval data: {eval_report.summary()}", highlight=False)
+    elif cfg.data.eval_fraction > 0:
+        train, held_out = split_eval(train, cfg.data.eval_fraction, cfg.seed)
+    else:
+        held_out = []
+    console.print(f"train data: {report.summary()}", highlight=False)
+    return train, held_out, report
+
+
+def total_steps(cfg, n_train: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_epoch = max(1, n_train // min(cfg.batch_size, n_train))
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def should(every: int, step: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """summary.json marks a finished stage (the pipeline skips stages that have one)."""
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def is_finished(out: str | Path) -> bool:
+    return (Path(out) / SUMMARY_FILE).exists() and (Path(out) / "final" / "config.json").exists()
+
+
+def disable_dropout(model) -> None:
+    """RL and preference losses compare log-probabilities across passes; dropout would make the
+    same weights give different numbers (TRL and OpenRLHF disable it too)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout", "summary_first_dropout"):
+        if cfg is not None and isinstance(getattr(cfg, name, None), float):
+            setattr(cfg, name, 0.0)

@@ -1,0 +1,137 @@
+"""Reward model: the LM with a scalar head, trained with the Bradley-Terry loss -log sigma(r_c - r_r).
+
+    tether rm model=runs/sft/final data.train=prefs.jsonl data.eval=held_out.jsonl out=runs/rm max_steps=100
+
+The head reads the hidden state of the last non-padding token of prompt+response. Reported on
+train and held-out pairs: loss, accuracy, mean margin. At the end the mean and standard deviation
+of the model's scores on the training responses are saved next to it (`tether_reward.json`) so
+later stages can normalise rewards. The saved folder loads in tether and in transformers'
+AutoModelForSequenceClassification (num_labels=1).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tether.algo.common import disable_dropout, load_train_eval, should, start_run, total_steps, write_summary
+from tether.checkpoint import save_model_folder
+from tether.config import RunConfig, check, cli_main, doc, to_dict
+from tether.engine import make_engine
+from tether.losses import bradley_terry_loss
+from tether.models import load_scalar_model, load_tokenizer, save_reward_stats, sequence_scores
+from tether.track import Tracker
+
+
+@dataclass(frozen=True)
+class RMConfig(RunConfig):
+    use_margin: bool = doc(False, "subtract each pair's `margin` field inside the sigmoid (Llama 2's margin term)")
+    center_coef: float = doc(0.0, "auxiliary coef * (r_c + r_r)^2 that keeps scores centred at 0 (0 = off)")
+
+    def validate(self, p: str = "") -> None:
+        super().validate(p)
+        check(self.center_coef >= 0, f"{p}center_coef", "must be >= 0")
+
+
+def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of chosen and rejected in one [2B, T] forward pass -> ([B], [B])."""
+    Tc, Tr = batch.chosen_input_ids.shape[1], batch.rejected_input_ids.shape[1]
+    T = max(Tc, Tr)
+    ids = torch.cat([F.pad(batch.chosen_input_ids, (0, T - Tc)), F.pad(batch.rejected_input_ids, (0, T - Tr))])
+    mask = torch.cat([F.pad(batch.chosen_attention_mask, (0, T - Tc)), F.pad(batch.rejected_attention_mask, (0, T - Tr))])
+    scores = sequence_scores(model, ids, mask)
+    B = batch.chosen_input_ids.shape[0]
+    return scores[:B], scores[B:]
+
+
+def _loss_fn(num_pairs: float, cfg: RMConfig):
+    def loss_fn(model, mb):
+        rc, rr = pair_scores(model, mb)
+        loss, metrics = bradley_terry_loss(rc, rr, num_pairs, mb.margin if cfg.use_margin else None)
+        if cfg.center_coef > 0:
+            loss = loss + cfg.center_coef * ((rc + rr) ** 2).sum() / num_pairs
+        return loss, metrics
+
+    return loss_fn
+
+
+def score_pairs(engine, items, pad: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from tether.data import collate_pairs
+
+    rc, rr = [], []
+    for s in range(0, len(items), batch_size):
+        c, r = engine.forward(collate_pairs(items[s : s + batch_size], pad), pair_scores)
+        rc.append(c.float().cpu())
+        rr.append(r.float().cpu())
+    return torch.cat(rc), torch.cat(rr)
+
+
+def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str) -> dict[str, float]:
+    diff = rc - rr
+    return {
+        f"{prefix}/loss": float(-F.logsigmoid(diff).mean()),
+        f"{prefix}/accuracy": float((diff > 0).float().mean()),
+        f"{prefix}/margin": float(diff.mean()),
+        f"{prefix}/pairs": len(diff),
+    }
+
+
+def train(cfg: RMConfig) -> dict:
+    from tether.data import collate_pairs, load_preferences, pad_id, tokenize_pairs
+    from tether.data.loader import BatchSampler
+
+    out, ckpt = start_run(cfg, "rm")
+    tok = load_tokenizer(cfg.model)
+    train_pairs, eval_pairs, report = load_train_eval(load_preferences, cfg)
+    train_items = tokenize_pairs(train_pairs, tok, cfg.data, report)
+    eval_items = tokenize_pairs(eval_pairs, tok, cfg.data) if eval_pairs else []
+    pad = pad_id(tok)
+    steps = total_steps(cfg, len(train_items))
+
+    model = load_scalar_model(cfg.model, pad_token_id=pad)
+    disable_dropout(model)
+    engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
+    sampler = BatchSampler(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle)
+    step = 0
+    if cfg.resume and ckpt.latest() is not None:
+        state = ckpt.load({"reward_model": engine})
+        step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "rm", resume=cfg.resume)
+    tracker.event(f"rm: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, {report.truncated} truncated")
+
+    metrics: dict[str, float] = {}
+    while step < steps:
+        t0 = time.perf_counter()
+        batch = collate_pairs([train_items[i] for i in sampler.next()], pad)
+        num_pairs = engine.global_sum(float(len(batch)))
+        metrics = engine.train_step(batch, _loss_fn(num_pairs, cfg))
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens = float(batch.chosen_attention_mask.sum() + batch.rejected_attention_mask.sum())
+        metrics |= {"speed/pairs_per_s": len(batch) / dt, "speed/tokens_per_s": tokens / dt}
+        if eval_items and should(cfg.eval_every, step, steps):
+            metrics |= pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval")
+        tracker.log(step, metrics, force=step == steps)
+        if should(cfg.save_every, step, steps):
+            ckpt.save(step, {"reward_model": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
+
+    # Normalisation statistics over every training response (chosen and rejected).
+    rc, rr = score_pairs(engine, train_items, pad, cfg.eval_batch_size)
+    all_scores = torch.cat([rc, rr])
+    final = pair_metrics(rc, rr, "train") | (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval") if eval_items else {})
+    tracker.log(step, final, force=True)
+    tracker.close()
+    save_model_folder(engine.unwrapped_model(), out / "final", tok)
+    save_reward_stats(out / "final", float(all_scores.mean()), float(all_scores.std().clamp(min=1e-6)), {"n": len(all_scores)})
+    summary = {"stage": "rm", "steps": step, **final}
+    write_summary(out, summary)
+    tracker.event("rm: " + "  ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.endswith("pairs")))
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(RMConfig, train, argv, "tether rm", __doc__.strip().splitlines()[0])

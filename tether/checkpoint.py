@@ -1,0 +1,188 @@
+"""Atomic checkpoints: a crash mid-save never damages the previous checkpoint.
+
+Layout of a run folder:
+    out/config.json            resolved config
+    out/metrics.jsonl          one JSON object per logged step
+    out/checkpoints/step_N/    model_<name>/ (HF folder, safetensors), optim_<name>.pt,
+                               state.json (step, data position, controller state), rng.pt, config.json
+    out/checkpoints/latest     text file naming the newest complete step folder
+    out/final/                 the final model (HF folder)
+
+A checkpoint is written to `step_N.tmp-<pid>`, fsynced, then renamed into place; `latest` is
+replaced atomically afterwards. A half-written folder is never named by `latest` and is removed at
+the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_model_folder(model, path: Path, tokenizer=None) -> None:
+    """An HF folder (config + safetensors [+ tokenizer]), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    _fsync_tree(tmp)
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue bit-for-bit on the same hardware."""
+
+    def __init__(self, out: str | Path, keep: int = 2):
+        self.root = Path(out) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / "state.json").exists() else None
+
+    def save(
+        self,
+        step: int,
+        engines: dict[str, Any],
+        state: dict[str, Any],
+        config: dict[str, Any],
+        tokenizer=None,
+    ) -> Path:
+        """engines: name -> object with `model`, `optimizer_state()`; state: JSON-able loop state."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob("*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.root / f"step_{step}"
+        tmp = self.root / f"step_{step}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        for name, engine in engines.items():
+            engine.unwrapped_model().save_pretrained(str(tmp / f"model_{name}"), safe_serialization=True)
+            opt = engine.optimizer_state()
+            if opt is not None:
+                torch.save(opt, tmp / f"optim_{name}.pt")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # state.json last: its presence marks the folder complete.
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(
+            (p for p in self.root.glob("step_*") if p.is_dir() and "." not in p.name),
+            key=lambda p: int(p.name.split("_")[1]),
+        )
+        latest = self.latest()
+        for p in steps[: -self.keep]:
+            if p != latest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engines: dict[str, Any], path: Path | None = None) -> dict[str, Any]:
+        """Restore weights, optimizer/scheduler and RNG; returns the loop state saved with them."""
+        from safetensors.torch import load_file
+
+        path = path or self.latest()
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root}")
+        for name, engine in engines.items():
+            folder = path / f"model_{name}"
+            shards = sorted(folder.glob("*.safetensors"))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(load_file(str(shard)))
+            model = engine.unwrapped_model()
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            # Tied weights (e.g. lm_head = wte) are saved once; anything else missing is an error.
+            tied = set(getattr(model, "_tied_weights_keys", None) or [])
+            real_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+            if real_missing or unexpected:
+                raise RuntimeError(f"checkpoint {folder} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+            opt_file = path / f"optim_{name}.pt"
+            if opt_file.exists():
+                engine.load_optimizer_state(torch.load(opt_file, weights_only=False))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / "state.json").read_text())

@@ -1,0 +1,351 @@
+"""One config system: typed, nested, frozen dataclasses; YAML plus dotted `key=value` overrides.
+
+Every field carries a one-line doc (`doc(...)`) that `tether <stage> --help` prints with its default.
+Validation names the offending key and never rewrites a user's value. The resolved config is saved
+as `config.json` in the run folder and next to every checkpoint.
+
+Key names are the same in every stage: `model`, `out`, `seed`, `max_steps`, `data.train`,
+`data.eval`, `optim.lr`, `engine.precision`, `track.mlflow` ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong. The message names the key."""
+
+
+def doc(default: Any, text: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a one-line doc shown by --help."""
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: type(d)(d)) if not dataclasses.is_dataclass(default) else (lambda d=default: dataclasses.replace(d))
+        return field(default_factory=factory, metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+def sub(cls: type, text: str) -> Any:
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections shared by the stages
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = doc("", "training data: a .jsonl/.json/.jsonl.gz file, an HF dataset saved to disk, or several joined by ','")
+    eval: str = doc("", "held-out data in the same formats; empty = split eval_fraction off the training data")
+    eval_fraction: float = doc(0.0, "fraction of training records held out for evaluation when data.eval is empty")
+    max_length: int = doc(512, "maximum tokens of prompt+response; longer examples are truncated (and counted)")
+    max_prompt_length: int = doc(256, "maximum prompt tokens; a longer prompt is a bad record")
+    on_bad_record: Literal["error", "skip"] = doc("error", "error: stop at the first bad record; skip: skip and report counts by reason")
+    packing: bool = doc(False, "SFT only: pack several examples into each row (attention never crosses examples)")
+    chat_template: Literal["auto", "model", "plain"] = doc("auto", "auto: the tokenizer's chat template when it has one, else 'Human:/Assistant:'")
+    shuffle: bool = doc(True, "shuffle training examples each epoch (seeded)")
+
+    def validate(self, p: str) -> None:
+        check(0.0 <= self.eval_fraction < 1.0, f"{p}eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check(self.max_length > 0, f"{p}max_length", f"must be positive, got {self.max_length}")
+        check(0 < self.max_prompt_length <= self.max_length, f"{p}max_prompt_length", f"must be in (0, data.max_length], got {self.max_prompt_length}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = doc(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc(0, "linear warm-up steps")
+    schedule: Literal["constant", "linear", "cosine"] = doc("constant", "learning-rate schedule after warm-up")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this value (0 = off)")
+
+    def validate(self, p: str) -> None:
+        check(self.lr > 0, f"{p}lr", f"must be positive, got {self.lr}")
+        check(self.warmup_steps >= 0, f"{p}warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip >= 0, f"{p}grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = doc("local", "training engine: local (one process; CPU or one GPU), ddp, fsdp, ray")
+    device: str = doc("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto", "auto: bf16 autocast on GPUs that support it, else fp32")
+    micro_batch_size: int = doc(0, "split each batch into micro-batches of this size with gradient accumulation (0 = whole batch)")
+    threads: int = doc(0, "torch CPU threads (0 = torch default)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
+
+    def validate(self, p: str) -> None:
+        check(self.micro_batch_size >= 0, f"{p}micro_batch_size", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    mlflow: bool = doc(False, "also log params and metrics to MLflow (pip install tether[mlflow])")
+    mlflow_uri: str = doc("", "MLflow tracking URI; empty = sqlite:///<out>/mlflow.db")
+    experiment: str = doc("tether", "MLflow experiment name")
+    log_every: int = doc(1, "log metrics every N steps")
+    progress: bool = doc(True, "show a progress bar on the terminal")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Fields every training stage has."""
+
+    model: str = doc("", "a local Hugging Face model folder (the policy / the model to train)")
+    out: str = doc("runs/run", "run folder: config.json, metrics.jsonl, checkpoints, final model")
+    seed: int = doc(0, "random seed; a run is reproducible from its config")
+    max_steps: int = doc(0, "optimizer steps to run (0 = run `epochs` epochs)")
+    epochs: float = doc(1.0, "passes over the training data when max_steps is 0")
+    batch_size: int = doc(8, "examples (or pairs) per optimizer step")
+    eval_every: int = doc(0, "evaluate on held-out data every N steps (0 = only at the end)")
+    eval_batch_size: int = doc(16, "examples per forward pass during evaluation")
+    save_every: int = doc(0, "write a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = doc(2, "how many step checkpoints to keep")
+    resume: bool = doc(False, "continue from the latest checkpoint in `out` (also: --resume)")
+    data: DataConfig = sub(DataConfig, "data files and tokenisation")
+    optim: OptimConfig = sub(OptimConfig, "optimizer and schedule")
+    engine: EngineConfig = sub(EngineConfig, "devices, precision, micro-batching")
+    track: TrackConfig = sub(TrackConfig, "metrics logging")
+
+    def validate(self, p: str = "") -> None:
+        check(self.batch_size > 0, f"{p}batch_size", f"must be positive, got {self.batch_size}")
+        check(self.max_steps >= 0, f"{p}max_steps", f"must be >= 0, got {self.max_steps}")
+        check(self.epochs > 0, f"{p}epochs", f"must be positive, got {self.epochs}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/override value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[C], values: dict[str, Any], prefix: str) -> C:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint} (see --help for the keys)")
+        tp = hints[key]
+        if _is_config(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}': is a section; set its keys, e.g. {full}.<key>=...")
+            kw[key] = _build(tp, value, f"{full}.")
+        else:
+            kw[key] = _coerce(value, tp, full)
+    obj = cls(**kw)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(prefix)
+    # Validate nested sections that were left at their defaults, too.
+    for name, f in fields.items():
+        if _is_config(hints[name]) and name not in values:
+            v = getattr(getattr(obj, name), "validate", None)
+            if v is not None:
+                v(f"{prefix}{name}.")
+    return obj
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # Keep path-like and version-like strings as strings.
+    if isinstance(value, (dict,)) and not raw.strip().startswith("{"):
+        value = raw
+    return key.split("."), value
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """YAML file (optional) + dotted overrides -> a frozen, validated config of type `cls`."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of keys")
+        tree = loaded
+    for item in overrides or []:
+        k, v = _parse_override(item)
+        _set(tree, k, v)
+    return _build(cls, tree, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    from tether.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def config_help(cls: type, prefix: str = "") -> list[str]:
+    """Lines `key (type, default): doc` for every field, nested sections flattened."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        text = f.metadata.get("doc", "")
+        if _is_config(tp):
+            lines.append("")
+            lines.append(f"{prefix}{f.name}.*  {text}")
+            lines += config_help(tp, f"{prefix}{f.name}.")
+        else:
+            default = getattr(inst, f.name)
+            d = json.dumps(default) if not isinstance(default, str) else (repr(default) if default == "" else default)
+            lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {d}): {text}")
+    return lines
+
+
+def parse_cli(cls: type[C], argv: list[str], prog: str, description: str) -> C:
+    """`tether <stage> [--config cfg.yaml] [--resume] [key=value ...]` -> config."""
+    epilog = "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls))
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", "-c", help="YAML config file")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in `out`")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("resume=true")
+    return load_config(cls, args.config, overrides)
+
+
+def cli_main(cls: type[C], run: typing.Callable[[C], Any], argv: list[str], prog: str, description: str) -> int:
+    """Shared entry point: parse, print a clear error for a bad config, run."""
+    import sys
+
+    try:
+        cfg = parse_cli(cls, argv, prog, description)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    from tether.data import DataError
+
+    try:
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0

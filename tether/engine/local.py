@@ -1,0 +1,161 @@
+"""One process, CPU or one GPU: the default engine."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from tether.models import resolve_autocast, resolve_device
+from tether.types import Batch
+
+
+def make_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases and norms are not decayed
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm, total = cfg.warmup_steps, max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def merge_metrics(parts: list[tuple[int, dict[str, torch.Tensor]]], total: int) -> dict[str, float]:
+    """`loss/*` metrics are partial sums under the global normaliser: add them. Others: size-weighted mean."""
+    out: dict[str, float] = {}
+    for n, metrics in parts:
+        for k, v in metrics.items():
+            v = float(v)
+            out[k] = out.get(k, 0.0) + (v if k.startswith("loss/") else v * n / total)
+    return out
+
+
+class LocalEngine:
+    def __init__(self, model: nn.Module, cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.autocast_dtype = resolve_autocast(cfg.precision, self.device)
+        self.trainable = trainable and optim_cfg is not None
+        self.optim_cfg = optim_cfg
+        self.optimizer = None
+        self.scheduler = None
+        if self.trainable:
+            if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = make_optimizer(params, optim_cfg)
+            self.scheduler = make_schedule(self.optimizer, optim_cfg, total_steps)
+        else:
+            model.requires_grad_(False)
+            model.eval()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def micro_batches(self, batch: Batch) -> list[Batch]:
+        return batch.split(self.cfg.micro_batch_size)
+
+    def global_sum(self, value: float) -> float:
+        return float(value)
+
+    # -- the protocol --------------------------------------------------------------------------
+    def train_step(self, batch: Batch, loss_fn: Callable) -> dict[str, float]:
+        assert self.optimizer is not None, "train_step on a frozen engine"
+        self.model.train()
+        parts = []
+        for mb in self.micro_batches(batch):
+            mb = mb.to(self.device)
+            with self.autocast():
+                loss, metrics = loss_fn(self.model, mb)
+            loss.backward()
+            parts.append((len(mb), metrics))
+        return self._step(merge_metrics(parts, len(batch)))
+
+    def _step(self, metrics: dict[str, float]) -> dict[str, float]:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.optim_cfg.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        metrics["optim/grad_norm"] = float(grad_norm)
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            metrics["optim/skipped"] = 0.0
+        else:  # a non-finite gradient never reaches the weights
+            metrics["optim/skipped"] = 1.0
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, fn: Callable[[nn.Module, Any], Any], micro_batch_size: int | None = None) -> Any:
+        was_training = self.model.training
+        self.model.eval()
+        outs = []
+        mbs = self.cfg.micro_batch_size if micro_batch_size is None else micro_batch_size
+        for mb in batch.split(mbs):
+            with self.autocast():
+                outs.append(fn(self.model, mb.to(self.device)))
+        self.model.train(was_training)
+        return _concat(outs)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.unwrapped_model().named_parameters()
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.model
+
+    def optimizer_state(self) -> dict | None:
+        if self.optimizer is None:
+            return None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def snapshot(self) -> dict:
+        """A copy of weights and optimizer state, for rolling back a bad update."""
+        return {
+            "model": {k: v.detach().clone() for k, v in self.unwrapped_model().state_dict().items()},
+            "optim": copy.deepcopy(self.optimizer_state()),
+        }
+
+    def restore(self, snap: dict) -> None:
+        self.unwrapped_model().load_state_dict(snap["model"])
+        if snap["optim"] is not None:
+            self.load_optimizer_state(snap["optim"])
+
+
+def _concat(outs: list[Any]) -> Any:
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs, 0) if first.dim() > 0 else torch.stack(outs)
+    if isinstance(first, tuple):
+        return tuple(_concat([o[i] for o in outs]) if first[i] is not None else None for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([o[k] for o in outs]) for k in first}
+    return outs

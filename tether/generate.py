@@ -1,0 +1,109 @@
+"""Sample from any checkpoint, writing jsonl.
+
+    tether generate --model runs/ppo/final --prompt "The movie was" -n 4
+    tether generate --model runs/sft/final --prompts prompts.jsonl --out samples.jsonl --temperature 0.7 --top-p 0.9
+
+Prompt files take every format the data readers take (jsonl/json/.txt, `prompt` or `messages`).
+Chat prompts go through the model's chat template. Each output line is
+{"prompt", "response", "sample"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tether.rollout.base import SamplingConfig
+
+
+def _batches(prompts: list, tokenizer, batch_size: int, max_prompt_length: int):
+    from tether.data import collate_prompts, pad_id, render_prompt
+
+    pad = pad_id(tokenizer)
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        texts = [render_prompt(tokenizer, p) for p in chunk]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_length:] for t in texts]
+        ids = [i if i else [tokenizer.bos_token_id or pad] for i in ids]
+        yield chunk, collate_prompts(ids, pad, [t if isinstance(t, str) else str(t) for t in texts])
+
+
+def sample_responses(
+    model_dir: str,
+    prompts: list,
+    k: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_prompt_length: int = 512,
+    device: str = "auto",
+) -> list[list[str]]:
+    """k sampled responses for each prompt (a string or a message list)."""
+    from tether.models import load_causal_lm, load_tokenizer, resolve_device
+    from tether.rollout.hf import HFRollout
+
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dev)
+    rollout = HFRollout(model, tok, dev)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    out: list[list[str]] = []
+    repeated = [p for p in prompts for _ in range(k)]
+    responses: list[str] = []
+    for _, batch in _batches(repeated, tok, batch_size, max_prompt_length):
+        responses += rollout.generate(batch, sampling).responses
+    for i in range(len(prompts)):
+        out.append(responses[i * k : (i + 1) * k])
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tether generate", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", required=True, help="a local HF model folder (e.g. runs/ppo/final)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="a prompt file (jsonl/json/txt)")
+    src.add_argument("--prompt", action="append", help="a prompt text (repeatable)")
+    parser.add_argument("--out", default="-", help="output jsonl (default: stdout)")
+    parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    from tether.data import DataError, load_prompts
+
+    if args.prompts:
+        try:
+            examples, report = load_prompts(args.prompts)
+        except DataError as e:
+            print(f"tether generate: {e}", file=sys.stderr)
+            return 2
+        prompts = [e.prompt for e in examples]
+    else:
+        prompts = list(args.prompt)
+    results = sample_responses(
+        args.model, prompts, args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+        args.batch_size, device=args.device,
+    )
+    lines = []
+    for p, responses in zip(prompts, results):
+        for j, r in enumerate(responses):
+            lines.append(json.dumps({"prompt": p, "response": r, "sample": j}))
+    text = "\n".join(lines) + "\n"
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {len(lines)} samples to {args.out}", file=sys.stderr)
+    return 0

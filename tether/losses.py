@@ -1,0 +1,277 @@
+"""Every loss as a pure function of tensors. No models, no configs, no I/O, no torch.distributed.
+
+Each loss returns `(loss, metrics)` where `metrics` holds detached scalar tensors. Metrics named
+`loss/*` are partial sums under the global normaliser (the engine adds them over micro-batches);
+all other metrics are means over the micro-batch (the engine averages them, weighted by size). Token-level
+losses take an explicit normaliser (`num_tokens`, usually the token count of the *global* batch),
+so the result does not change with micro-batching or data-parallel sharding: a loss summed over
+micro-batches with the global normaliser equals the loss over the whole batch.
+
+Shapes: B batch, T sequence, R response.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked reductions
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over positions where mask is 1 (0 if the mask is empty)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over masked positions; with shift_mean=False the mean is added back."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk: int = 1024) -> Tensor:
+    """log softmax(logits / temperature)[labels] without materialising a [.., V] log-softmax.
+
+    logits [B, T, V], labels [B, T] -> [B, T] float32. Computed as logit[label] - logsumexp(logits)
+    over chunks of rows, so peak extra memory is one chunk's float32 copy of the logits rather than
+    the whole [B, T, V] log-softmax (equal to `log_softmax(logits).gather(labels)`; tested).
+    """
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V)
+    lab = labels.reshape(B * T)
+    out = torch.empty(B * T, dtype=torch.float32, device=logits.device)
+    for s in range(0, B * T, chunk):
+        rows = flat[s : s + chunk].float()
+        if temperature != 1.0:
+            rows = rows / temperature
+        out[s : s + chunk] = rows.gather(1, lab[s : s + chunk, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)
+    return out.view(B, T)
+
+
+def entropy_from_logits(logits: Tensor, chunk: int = 1024) -> Tensor:
+    """Entropy of softmax(logits) per position: [B, T, V] -> [B, T] float32."""
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V)
+    out = torch.empty(B * T, dtype=torch.float32, device=logits.device)
+    for s in range(0, B * T, chunk):
+        rows = flat[s : s + chunk].float()
+        p = torch.softmax(rows, -1)
+        out[s : s + chunk] = torch.logsumexp(rows, -1) - (p * rows).sum(-1)
+    return out.view(B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised fine-tuning
+
+
+def sft_loss(token_logps: Tensor, loss_mask: Tensor, num_tokens: float) -> tuple[Tensor, Metrics]:
+    """Negative log-likelihood of the target tokens, summed and divided by the global token count.
+
+    token_logps [B, T] (log p of each target token), loss_mask [B, T].
+    """
+    nll_sum = -(token_logps * loss_mask).sum()
+    loss = nll_sum / num_tokens
+    return loss, {"loss/sft": loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model
+
+
+def bradley_terry_loss(
+    r_chosen: Tensor, r_rejected: Tensor, num_pairs: float, margin: Tensor | None = None
+) -> tuple[Tensor, Metrics]:
+    """Bradley-Terry pairwise loss, -log sigma(r_c - r_r - m) (Ouyang et al. 2022, eq. 1;
+    the margin m is Llama 2's, Touvron et al. 2023, eq. 2). r_* [B]; returns the sum / num_pairs.
+    """
+    diff = r_chosen.float() - r_rejected.float()
+    if margin is not None:
+        diff = diff - margin.float()
+    losses = -F.logsigmoid(diff)
+    loss = losses.sum() / num_pairs
+    raw = (r_chosen - r_rejected).detach().float()
+    return loss, {
+        "loss/rm": loss.detach(),
+        "rm/accuracy": (raw > 0).float().mean(),
+        "rm/margin": raw.mean(),
+        "rm/chosen": r_chosen.detach().float().mean(),
+        "rm/rejected": r_rejected.detach().float().mean(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO family
+
+
+class DPOLoss(enum.Enum):
+    """Which preference-optimisation loss; the members answer the loop's questions."""
+
+    SIGMOID = "sigmoid"  # DPO, Rafailov et al. 2023, eq. 7 (with label smoothing: cDPO, Mitchell 2023)
+    IPO = "ipo"  # Azar et al. 2023, eq. 17
+    HINGE = "hinge"  # SLiC-HF, Zhao et al. 2023, eq. 2
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    @property
+    def length_normalised(self) -> bool:
+        # IPO is defined on average per-token log-ratios in the reference implementations.
+        return self is DPOLoss.IPO
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    num_pairs: float,
+    beta: float = 0.1,
+    kind: DPOLoss = DPOLoss.SIGMOID,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Metrics]:
+    """Preference loss on sequence log-probabilities (all [B]); returns the sum / num_pairs.
+
+    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
+    sigmoid: -(1-eps) log sigma(beta h) - eps log sigma(-beta h)     (DPO eq. 7; cDPO for eps > 0)
+    ipo:     (h - 1/(2 beta))^2                                       (IPO eq. 17)
+    hinge:   max(0, 1 - beta h)                                       (SLiC)
+    Implicit rewards are beta * (log pi - log ref) (DPO section 5).
+    """
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    if kind is DPOLoss.SIGMOID:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif kind is DPOLoss.IPO:
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif kind is DPOLoss.HINGE:
+        losses = torch.relu(1 - beta * h)
+    else:  # pragma: no cover - exhaustive enum
+        raise ValueError(kind)
+    loss = losses.sum() / num_pairs
+    rc, rr = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+    return loss, {
+        "loss/dpo": loss.detach(),
+        "rewards/chosen": rc.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracy": (rc > rr).float().mean(),
+        "rewards/margin": (rc - rr).mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# KL estimators (Schulman 2020, "Approximating KL divergence"), per token
+
+
+class KLEstimator(enum.Enum):
+    K1 = "k1"  # log r, unbiased, high variance, can be negative
+    K2 = "k2"  # (log r)^2 / 2, biased, low variance
+    K3 = "k3"  # (r - 1) - log r with r = ref/pi, unbiased and always >= 0
+    ABS = "abs"  # |log r|
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = KLEstimator.K1) -> Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi. Inputs [B, R] -> [B, R]."""
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if kind is KLEstimator.K1:
+        return log_ratio
+    if kind is KLEstimator.K2:
+        return 0.5 * log_ratio**2
+    if kind is KLEstimator.K3:
+        return torch.expm1(-log_ratio) + log_ratio
+    if kind is KLEstimator.ABS:
+        return log_ratio.abs()
+    raise ValueError(kind)  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO
+
+
+def ppo_policy_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    num_tokens: float,
+    clip_eps: float = 0.2,
+    dual_clip: float = 0.0,
+) -> tuple[Tensor, Metrics]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), per token, summed / num_tokens.
+
+    L = -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(new - old). With dual_clip = c > 1 the loss
+    of negative-advantage tokens is also bounded by -c A (Ye et al. 2020, eq. 5). All inputs [B, R].
+    """
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    losses = -torch.min(surr1, surr2)
+    if dual_clip > 1:
+        losses = torch.where(advantages < 0, torch.min(losses, -dual_clip * advantages), losses)
+    loss = masked_sum(losses, mask) / num_tokens
+    with torch.no_grad():
+        clipped = (surr2 < surr1).float()
+        # approx KL(old || new) with the k3 estimator on the minibatch (Schulman 2020)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, {
+        "loss/policy": loss.detach(),
+        "policy/clipfrac": masked_mean(clipped, mask),
+        "policy/approx_kl": approx_kl,
+        "policy/ratio": masked_mean(ratio.detach(), mask),
+    }
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, num_tokens: float, clip_eps: float = 0.2
+) -> tuple[Tensor, Metrics]:
+    """Clipped value loss 0.5 max((V - G)^2, (clip(V, V_old +- eps) - G)^2) (Ziegler et al. 2019's
+    implementation; 'PPO implementation details' #9). clip_eps <= 0 disables clipping. Inputs [B, R].
+    """
+    sq = (values - returns) ** 2
+    if clip_eps > 0:
+        clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        sq_clipped = (clipped - returns) ** 2
+        losses = 0.5 * torch.max(sq, sq_clipped)
+        clipfrac = masked_mean((sq_clipped > sq).float(), mask)
+    else:
+        losses = 0.5 * sq
+        clipfrac = torch.zeros((), device=values.device)
+    loss = masked_sum(losses, mask) / num_tokens
+    return loss, {"loss/value": loss.detach(), "value/clipfrac": clipfrac.detach()}
+
+
+def entropy_bonus(entropy: Tensor, mask: Tensor, num_tokens: float, coef: float) -> tuple[Tensor, Metrics]:
+    """-coef * mean entropy (a bonus: minimising it raises entropy)."""
+    ent = masked_sum(entropy, mask) / num_tokens
+    return -coef * ent, {"policy/entropy": masked_mean(entropy.detach(), mask)}

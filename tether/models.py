@@ -1,0 +1,195 @@
+"""Load policy / ref / value / reward_model from a local Hugging Face folder, and run them.
+
+- Causal LMs load with AutoModelForCausalLM (any architecture transformers can load).
+- Scalar models (reward model, critic) are AutoModelForSequenceClassification with num_labels=1:
+  the LM backbone plus a linear `score` head, so a saved tether reward model also loads in plain
+  transformers. tether pools the head at the last *attention-mask* token itself (not by searching for
+  pad ids, which breaks when pad == eos), and the critic applies the same head at every position.
+- Log-probabilities are computed only at the positions asked for, without a [B, T, V] log-softmax.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tether.losses import entropy_from_logits, token_logprobs
+
+RM_STATS_FILE = "tether_reward.json"
+
+
+class ModelError(ValueError):
+    pass
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None = full fp32). Master weights stay fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 on GPUs that support it; fp32 on CPU (bf16 on CPU is opt-in: precision=bf16)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _check_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not str(path):
+        raise ModelError("no model given: set `model=<a local Hugging Face model folder>`")
+    if not (p / "config.json").exists():
+        raise ModelError(f"model folder {p} has no config.json (expected a local Hugging Face model folder)")
+    return p
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(_check_dir(path)))
+    if tok.pad_token_id is None:
+        # No pad token: pad with EOS. Every tether pass uses attention masks, so the id is inert.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(_check_dir(path)), dtype=torch.float32)
+    return model.to(device)
+
+
+def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", pad_token_id: int | None = None) -> nn.Module:
+    """A reward model or critic: the backbone of `path` with a 1-output `score` head.
+
+    From a causal-LM folder the head is new and initialised N(0, 1/(d+1)) as in Stiennon et al. 2020;
+    from a tether reward-model folder the trained head loads as saved.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    p = _check_dir(path)
+    config = AutoConfig.from_pretrained(str(p), num_labels=1)
+    if config.pad_token_id is None:
+        config.pad_token_id = pad_token_id if pad_token_id is not None else getattr(config, "eos_token_id", 0)
+        if isinstance(config.pad_token_id, list):
+            config.pad_token_id = config.pad_token_id[0]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialised score head" warning is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), config=config, dtype=torch.float32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if not (p / RM_STATS_FILE).exists():
+        head = score_head(model)
+        nn.init.normal_(head.weight, std=1 / math.sqrt(head.weight.shape[1] + 1))
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+    return model.to(device)
+
+
+def score_head(model: nn.Module) -> nn.Linear:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ModelError(f"{type(model).__name__} has no linear score head")
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as HF generate computes them: [B, T] -> [B, T]."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def _inputs(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> dict:
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask) if attention_mask is not None else None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    # Packed rows: positions restart per example, and transformers builds the block-diagonal causal
+    # mask from them when no 2D mask is given (masking_utils.find_packed_sequence_indices).
+    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
+
+
+def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """The score head at every position: [B, T] -> [B, T] float32 (the critic's V_t)."""
+    hidden = backbone(model)(**_inputs(input_ids, attention_mask, position_ids), use_cache=False).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Reward: the score head on the hidden state of the last non-padding token. [B, T] -> [B].
+
+    Works for right padding, left padding and both (rollouts): the last 1 of the attention mask.
+    """
+    hidden = backbone(model)(**_inputs(input_ids, attention_mask, None), use_cache=False).last_hidden_state
+    T = attention_mask.shape[1]
+    last = (T - 1) - attention_mask.flip(-1).long().argmax(-1)  # [B]
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+    return score_head(model)(h).squeeze(-1).float()
+
+
+def causal_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor | None = None,
+    num_response: int = 0,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probability of each token given its prefix.
+
+    num_response = 0: returns [B, T] where column t is log p(x_t | x_<t) (column 0 is 0).
+    num_response = R > 0: only the last R tokens, [B, R] (the response of a rollout); the model then
+    computes logits for the last R+1 positions only (`logits_to_keep`), which saves the [B, T, V]
+    projection over the prompt.
+    """
+    kwargs = _inputs(input_ids, attention_mask, position_ids)
+    if num_response > 0:
+        out = model(**kwargs, use_cache=False, logits_to_keep=num_response + 1)
+        logits = out.logits[:, :-1]  # [B, R, V] predicts the last R tokens
+        labels = input_ids[:, -num_response:]
+    else:
+        logits = model(**kwargs, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+        labels = input_ids[:, 1:]
+    lp = token_logprobs(logits, labels, temperature)
+    ent = None
+    if with_entropy:
+        ent = entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
+    if num_response == 0:
+        lp = torch.nn.functional.pad(lp, (1, 0))
+        ent = torch.nn.functional.pad(ent, (1, 0)) if ent is not None else None
+    return lp, ent
+
+
+def save_reward_stats(path: str | Path, mean: float, std: float, extra: dict | None = None) -> None:
+    from tether.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path) / RM_STATS_FILE, json.dumps({"mean": mean, "std": std, **(extra or {})}, indent=2))
+
+
+def load_reward_stats(path: str | Path) -> dict:
+    f = Path(path) / RM_STATS_FILE
+    if not f.exists():
+        return {"mean": 0.0, "std": 1.0}
+    return json.loads(f.read_text())
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

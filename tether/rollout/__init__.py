@@ -1,0 +1,20 @@
+"""Rollouts: the sampling seam. `HFRollout` (model.generate with the KV cache) is the default;
+a vLLM rollout (tether.dist.vllm_rollout) implements the same protocol."""
+
+import importlib
+
+from tether.rollout.base import Rollout, SamplingConfig
+
+BACKENDS = {"hf": "tether.rollout.hf:HFRollout", "vllm": "tether.dist.vllm_rollout:VLLMRollout"}
+
+
+def rollout_class(name: str):
+    if name not in BACKENDS:
+        from tether.config import ConfigError
+
+        raise ConfigError(f"config key 'rollout.backend': unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["Rollout", "SamplingConfig", "rollout_class", "BACKENDS"]

@@ -1,0 +1,117 @@
+"""Metrics: always `metrics.jsonl` (one JSON object per logged step), a terminal progress bar, and
+MLflow when `track.mlflow=true` (a local SQLite store in the run folder by default)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class Tracker:
+    def __init__(self, out: str | Path, cfg=None, run_config: dict | None = None, total: int = 0, desc: str = "train", resume: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "metrics.jsonl"
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", buffering=1)
+        self.log_every = getattr(cfg, "log_every", 1) or 1
+        self.t0 = time.perf_counter()
+        self.mlflow = None
+        if cfg is not None and getattr(cfg, "mlflow", False):
+            self._start_mlflow(cfg, run_config or {})
+        show = getattr(cfg, "progress", True) and total > 0 and sys.stderr.isatty() and not os.environ.get("CI")
+        self.progress = None
+        self._plain_every = max(1, total // 10) if total else 10
+        self.total, self.desc = total, desc
+        if show:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            )
+            self.task = self.progress.add_task(desc, total=total, info="")
+            self.progress.start()
+
+    def _start_mlflow(self, cfg, run_config: dict) -> None:
+        try:
+            import mlflow
+        except ImportError:
+            raise RuntimeError("track.mlflow=true needs MLflow: pip install 'tether[mlflow]'") from None
+        uri = cfg.mlflow_uri or f"sqlite:///{(self.out / 'mlflow.db').resolve()}"
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(cfg.experiment)
+        self.mlflow = mlflow
+        self.mlflow_run = mlflow.start_run(run_name=self.out.name)
+        flat: dict[str, Any] = {}
+
+        def walk(d: dict, p: str = "") -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{p}{k}.")
+                else:
+                    flat[f"{p}{k}"] = str(v)[:500]
+
+        walk(run_config)
+        mlflow.log_params(flat)
+
+    def log(self, step: int, metrics: dict[str, Any], force: bool = False) -> None:
+        record = {"step": step, "time": round(time.perf_counter() - self.t0, 3), **{k: _clean(v) for k, v in metrics.items()}}
+        if force or step % self.log_every == 0:
+            self._file.write(json.dumps(record) + "\n")
+            if self.mlflow is not None:
+                nums = {k.replace("/", "."): float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+                self.mlflow.log_metrics(nums, step=step)
+        self._show(step, metrics)
+
+    def _show(self, step: int, metrics: dict[str, Any]) -> None:
+        keys = [k for k in metrics if k.startswith("loss/")][:2] + [k for k in ("rm/accuracy", "rewards/mean", "objective/kl", "speed/tokens_per_s") if k in metrics]
+        info = "  ".join(f"{k.split('/')[-1]}={_fmt(metrics[k])}" for k in keys)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        elif step % self._plain_every == 0 or step == self.total:
+            console.print(f"[{self.desc}] step {step}/{self.total}  {info}", highlight=False)
+
+    def event(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message, highlight=False)
+        else:
+            console.print(message, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self._file.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+            self.mlflow = None
+
+
+def _fmt(v: Any) -> str:
+    v = _clean(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -1,0 +1,142 @@
+"""Batch and record types, one per stage, with the shape of every tensor field.
+
+Shapes: B batch, T sequence, P prompt, R response. Padding: SFT/pair batches are right-padded;
+prompt batches are left-padded so that generation appends at a common column; rollouts are
+[left-padded prompt | right-padded response].
+
+Every batch is a dataclass whose tensor fields share the leading dimension B, so the engine can
+split any batch into micro-batches (`split`) and move it to a device (`to`) without knowing its type.
+Non-tensor fields that are lists of length B are split alongside; everything else is copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+B_ = TypeVar("B_", bound="Batch")
+
+
+@dataclass
+class Batch:
+    def __len__(self) -> int:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                return v.shape[0]
+        raise TypeError(f"{type(self).__name__} has no tensor field")
+
+    def _map(self: B_, fn_tensor, fn_list) -> B_:
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                kw[f.name] = fn_tensor(v)
+            elif isinstance(v, list) and len(v) == len(self):
+                kw[f.name] = fn_list(v)
+            else:
+                kw[f.name] = v
+        return type(self)(**kw)
+
+    def to(self: B_, device: torch.device | str) -> B_:
+        return self._map(lambda t: t.to(device, non_blocking=True), lambda x: x)
+
+    def select(self: B_, index: Tensor | list[int]) -> B_:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        il = idx.tolist()
+        return self._map(lambda t: t[idx.to(t.device)], lambda x: [x[i] for i in il])
+
+    def split(self: B_, micro_batch_size: int) -> list[B_]:
+        n = len(self)
+        if micro_batch_size <= 0 or micro_batch_size >= n:
+            return [self]
+        return [self.select(list(range(s, min(s + micro_batch_size, n)))) for s in range(0, n, micro_batch_size)]
+
+    @classmethod
+    def cat(cls: type[B_], batches: list[B_]) -> B_:
+        """Concatenate along B. Tensors with a different T are right-padded with zeros first."""
+        first = batches[0]
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(first):
+            vals = [getattr(b, f.name) for b in batches]
+            v0 = vals[0]
+            if isinstance(v0, Tensor):
+                if v0.dim() >= 2 and len({v.shape[1] for v in vals}) > 1:
+                    width = max(v.shape[1] for v in vals)
+                    vals = [torch.nn.functional.pad(v, (0, width - v.shape[1]) if v.dim() == 2 else (0, 0, 0, width - v.shape[1])) for v in vals]
+                kw[f.name] = torch.cat(vals, 0)
+            elif isinstance(v0, list):
+                kw[f.name] = [x for v in vals for x in v]
+            else:
+                kw[f.name] = v0
+        return cls(**kw)
+
+
+@dataclass
+class SFTBatch(Batch):
+    input_ids: Tensor  # [B, T] long, right-padded
+    attention_mask: Tensor  # [B, T] long, 1 on real tokens
+    loss_mask: Tensor  # [B, T] float, 1 where token t is a training target (completion tokens)
+    position_ids: Tensor | None = None  # [B, T] long; set when sequences are packed (restarts at 0 per example)
+    # With packing: [B, T] long, index of the example each token belongs to (0 = padding), so that
+    # attention never crosses example boundaries.
+    segment_ids: Tensor | None = None
+
+
+@dataclass
+class PairBatch(Batch):
+    """Preference pairs. Chosen and rejected are run as one [2B, T] forward pass by the losses."""
+
+    chosen_input_ids: Tensor  # [B, Tc] long, right-padded prompt+chosen response
+    chosen_attention_mask: Tensor  # [B, Tc] long
+    chosen_loss_mask: Tensor  # [B, Tc] float, 1 on response tokens (for DPO logprobs)
+    rejected_input_ids: Tensor  # [B, Tr] long
+    rejected_attention_mask: Tensor  # [B, Tr] long
+    rejected_loss_mask: Tensor  # [B, Tr] float
+    margin: Tensor | None = None  # [B] float, optional preference strength for the margin term
+    # [B] float, cached reference logprob sums (DPO); None until the reference pass has run.
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+
+
+@dataclass
+class PromptBatch(Batch):
+    input_ids: Tensor  # [B, P] long, left-padded
+    attention_mask: Tensor  # [B, P] long
+    prompts: list[str] = field(default_factory=list)  # B prompt texts (as given, before templating)
+
+
+@dataclass
+class RolloutBatch(Batch):
+    """What a Rollout returns: prompts with sampled responses.
+
+    Named RolloutBatch (not Rollout) because `Rollout` is the sampling seam in tether.rollout.
+    """
+
+    sequences: Tensor  # [B, P+R] long: left-padded prompt then right-padded response
+    attention_mask: Tensor  # [B, P+R] long
+    response_mask: Tensor  # [B, R] float, 1 on sampled tokens up to and including EOS
+    logprobs: Tensor  # [B, R] float, the sampler's own logprobs of the sampled tokens
+    prompt_length: int = 0  # P
+    prompts: list[str] = field(default_factory=list)  # B
+    responses: list[str] = field(default_factory=list)  # B decoded responses (EOS and padding removed)
+    finished: Tensor | None = None  # [B] bool, True where the response ended with EOS
+
+
+@dataclass
+class Experience(Batch):
+    """One PPO training example per sequence, everything the clipped update needs."""
+
+    sequences: Tensor  # [B, P+R] long
+    attention_mask: Tensor  # [B, P+R] long
+    response_mask: Tensor  # [B, R] float
+    logprobs: Tensor  # [B, R] old-policy logprobs (trainer's forward at rollout time)
+    ref_logprobs: Tensor  # [B, R]
+    values: Tensor  # [B, R] old value estimates (zeros when there is no critic)
+    advantages: Tensor  # [B, R]
+    returns: Tensor  # [B, R]
+    prompt_length: int = 0  # P
