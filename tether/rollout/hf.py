@@ -58,8 +58,9 @@ class HFRollout:
             min_new_tokens=sampling.min_new_tokens or None,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy or sampling.top_p >= 1 else sampling.top_p,
-            top_k=None if greedy or not sampling.top_k else sampling.top_k,
+            # explicit values: None would fall back to transformers' defaults (top_k=50)
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k,
             eos_token_id=self.eos if sampling.stop_at_eos and self.eos else None,
             pad_token_id=self.pad,
             use_cache=True,

@@ -1,0 +1,74 @@
+"""Invariance: one batch of 8 == 2 micro-batches of 4 with gradient accumulation."""
+
+import copy
+
+import torch
+
+from tether.config import EngineConfig, OptimConfig
+from tether.engine.local import LocalEngine
+from tether.losses import sft_loss
+from tether.models import causal_logprobs, load_causal_lm
+from tether.types import SFTBatch
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (8, 10), generator=g)
+    attn = torch.ones_like(ids)
+    attn[::2, 7:] = 0  # different lengths, so per-micro-batch means would differ from the global mean
+    loss_mask = attn.float().clone()
+    loss_mask[:, :4] = 0
+    return SFTBatch(ids, attn, loss_mask)
+
+
+def _run(model, micro):
+    eng = LocalEngine(model, EngineConfig(micro_batch_size=micro), OptimConfig(lr=1e-2, grad_clip=0.0, eps=1e-3))  # large eps: Adam linear in tiny grads)
+    b = _batch()
+    n = float(b.loss_mask.sum())
+
+    def loss_fn(m, mb):
+        lp, _ = causal_logprobs(m, mb.input_ids, mb.attention_mask)
+        return sft_loss(lp, mb.loss_mask, n)
+
+    # capture gradients before the step
+    grads = {}
+    orig_step = eng._step
+
+    def spy(metrics):
+        for k, p in eng.model.named_parameters():
+            grads[k] = p.grad.detach().clone()
+        return orig_step(metrics)
+
+    eng._step = spy
+    metrics = eng.train_step(b, loss_fn)
+    return metrics, grads, {k: v.detach().clone() for k, v in eng.model.state_dict().items()}
+
+
+def test_microbatch_invariance(tiny_gpt2):
+    base = load_causal_lm(tiny_gpt2)
+    base.config.resid_pdrop = base.config.embd_pdrop = base.config.attn_pdrop = 0.0
+    for m in base.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    m8, g8, w8 = _run(copy.deepcopy(base), 0)
+    m4, g4, w4 = _run(copy.deepcopy(base), 4)
+    assert abs(m8["loss/sft"] - m4["loss/sft"]) < 1e-5
+    for k in g8:
+        assert torch.allclose(g8[k], g4[k], atol=1e-6), k
+    for k in w8:
+        assert torch.allclose(w8[k], w4[k], atol=1e-6), k
+
+
+def test_nonfinite_gradient_never_reaches_weights(tiny_gpt2):
+    model = load_causal_lm(tiny_gpt2)
+    eng = LocalEngine(model, EngineConfig(), OptimConfig(lr=1e-2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def bad(m, mb):
+        lp, _ = causal_logprobs(m, mb.input_ids, mb.attention_mask)
+        return lp.sum() * float("nan"), {}
+
+    metrics = eng.train_step(_batch(), bad)
+    assert metrics["optim/skipped"] == 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
