@@ -134,7 +134,7 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
         if a != b:
             break
         n += 1
-    cut = chosen.rfind(ASSISTANT_MARK, 0, n - len(ASSISTANT_MARK) + 1) if n >= len(ASSISTANT_MARK) else -1
+    cut = chosen.rfind(ASSISTANT_MARK, 0, n)  # the marker must lie inside the common prefix
     if cut < 0:
         raise BadRecord("'chosen' and 'rejected' share no prompt ending in '\\n\\nAssistant:' (give a 'prompt' field)",
                         "no shared prompt in transcripts")

@@ -84,7 +84,7 @@ def _read_jsonl(path: str) -> Iterator[Item]:
             continue
         loc = f"{path}:{i}"
         try:
-            yield loc, _parse(_decode(raw)), None
+            yield loc, _parse(_decode(raw).rstrip()), None
         except BadRecord as e:
             yield loc, None, e
 
