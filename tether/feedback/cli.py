@@ -1,0 +1,285 @@
+"""`tether label`: the annotation web app and its admin commands.
+
+    tether label serve [--db URL] [--host 127.0.0.1] [--port 8000]
+    tether label create-user NAME [--admin] [--password-stdin] [--project P ...]
+    tether label create-project NAME --kind compare|rank|rate [--overlap 2] [--guidelines FILE.md] [--tasks FILE.jsonl]
+    tether label import --project P FILE.jsonl
+    tether label add-member --project P USER [USER ...]
+    tether label generate --model DIR --prompts FILE -k 4 --project P
+    tether label export --project P --out prefs.jsonl [--raw raw.jsonl] [--policy majority|all] [--include-gold]
+    tether label stats --project P
+    tether label projects | migrate
+
+The database is `--db` (a SQLAlchemy URL, `postgresql://...`, or a SQLite file path), else the
+TETHER_LABEL_DB environment variable, else ./tether_label.db. `serve` upgrades the schema and, if the
+database has no admin yet, creates `admin` with the password in TETHER_LABEL_ADMIN_PASSWORD or a random
+one printed once. This module imports no torch; only `generate` loads the training side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, help="database URL or SQLite file (default: $TETHER_LABEL_DB or ./tether_label.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tether label", description="Collect human feedback in a web app and export preference pairs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the web app")
+    _db_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; use 0.0.0.0 behind a TLS proxy)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--admin-user", default="admin", help="name of the first admin, created if the database has no admin")
+    p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (set this when served over https)")
+    p.add_argument("--lease-minutes", type=float, default=30, help="how long an opened item stays reserved for its annotator")
+    p.add_argument("--log-level", default="info")
+
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    _db_arg(p)
+
+    p = sub.add_parser("create-user", help="add an annotator or admin (asks for the password)")
+    _db_arg(p)
+    p.add_argument("username")
+    p.add_argument("--admin", action="store_true", help="give the admin role")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin instead of asking")
+    p.add_argument("--project", action="append", default=[], help="add to this project (repeatable)")
+
+    p = sub.add_parser("create-project", help="create a project, optionally importing tasks")
+    _db_arg(p)
+    p.add_argument("name")
+    p.add_argument("--kind", required=True, choices=["compare", "rank", "rate"])
+    p.add_argument("--overlap", type=int, default=2, help="distinct annotators per item (default 2)")
+    p.add_argument("--guidelines", help="Markdown file shown to annotators")
+    p.add_argument("--tasks", help="jsonl of tasks to import")
+
+    p = sub.add_parser("import", help="import tasks from jsonl (all or nothing)")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("file")
+
+    p = sub.add_parser("add-member", help="let annotators work on a project")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("usernames", nargs="+")
+
+    p = sub.add_parser("generate", help="sample K responses per prompt from a checkpoint and import them as tasks")
+    _db_arg(p)
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field (and optional 'id'), or a .txt with one prompt per line")
+    p.add_argument("-k", type=int, default=4, help="responses per prompt")
+    p.add_argument("--project", help="import into this project (its kind decides how items are made)")
+    p.add_argument("--out", help="also write the generated tasks to this jsonl")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="write preference pairs for `tether rm` / `tether dpo`")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("--out", required=True, help="preference records (jsonl)")
+    p.add_argument("--raw", help="also write every raw judgment to this jsonl")
+    p.add_argument("--policy", choices=["majority", "all"], default="majority")
+    p.add_argument("--include-gold", action="store_true", help="also export gold items")
+
+    p = sub.add_parser("stats", help="print counts, agreement and per-annotator quality as JSON")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+
+    p = sub.add_parser("projects", help="list projects")
+    _db_arg(p)
+    return ap
+
+
+def _open(url: str | None):  # noqa: ANN202
+    from tether.feedback.db import Database
+
+    db = Database(url)
+    db.migrate()
+    return db
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    pw = getpass.getpass("password: ")
+    if pw != getpass.getpass("again: "):
+        raise SystemExit("passwords differ")
+    return pw
+
+
+def ensure_admin(db, username: str = "admin") -> str | None:  # noqa: ANN001
+    """Create the first admin if there is none; returns the password when one was generated."""
+    from sqlalchemy import select
+
+    from tether.feedback import service as sv
+    from tether.feedback.models import User
+    from tether.feedback.security import new_password
+
+    with db.write() as s:
+        if s.scalar(select(User.id).where(User.role == "admin").limit(1)) is not None:
+            return None
+        given = os.environ.get("TETHER_LABEL_ADMIN_PASSWORD")
+        pw = given or new_password()
+        sv.create_user(s, username, pw, role="admin")
+        return None if given else pw
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from tether.feedback import service as sv
+
+    try:
+        return _run(args, sv)
+    except sv.ImportRejected as e:
+        print("import rejected; nothing was imported:", file=sys.stderr)
+        for n, r in e.errors:
+            print(f"  line {n}: {r}", file=sys.stderr)
+        return 1
+    except sv.ServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
+    if args.cmd == "serve":
+        import uvicorn
+
+        from tether.feedback.app import create_app
+
+        db = _open(args.db)
+        pw = ensure_admin(db, args.admin_user)
+        if pw:
+            print(f"created admin user {args.admin_user!r} with one-time password: {pw}\n"
+                  "(shown only now; create more users at /admin or with `tether label create-user`)", flush=True)
+        app = create_app(db, secure_cookies=args.secure_cookies, lease_minutes=args.lease_minutes)
+        print(f"tether label: http://{args.host}:{args.port}/  (database {db.engine.url.render_as_string(hide_password=True)})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        return 0
+
+    db = _open(args.db)
+    if args.cmd == "migrate":
+        print("schema is up to date")
+        return 0
+    if args.cmd == "create-user":
+        pw = _read_password(args.password_stdin)
+        with db.write() as s:
+            u = sv.create_user(s, args.username, pw, role="admin" if args.admin else "annotator")
+            for ref in args.project:
+                sv.add_member(s, sv.get_project(s, ref), u)
+        print(f"created {'admin' if args.admin else 'annotator'} {args.username!r}")
+        return 0
+    if args.cmd == "create-project":
+        guidelines = Path(args.guidelines).read_text(encoding="utf-8") if args.guidelines else ""
+        with db.write() as s:
+            p = sv.create_project(s, args.name, args.kind, guidelines, args.overlap)
+            n = sv.import_tasks(s, p, Path(args.tasks).read_text(encoding="utf-8")) if args.tasks else 0
+        print(f"created project {args.name!r} ({args.kind}, overlap {args.overlap}); imported {n} items")
+        return 0
+    if args.cmd == "import":
+        text = Path(args.file).read_text(encoding="utf-8")
+        with db.write() as s:
+            n = sv.import_tasks(s, sv.get_project(s, args.project), text)
+        print(f"imported {n} items into {args.project!r}")
+        return 0
+    if args.cmd == "add-member":
+        with db.write() as s:
+            p = sv.get_project(s, args.project)
+            for name in args.usernames:
+                sv.add_member(s, p, sv.get_user(s, name))
+        print(f"added {', '.join(args.usernames)} to {args.project!r}")
+        return 0
+    if args.cmd == "generate":
+        return _generate(args, db, sv)
+    if args.cmd == "export":
+        with db.read() as s:
+            p = sv.get_project(s, args.project)
+            recs = sv.export_preferences(s, p, args.policy, args.include_gold)
+            raw = sv.export_raw(s, p) if args.raw else None
+        sv.write_jsonl(recs, args.out)
+        msg = f"wrote {len(recs)} preference records to {args.out}"
+        if raw is not None:
+            sv.write_jsonl(raw, args.raw)
+            msg += f" and {len(raw)} raw judgments to {args.raw}"
+        print(msg)
+        return 0
+    if args.cmd == "stats":
+        with db.read() as s:
+            print(json.dumps(sv.project_stats(s, sv.get_project(s, args.project)), indent=2))
+        return 0
+    if args.cmd == "projects":
+        from sqlalchemy import select
+
+        from tether.feedback.models import Project
+
+        with db.read() as s:
+            for p in s.scalars(select(Project).order_by(Project.id)):
+                print(f"{p.id}\t{p.name}\t{p.kind}\toverlap={p.overlap}")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def read_prompts(path: str) -> list[tuple[str | None, str]]:
+    """(id, prompt) pairs from a jsonl with a 'prompt' field or a text file with one prompt per line."""
+    out = []
+    text = Path(path).read_text(encoding="utf-8")
+    jsonl = path.endswith((".jsonl", ".json"))
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if jsonl:
+            try:
+                obj = json.loads(line)
+                prompt = obj["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(f"{path}: line {n}: expected a JSON object with a 'prompt' string") from None
+            if not isinstance(prompt, str):
+                raise SystemExit(f"{path}: line {n}: 'prompt' must be a string")
+            out.append((str(obj["id"]) if obj.get("id") is not None else None, prompt))
+        else:
+            out.append((None, line))
+    return out
+
+
+def _generate(args: argparse.Namespace, db, sv) -> int:  # noqa: ANN001
+    if not args.project and not args.out:
+        raise SystemExit("give --project (import) and/or --out (write jsonl)")
+    prompts = read_prompts(args.prompts)
+    from tether.generate import sample_responses  # the training side, loaded only here
+
+    responses = sample_responses(
+        args.model, [p for _i, p in prompts], k=args.k, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )
+    if len(responses) != len(prompts):
+        raise SystemExit(f"generator returned {len(responses)} results for {len(prompts)} prompts")
+    model_name = Path(args.model).name
+    lines = []
+    for (pid, prompt), resp in zip(prompts, responses, strict=True):
+        obj = {"prompt": prompt, "responses": list(resp), "meta": {"model": model_name, "k": args.k, "seed": args.seed,
+                                                                  "temperature": args.temperature, "top_p": args.top_p}}
+        if pid is not None:
+            obj["id"] = pid
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {len(lines)} tasks to {args.out}")
+    if args.project:
+        with db.write() as s:
+            n = sv.import_tasks(s, sv.get_project(s, args.project), text)
+        print(f"imported {n} items from {len(lines)} prompts into {args.project!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
