@@ -485,3 +485,49 @@ def test_split_eval_deterministic_and_grouped():
     pairs = [PreferencePair(f"q{i // 3}", f"a{i}", f"b{i}", f"x:{i}") for i in range(30)]
     tr, ev = split_eval(pairs, 0.2, seed=0)
     assert {p.prompt for p in tr}.isdisjoint({p.prompt for p in ev}) and len(ev) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Converters of public data sets
+
+
+def test_oasst_converter_on_a_small_tree(tmp_path):
+    from tether.data.convert import convert
+
+    def msg(mid, role, text, rank=None, replies=(), **kw):
+        return {"message_id": mid, "role": role, "text": text, "rank": rank, "deleted": False, "synthetic": False, "replies": list(replies), **kw}
+
+    tree = {"message_tree_id": "t1", "prompt": msg("p", "prompter", "hello", replies=[
+        msg("a0", "assistant", "best", 0, [msg("u", "prompter", "why", replies=[msg("b0", "assistant", "because", 0), msg("b1", "assistant", "dunno", 1)])]),
+        msg("a1", "assistant", "middle", 1),
+        msg("a2", "assistant", "worst", 2, synthetic=True),
+    ])}
+    write_jsonl(tmp_path / "trees.jsonl", [tree])
+    counts = convert("oasst", str(tmp_path / "trees.jsonl"), str(tmp_path / "out.jsonl"))
+    assert counts["pairs"] == 4
+    pairs, _ = load_preferences(str(tmp_path / "out.jsonl"))
+    got = [(len(p.prompt), p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs]
+    assert got == [(1, "best", "middle"), (1, "best", "worst"), (1, "middle", "worst"), (3, "because", "dunno")]
+    assert pairs[3].prompt == [U("hello"), A("best"), U("why")] and pairs[0].source == "oasst"
+    assert convert("oasst", str(tmp_path / "trees.jsonl"), str(tmp_path / "o2.jsonl"), synthetic=False)["pairs"] == 2
+
+
+REAL = "/work/shared/data"
+
+
+@pytest.mark.parametrize("kind,src,n", [
+    ("oasst", "oasst-en-100-trees/en_100_tree.jsonl", 754),  # README: 754 comparisons
+    ("qa-feedback", "qa-feedback/dev_feedback.json", 2616),  # README: 2,616 non-tie pairs
+    ("lfqa", "lfqa-expert-preferences/experts_pairwise_human_preferences.jsonl", 260),
+    ("hhh", "hhh-alignment", 221),
+])
+def test_converters_on_real_data(tmp_path, kind, src, n):
+    import os
+
+    from tether.data.convert import convert
+
+    if not os.path.exists(f"{REAL}/{src}"):
+        pytest.skip("shared data not present")
+    counts = convert(kind, f"{REAL}/{src}", str(tmp_path / "out.jsonl"))
+    pairs, report = load_preferences(str(tmp_path / "out.jsonl"))
+    assert counts["pairs"] == len(pairs) == report.n_used == n and not report.skipped
