@@ -531,3 +531,34 @@ def test_converters_on_real_data(tmp_path, kind, src, n):
     counts = convert(kind, f"{REAL}/{src}", str(tmp_path / "out.jsonl"))
     pairs, report = load_preferences(str(tmp_path / "out.jsonl"))
     assert counts["pairs"] == len(pairs) == report.n_used == n and not report.skipped
+
+
+def test_template_whose_generation_prompt_is_not_a_prefix(chat_tok):
+    """Thinking-style templates open the assistant turn differently with add_generation_prompt; the
+    assistant content is then found in the rendering itself."""
+    import copy
+
+    t = copy.deepcopy(chat_tok)
+    t.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think></think>\n{% endif %}"
+    )
+    msgs = [U("hello"), A("yes sure"), U("why"), A("because")]
+    (ids, mask), = tokenize_sft([SFTExample(None, None, msgs, "x:1")], t, CFG)
+    assert masked_text(t, ids, mask) == "yes sure<|im_end|>because<|im_end|>"
+    assert "<think>" not in t.decode(ids)
+
+
+def test_bos_adding_tokenizer_keeps_bos_out_of_the_loss():
+    from tokenizers import processors
+
+    t = make_tokenizer()
+    bos = t.convert_tokens_to_ids("<|im_start|>")
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    t.bos_token = "<|im_start|>"
+    (ids, mask), = tokenize_sft([SFTExample("hello", " world", None, "x:1")], t, CFG)
+    assert ids[0] == bos and mask[0] == 0 and ids.count(bos) == 1
+    assert masked_text(t, ids, mask) == " world<|endoftext|>"
+    assert encode_prompt(t, "hello") == ids[: mask.index(1)]
+    (p,) = tokenize_pairs([PreferencePair("hello", " a", " b", "x:1")], t, CFG)
+    assert p.prompt_ids[0] == bos

@@ -144,7 +144,7 @@ def encode_conversation(tokenizer, messages: Messages, chat_template: str = "aut
         mask += [int(target)] * len(t)
     if n_prompt < 0:
         raise BadRecord("the conversation has no assistant turn")
-    last = max(i for i, v in enumerate(mask) if v) + 1
+    last = len(mask) - mask[::-1].index(1)
     return ids[:last], mask[:last], n_prompt
 
 
