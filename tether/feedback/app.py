@@ -119,7 +119,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     async def _http_error(request: Request, exc: HTTPError):  # noqa: ANN202
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.detail}, status_code=exc.status)
-        return HTMLResponse(render("error.html", request, None, status=exc.status, message=exc.detail), status_code=exc.status)
+        return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status)
 
     @app.exception_handler(sv.ServiceError)
     async def _service_error(request: Request, exc: sv.ServiceError):  # noqa: ANN202
@@ -128,13 +128,13 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             body["errors"] = [{"line": n, "reason": r} for n, r in exc.errors]
         if request.url.path.startswith("/api/"):
             return JSONResponse(body, status_code=exc.status)
-        return HTMLResponse(render("error.html", request, None, status=exc.status, message=str(exc)), status_code=exc.status)
+        return HTMLResponse(render("error.html", request, None, status=exc.status, detail=str(exc)), status_code=exc.status)
 
     def render(template: str, request: Request, auth: Auth | None, **ctx) -> str:  # noqa: ANN003
         return env.get_template(template).render(request=request, auth=auth, reasons=sv.REASONS, **ctx)
 
     def page(template: str, request: Request, auth: Auth | None, status: int = 200, **ctx) -> HTMLResponse:  # noqa: ANN003
-        return HTMLResponse(render(template, request, auth, **ctx), status_code=status)
+        return HTMLResponse(render(template, request, auth, status=status, **ctx), status_code=status)
 
     def current(request: Request) -> Auth:
         token = request.cookies.get(COOKIE)
@@ -414,7 +414,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
                 n = sv.import_tasks(s, p, text) if text.strip() else 0
                 pid = p.id
         except sv.ImportRejected as e:
-            return page("error.html", request, auth, status=422, message="The project was not created: " + str(e).split(":")[0],
+            return page("error.html", request, auth, status=422, detail="The project was not created; nothing was imported.",
                         import_errors=e.errors)
         return RedirectResponse(f"/admin/p/{pid}?msg=created&n={n}", status_code=303)
 
@@ -427,7 +427,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             with database.write() as s:
                 n = sv.import_tasks(s, project_for(s, pid, auth), text)
         except sv.ImportRejected as e:
-            return page("error.html", request, auth, status=422, message="Nothing was imported.", import_errors=e.errors)
+            return page("error.html", request, auth, status=422, detail="Nothing was imported.", import_errors=e.errors)
         return RedirectResponse(f"/admin/p/{pid}?msg=imported&n={n}", status_code=303)
 
     @app.post("/admin/p/{pid}/members")
