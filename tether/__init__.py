@@ -3,4 +3,10 @@
 The package root imports nothing heavy, so that `tether label` (the annotation app) starts without torch.
 """
 
+import os
+
+# tether loads models only from local folders: never let a typo turn into a hub download (or into
+# minutes of retries on a machine without network). Set HF_HUB_OFFLINE=0 to opt out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 __version__ = "0.1.0"

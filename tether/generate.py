@@ -3,8 +3,9 @@
     tether generate --model runs/ppo/final --prompt "The movie was" -n 4
     tether generate --model runs/sft/final --prompts prompts.jsonl --out samples.jsonl --temperature 0.7 --top-p 0.9
 
-Prompt files take every format the data readers take (jsonl/json/.txt, `prompt` or `messages`).
-Chat prompts go through the model's chat template. Each output line is
+Prompt files take every format the data readers take (jsonl/json/.txt, `prompt` or `messages`):
+message lists go through the model's chat template, plain strings are sent as they are. A `--prompt`
+text is sent as a user turn when the model has a chat template (`--raw` sends it as is). Each output line is
 {"prompt", "response", "sample"}.
 """
 
@@ -21,15 +22,15 @@ from tether.rollout.base import SamplingConfig
 
 
 def _batches(prompts: list, tokenizer, batch_size: int, max_prompt_length: int):
-    from tether.data import collate_prompts, pad_id, render_prompt
+    from tether.data import collate_prompts, encode_prompt, pad_id, prompt_text
 
     pad = pad_id(tokenizer)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
-        texts = [render_prompt(tokenizer, p) for p in chunk]
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_length:] for t in texts]
-        ids = [i if i else [tokenizer.bos_token_id or pad] for i in ids]
-        yield chunk, collate_prompts(ids, pad, [t if isinstance(t, str) else str(t) for t in texts])
+        # the exact ids training sees before a response (BOS and chat template included)
+        ids = [encode_prompt(tokenizer, p)[-max_prompt_length:] for p in chunk]
+        ids = [i if i else [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad] for i in ids]
+        yield chunk, collate_prompts(ids, pad, [prompt_text(p) for p in chunk])
 
 
 def sample_responses(
@@ -78,6 +79,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--raw", action="store_true", help="with --prompt: send the text as is, not as a user turn of the chat template")
     args = parser.parse_args(argv)
 
     from tether.data import DataError, load_prompts
@@ -90,7 +92,12 @@ def main(argv: list[str]) -> int:
             return 2
         prompts = [e.prompt for e in examples]
     else:
-        prompts = list(args.prompt)
+        from tether.models import load_tokenizer
+
+        # A --prompt text is a user turn when the model has a chat template (instruct models answer
+        # nothing useful to bare text); --raw keeps it as plain text.
+        chat = not args.raw and bool(getattr(load_tokenizer(args.model), "chat_template", None))
+        prompts = [[{"role": "user", "content": p}] if chat else p for p in args.prompt]
     results = sample_responses(
         args.model, prompts, args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed,
         args.batch_size, device=args.device,
@@ -98,7 +105,7 @@ def main(argv: list[str]) -> int:
     lines = []
     for p, responses in zip(prompts, results):
         for j, r in enumerate(responses):
-            lines.append(json.dumps({"prompt": p, "response": r, "sample": j}))
+            lines.append(json.dumps({"prompt": p if isinstance(p, str) else p[-1]["content"], "response": r, "sample": j}))
     text = "\n".join(lines) + "\n"
     if args.out == "-":
         sys.stdout.write(text)
