@@ -56,6 +56,9 @@ def test_perfect_and_chance():
     assert ag.krippendorff_alpha(units) == pytest.approx(1.0)
     assert ag.fleiss_kappa(units) == pytest.approx(1.0)
     assert ag.cohen_kappa([0, 1, 0, 1], [1, 0, 1, 0]) == pytest.approx(-1.0)
+    same = {i: {"a": "A", "b": "A"} for i in range(5)}  # no variation: undefined, not 1.0
+    assert ag.cohen_kappa(["A"] * 5, ["A"] * 5) is None
+    assert ag.fleiss_kappa(same) is None and ag.krippendorff_alpha(same) is None
 
 
 def test_majority_agreement_leave_one_out():

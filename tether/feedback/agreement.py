@@ -11,6 +11,9 @@ labelled (a comparison item, a rating item, or one response pair of a ranking it
   distance; handles missing labels (units with fewer than 2 labels are skipped).
 - Agreement with the majority: for each coder, the share of their labels that equal the strict
   plurality label of the *other* coders on the same unit (units without one are skipped).
+
+When every label is the same value, kappa and alpha are undefined (0/0) and are returned as None;
+the raw agreement is still reported next to them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def cohen_kappa(a: list, b: list) -> float | None:
     ca, cb = Counter(a), Counter(b)
     p_e = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
     if p_e >= 1.0:
-        return 1.0 if p_o >= 1.0 else None
+        return None  # both coders used one and the same label throughout: kappa is undefined
     return (p_o - p_e) / (1 - p_e)
 
 
@@ -74,7 +77,7 @@ def fleiss_kappa(labels: Labels) -> float | None:
         (sum(n * n for n in c.values()) - sum(c.values())) / (sum(c.values()) * (sum(c.values()) - 1)) for c in units
     ) / len(units)
     if p_e >= 1.0:
-        return 1.0 if p_bar >= 1.0 else None
+        return None  # a single label overall: undefined
     return (p_bar - p_e) / (1 - p_e)
 
 
@@ -117,7 +120,7 @@ def krippendorff_alpha(labels: Labels, level: str = "nominal") -> float | None:
     d_o = sum(w * delta(c, k) for (c, k), w in coinc.items()) / n
     d_e = sum(n_c[c] * n_c[k] * delta(c, k) for c in values for k in values) / (n * (n - 1))
     if d_e == 0:
-        return 1.0 if d_o == 0 else None
+        return None  # no variation in the labels: undefined
     return 1.0 - d_o / d_e
 
 
