@@ -84,22 +84,38 @@ def seed_everything(seed: int) -> None:
 
 
 def save_model_folder(model, path: Path, tokenizer=None) -> None:
-    """An HF folder (config + safetensors [+ tokenizer]), written atomically."""
+    """An HF folder (config + safetensors [+ tokenizer]), written atomically.
+
+    Under torchrun every rank calls this (gathering FSDP shards is a collective); rank 0 writes.
+    A LoRA model is saved merged, as a plain HF folder, with its adapter in `adapter/`.
+    """
+    from tether.dist import barrier, full_state_dict, is_main
+
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    _fsync_tree(tmp)
-    old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    state_dict = full_state_dict(model)
+    adapter = model.__dict__.get("_tether_peft")
+    if adapter is not None:
+        from tether.dist.lora import merged_copy
+
+        model, state_dict = merged_copy(adapter, state_dict), None
+    if is_main():
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        if adapter is not None:
+            adapter.save_pretrained(str(tmp / "adapter"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _fsync_tree(tmp)
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier()
 
 
 class Checkpointer:
@@ -124,16 +140,26 @@ class Checkpointer:
         config: dict[str, Any],
         tokenizer=None,
     ) -> Path:
-        """engines: name -> object with `model`, `optimizer_state()`; state: JSON-able loop state."""
+        """engines: name -> object with `model`, `optimizer_state()`; state: JSON-able loop state.
+
+        Under torchrun every rank calls this: the state is gathered on all ranks (FSDP shards are
+        a collective), rank 0 writes, and the others wait at a barrier until the folder is complete.
+        """
+        from tether.dist import barrier, full_state_dict, is_main
+
+        gathered = {name: (full_state_dict(e.unwrapped_model()), e.optimizer_state()) for name, e in engines.items()}
+        final = self.root / f"step_{step}"
+        if not is_main():
+            barrier()
+            return final
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob("*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        final = self.root / f"step_{step}"
         tmp = self.root / f"step_{step}.tmp-{os.getpid()}"
         tmp.mkdir()
         for name, engine in engines.items():
-            engine.unwrapped_model().save_pretrained(str(tmp / f"model_{name}"), safe_serialization=True)
-            opt = engine.optimizer_state()
+            sd, opt = gathered[name]
+            engine.unwrapped_model().save_pretrained(str(tmp / f"model_{name}"), safe_serialization=True, state_dict=sd)
             if opt is not None:
                 torch.save(opt, tmp / f"optim_{name}.pt")
         if tokenizer is not None:
@@ -149,6 +175,7 @@ class Checkpointer:
         _fsync_dir(self.root)
         atomic_write_text(self.root / "latest", final.name + "\n")
         self._prune()
+        barrier()
         return final
 
     def _prune(self) -> None:
@@ -165,6 +192,8 @@ class Checkpointer:
         """Restore weights, optimizer/scheduler and RNG; returns the loop state saved with them."""
         from safetensors.torch import load_file
 
+        from tether.dist import load_full_state_dict
+
         path = path or self.latest()
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root}")
@@ -175,7 +204,7 @@ class Checkpointer:
             for shard in shards:
                 sd.update(load_file(str(shard)))
             model = engine.unwrapped_model()
-            missing, unexpected = model.load_state_dict(sd, strict=False)
+            missing, unexpected = load_full_state_dict(model, sd, strict=False)
             # Tied weights (e.g. lm_head = wte) are saved once; anything else missing is an error.
             tied = set(getattr(model, "_tied_weights_keys", None) or [])
             real_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]

@@ -27,18 +27,21 @@ def _clean(v: Any) -> Any:
 
 class Tracker:
     def __init__(self, out: str | Path, cfg=None, run_config: dict | None = None, total: int = 0, desc: str = "train", resume: bool = False):
+        from tether.dist import is_main
+
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "metrics.jsonl"
-        if not resume and self.path.exists():
+        self.main = is_main()  # under torchrun only rank 0 writes; the metrics are already all-reduced
+        if self.main and not resume and self.path.exists():
             self.path.unlink()
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path if self.main else os.devnull, "a", buffering=1)
         self.log_every = getattr(cfg, "log_every", 1) or 1
         self.t0 = time.perf_counter()
         self.mlflow = None
-        if cfg is not None and getattr(cfg, "mlflow", False):
+        if self.main and cfg is not None and getattr(cfg, "mlflow", False):
             self._start_mlflow(cfg, run_config or {})
-        show = getattr(cfg, "progress", True) and total > 0 and sys.stderr.isatty() and not os.environ.get("CI")
+        show = self.main and getattr(cfg, "progress", True) and total > 0 and sys.stderr.isatty() and not os.environ.get("CI")
         self.progress = None
         self._plain_every = max(1, total // 10) if total else 10
         self.total, self.desc = total, desc
@@ -86,10 +89,12 @@ class Tracker:
         info = "  ".join(f"{k.split('/')[-1]}={_fmt(metrics[k])}" for k in keys)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
-        elif step % self._plain_every == 0 or step == self.total:
+        elif self.main and (step % self._plain_every == 0 or step == self.total):
             console.print(f"[{self.desc}] step {step}/{self.total}  {info}", highlight=False)
 
     def event(self, message: str) -> None:
+        if not self.main:
+            return
         if self.progress is not None:
             self.progress.console.print(message, highlight=False)
         else:

@@ -9,6 +9,9 @@ import torch
 class BatchSampler:
     """Yields lists of indices into a dataset of `n` items, `batch_size` at a time, forever.
 
+    `batch_size` is the global batch: with N data-parallel processes each rank gets its own
+    contiguous batch_size/N slice of the same global batch, so every rank keeps the same position.
+
     Epoch e uses the permutation drawn from a generator seeded with (seed, e), so it depends only
     on the seed and the epoch, never on how many batches were drawn before a restart. The last
     incomplete batch of an epoch is dropped (and counted in `dropped_per_epoch`) so every step
@@ -44,7 +47,10 @@ class BatchSampler:
             self._perm = self._permutation(self.epoch)
         idx = self._perm[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return idx
+        # Under torchrun each rank takes its slice of the global batch (identity in one process).
+        from tether.dist import shard_indices
+
+        return shard_indices(idx)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
