@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class Database:
             self.engine = create_engine(
                 self.url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=60, pool_pre_ping=True
             )
+        # SQLite has one writer at a time. Queue this process's writers on a lock (FIFO-ish, no sleeping)
+        # instead of letting them spin in SQLite's busy handler, whose back-off sleeps up to 100 ms a try;
+        # busy_timeout still covers writers in other processes (the CLI).
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(tether_write=True), expire_on_commit=False)
 
@@ -59,13 +64,9 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
         """One transaction: committed when the block exits normally, rolled back on an exception."""
-        with self._write() as s:
+        with self._write_lock, self._write() as s:
             with s.begin():
                 yield s
-
-    def write_session(self) -> Session:
-        """A session whose transactions take the write lock up front (commit/rollback by the caller)."""
-        return self._write()
 
     def migrate(self) -> None:
         upgrade(self.engine)
