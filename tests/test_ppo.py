@@ -1,0 +1,243 @@
+"""PPO: loss invariance under micro-batching, learning on a rule reward, the KL leash, the rollback
+guard, resume equivalence, group baselines, and one iteration on the real SmolLM2-135M."""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from helpers import write_jsonl
+from tiny import WORDS
+
+from tether.algo import ppo
+from tether.config import ConfigError, EngineConfig, OptimConfig, load_config
+from tether.engine.local import LocalEngine
+from tether.models import load_causal_lm, load_scalar_model, save_reward_stats
+from tether.track import read_metrics
+from tether.types import Experience
+
+TARGET = list(range(10, 41))  # token ids the rule reward pays for (~10% of the tiny vocabulary)
+
+
+def _prompts(path, n=64, seed=0):
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))} for _ in range(n)])
+
+
+def _cfg(model, tmp_path, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    base = [
+        f"model={model}", f"data.train={_prompts(tmp_path / 'prompts.jsonl')}", f"out={tmp_path / 'run'}",
+        "reward.fn=tether.rewards:token_fraction", f"reward.kwargs={{tokens: {TARGET}}}", "reward.missing_eos_penalty=0",
+        "batch_size=16", "rollout.max_new_tokens=8", "optim.lr=3e-3", "ppo.minibatch_size=4",
+        "engine.threads=1", "track.progress=false", "sample_every=0",
+    ]
+    return load_config(ppo.PPOConfig, None, base + list(overrides))
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariance: one batch of 8 == 2 micro-batches of 4 with gradient accumulation
+
+
+def _experience(V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, P, R = 8, 5, 6
+    seq = torch.randint(5, V, (B, P + R), generator=g)
+    attn = torch.ones(B, P + R, dtype=torch.long)
+    attn[::3, :2] = 0  # left-padded prompts
+    mask = torch.ones(B, R)
+    mask[1::2, 4:] = 0  # responses of different lengths
+    attn[:, P:] = mask.long()
+    return Experience(
+        sequences=seq, attention_mask=attn, response_mask=mask,
+        logprobs=-3 - torch.rand(B, R, generator=g), ref_logprobs=-3 - torch.rand(B, R, generator=g),
+        values=torch.randn(B, R, generator=g) * mask, advantages=torch.randn(B, R, generator=g) * mask,
+        returns=torch.randn(B, R, generator=g) * mask, prompt_length=P,
+    )
+
+
+def _step(model, micro, loss_fn_factory, exp):
+    eng = LocalEngine(model, EngineConfig(micro_batch_size=micro), OptimConfig(lr=1e-2, grad_clip=0.0, eps=1e-3))
+    grads = {}
+    orig = eng._step
+
+    def spy(metrics):
+        grads.update({k: p.grad.detach().clone() for k, p in eng.model.named_parameters() if p.grad is not None})
+        return orig(metrics)
+
+    eng._step = spy
+    metrics = eng.train_step(exp, loss_fn_factory(float(exp.response_mask.sum())))
+    return metrics, grads
+
+
+@pytest.mark.parametrize("which", ["policy", "value"])
+def test_ppo_loss_microbatch_invariance(tiny_gpt2, which):
+    cfg = load_config(ppo.PPOConfig, None, ["reward.fn=x:y", "ppo.entropy_coef=0.01", "ppo.value_clip=0.1"])
+    if which == "policy":
+        base, factory, key = load_causal_lm(tiny_gpt2), (lambda n: ppo.policy_loss_fn(cfg, n)), "loss/policy"
+    else:
+        base, factory, key = load_scalar_model(tiny_gpt2), (lambda n: ppo.value_loss_fn(cfg, n)), "loss/value"
+    ppo.disable_dropout(base)
+    exp = _experience(base.config.vocab_size)
+    m8, g8 = _step(copy.deepcopy(base), 0, factory, exp)
+    m4, g4 = _step(copy.deepcopy(base), 4, factory, exp)
+    assert abs(m8[key] - m4[key]) < 1e-6
+    assert g8 and g8.keys() == g4.keys()
+    for k in g8:
+        assert torch.allclose(g8[k], g4[k], atol=1e-6, rtol=1e-4), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning and the KL leash
+
+
+def test_ppo_learns_rule_reward_with_bounded_kl(tiny_gpt2, tmp_path):
+    summary = ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=25", "kl.max=30"))
+    rows = read_metrics(tmp_path / "run")
+    rewards = [r["rewards/raw_mean"] for r in rows]
+    before, after = _mean(rewards[:5]), _mean(rewards[-5:])
+    assert after > before + 0.08, rewards  # from ~10% target tokens to clearly more
+    assert after > 1.8 * before, rewards
+    assert summary["rollbacks"] == 0
+    assert max(r["objective/kl"] for r in rows) < 30
+    for key in ("rewards/std", "objective/kl_token", "objective/kl_k2_token", "objective/kl_k3_token", "objective/kl_coef",
+                "loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approx_kl", "policy/entropy",
+                "response/length_mean", "response/hit_max_fraction", "value/explained_variance",
+                "timing/rollout", "timing/score", "timing/forward", "timing/update", "speed/gen_tokens_per_s", "memory/peak_rss_mb"):
+        assert key in rows[-1], key
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 25
+
+
+def test_large_kl_coef_keeps_policy_at_reference(tiny_gpt2, tmp_path):
+    runs = {}
+    for coef in (0.0, 20.0):
+        ppo.train(_cfg(tiny_gpt2, tmp_path / str(coef), "max_steps=12", f"kl.coef={coef}"))
+        rows = read_metrics(tmp_path / str(coef) / "run")
+        runs[coef] = (_mean([r["objective/kl"] for r in rows[-5:]]), _mean([r["rewards/raw_mean"] for r in rows[-5:]]))
+    (kl_free, reward_free), (kl_leash, reward_leash) = runs[0.0], runs[20.0]
+    assert kl_leash < 1.0 and kl_leash < 0.3 * kl_free, runs
+    assert reward_leash < reward_free, runs
+
+
+def test_adaptive_kl_controller_moves_and_resumes(tiny_gpt2, tmp_path):
+    ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=2", "kl.adaptive=true", "kl.target=0.01", "kl.horizon=100", "ppo.epochs=1"))
+    coefs = [r["objective/kl_coef"] for r in read_metrics(tmp_path / "run")]
+    assert coefs[0] == pytest.approx(0.05) and coefs[1] != pytest.approx(0.05)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
+    assert state["kl_controller"]["value"] != pytest.approx(0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# The guard
+
+
+def test_rollback_on_injected_nan_and_run_continues(tiny_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "FAULT_HOOK", lambda it: it == 1)  # the second iteration's loss is NaN
+    ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=4", "ppo.epochs=1"))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["guard/rolled_back"] for r in rows] == [0.0, 1.0, 0.0, 0.0]
+    assert rows[-1]["guard/rollbacks"] == 1
+    assert rows[2]["optim/skipped_policy"] == 0.0 and isinstance(rows[3]["loss/policy"], float)  # finite again
+    final = load_causal_lm(tmp_path / "run" / "final")
+    assert all(torch.isfinite(p).all() for p in final.parameters())
+
+
+def test_kl_bound_rolls_back_to_previous_weights(tiny_gpt2, tmp_path):
+    ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=2", "ppo.epochs=1", "kl.max=1e-9"))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["guard/rolled_back"] for r in rows] == [1.0, 1.0]
+    before, after = load_causal_lm(tiny_gpt2).state_dict(), load_causal_lm(tmp_path / "run" / "final").state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "speed/", "memory/")) and k != "time"} for r in rows]
+
+
+def test_resume_equivalence(tiny_gpt2, tmp_path):
+    common = ["ppo.epochs=2", "save_every=2", "batch_size=8", "kl.adaptive=true"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=4", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=2", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=4", "resume=true", *common))
+    a, b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert _comparable(a) == _comparable(b)
+    from safetensors.torch import load_file
+
+    for name in ("final", "value"):  # raw tensors: loading "value" as a scalar model would re-draw its head
+        wa, wb = (load_file(str(tmp_path / x / "run" / name / "model.safetensors")) for x in ("a", "b"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (name, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Group baselines, reward models, config errors
+
+
+def test_rloo_without_critic(tiny_gpt2, tmp_path):
+    summary = ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=2", "advantage=rloo", "samples_per_prompt=2", "batch_size=4", "ppo.epochs=1"))
+    rows = read_metrics(tmp_path / "run")
+    assert "loss/value" not in rows[-1] and rows[-1]["loss/policy"] == rows[-1]["loss/policy"]
+    assert not (tmp_path / "run" / "value").exists() and summary["steps"] == 2
+
+
+def test_reward_model_scores_are_normalised(tiny_gpt2, tmp_path):
+    rm_dir = tmp_path / "rm"
+    rm = load_scalar_model(tiny_gpt2)
+    rm.save_pretrained(rm_dir)
+    from tether.models import load_tokenizer
+
+    load_tokenizer(tiny_gpt2).save_pretrained(rm_dir)
+    save_reward_stats(rm_dir, mean=0.5, std=2.0)
+    cfg = _cfg(tiny_gpt2, tmp_path, "max_steps=1", "reward.fn=", f"reward.model={rm_dir}", "reward.clip=100", "ppo.epochs=1")
+    assert cfg.critic_from_reward_model
+    ppo.train(cfg)
+    r = read_metrics(tmp_path / "run")[-1]
+    assert r["rewards/mean"] == pytest.approx((r["rewards/raw_mean"] - 0.5) / 2.0, abs=1e-5)
+    assert r["rewards/std"] == pytest.approx(r["rewards/raw_std"] / 2.0, abs=1e-5)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="reward.model"):
+        load_config(ppo.PPOConfig, None, ["reward.model=a", "reward.fn=b:c"])
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        load_config(ppo.PPOConfig, None, ["reward.fn=b:c", "advantage=grpo"])
+    with pytest.raises(ConfigError, match="critic.init"):
+        load_config(ppo.PPOConfig, None, ["reward.fn=b:c", "critic.init=reward_model"])
+    with pytest.raises(ConfigError, match="kl.estimator"):
+        load_config(ppo.PPOConfig, None, ["reward.fn=b:c", "kl.estimator=k9"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.slow
+def test_one_iteration_on_smollm2(request, tmp_path):
+    try:
+        model = request.getfixturevalue("smollm2_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("the smollm2_dir fixture (tests/conftest.py) is not available")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in ("Say hello.", "Name a colour.")])
+    cfg = load_config(ppo.PPOConfig, None, [
+        f"model={model}", f"data.train={prompts}", f"out={tmp_path / 'run'}", "reward.fn=tether.rewards:length_penalty",
+        "reward.kwargs={target: 5}", "critic.init=policy", "max_steps=1", "batch_size=2", "rollout.max_new_tokens=8",
+        "ppo.epochs=1", "track.progress=false", "sample_every=1", "optim.lr=1e-6",
+    ])
+    summary = ppo.train(cfg)
+    r = read_metrics(tmp_path / "run")[-1]
+    assert summary["steps"] == 1 and r["guard/rolled_back"] == 0.0
+    assert r["loss/policy"] == r["loss/policy"] and r["objective/kl"] == pytest.approx(0.0, abs=1e-3)
