@@ -86,6 +86,33 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    r: int = doc(0, "LoRA rank for every trained model (policy, critic, reward model); 0 = train all weights (pip install tether[lora])")
+    alpha: float = doc(16.0, "LoRA scale numerator: the update is (alpha / r) * B A")
+    dropout: float = doc(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = doc([], "module names to adapt, e.g. q_proj,v_proj; empty = PEFT's default for the architecture")
+    shared_reference: bool = doc(True, "the frozen reference is the policy with its adapters disabled (one copy of the base weights)")
+
+    def validate(self, p: str) -> None:
+        check(self.r >= 0, f"{p}r", "must be >= 0")
+        check(self.alpha > 0, f"{p}alpha", "must be positive")
+        check(0 <= self.dropout < 1, f"{p}dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = doc("", "Ray cluster to join (ray.init(address=...), e.g. auto or ray://host:10001); empty = start a local one on 127.0.0.1")
+    num_cpus: int = doc(0, "CPUs of a local cluster started by tether (0 = all of this machine's)")
+    cpus_per_actor: float = doc(0.4, "CPUs reserved for each actor (policy, ref, reward model, critic, rollout) in the placement group")
+    gpus_per_actor: float = doc(0.0, "GPUs reserved for each actor (fractions share a GPU)")
+
+    def validate(self, p: str) -> None:
+        check(self.num_cpus >= 0, f"{p}num_cpus", "must be >= 0")
+        check(self.cpus_per_actor > 0, f"{p}cpus_per_actor", "must be positive")
+        check(self.gpus_per_actor >= 0, f"{p}gpus_per_actor", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     backend: str = doc("local", "training engine: local (one process; CPU or one GPU), ddp, fsdp, ray")
     device: str = doc("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
@@ -93,6 +120,8 @@ class EngineConfig:
     micro_batch_size: int = doc(0, "split each batch into micro-batches of this size with gradient accumulation (0 = whole batch)")
     threads: int = doc(0, "torch CPU threads (0 = torch default)")
     gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
+    lora: LoRAConfig = sub(LoRAConfig, "LoRA adapters (PEFT) instead of full fine-tuning")
+    ray: RayConfig = sub(RayConfig, "Ray placement when backend=ray")
 
     def validate(self, p: str) -> None:
         check(self.micro_batch_size >= 0, f"{p}micro_batch_size", "must be >= 0")
