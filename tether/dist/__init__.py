@@ -64,6 +64,8 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
     A collective: every rank must call it. Tied weights stay one tensor (so `save_pretrained`
     still de-duplicates them).
     """
+    if not isinstance(model, torch.nn.Module):  # a stand-in for a model in another process
+        return None
     sd = model.state_dict(keep_vars=True)  # Parameters themselves, so tied weights share an id
     if not any(_is_dtensor(v) for v in sd.values()):
         return None
@@ -78,7 +80,7 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
 
 def load_full_state_dict(model: torch.nn.Module, sd: dict, strict: bool = False):
     """Load a full state dict into a model that may be FSDP2-sharded. Returns (missing, unexpected)."""
-    if not any(_is_dtensor(v) for v in model.state_dict().values()):
+    if not isinstance(model, torch.nn.Module) or not any(_is_dtensor(v) for v in model.state_dict().values()):
         return model.load_state_dict(sd, strict=strict)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
