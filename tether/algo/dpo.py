@@ -1,0 +1,179 @@
+"""Direct preference optimisation: fit the policy to preference pairs without a reward model
+(Rafailov et al. 2023), with conservative DPO (label smoothing), IPO and hinge as loss options.
+
+    tether dpo --config configs/dpo.yaml
+    tether dpo model=runs/sft/final data.train=prefs.jsonl data.eval_fraction=0.05 out=runs/dpo beta=0.1
+
+Reads the same preference files as `tether rm`. The reference model's sequence logprobs are computed
+once per example before training and cached in the run folder (ref_logps.pt), so training runs only
+the policy: chosen and rejected as one concatenated [2B, T] forward pass. Logged: loss, implicit
+reward accuracy and margin, chosen/rejected implicit rewards and logprobs, on train and held-out pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tether.algo.common import disable_dropout, load_train_eval, should, start_run, total_steps, write_summary
+from tether.checkpoint import save_model_folder
+from tether.config import RunConfig, check, cli_main, doc, to_dict
+from tether.engine import make_engine
+from tether.losses import DPOLoss, dpo_loss
+from tether.models import causal_logprobs, load_causal_lm, load_tokenizer
+from tether.track import Tracker
+
+REF_CACHE = "ref_logps.pt"
+
+
+@dataclass(frozen=True)
+class DPOConfig(RunConfig):
+    ref_model: str = doc("", "frozen reference model folder (empty = the initial policy, `model`)")
+    beta: float = doc(0.1, "beta: strength of the implicit KL constraint (DPO eq. 7; IPO's tau)")
+    loss: Literal["sigmoid", "ipo", "hinge"] = doc("sigmoid", "sigmoid (DPO), ipo (Azar et al. 2023), hinge (SLiC-HF)")
+    label_smoothing: float = doc(0.0, "conservative DPO: assumed probability that a label is flipped (sigmoid loss only)")
+
+    def validate(self, p: str = "") -> None:
+        super().validate(p)
+        check(self.beta > 0, f"{p}beta", "must be positive")
+        check(0 <= self.label_smoothing < 0.5, f"{p}label_smoothing", "must be in [0, 0.5)")
+        check(self.label_smoothing == 0 or self.loss == "sigmoid", f"{p}label_smoothing", "only applies to loss=sigmoid")
+
+    @property
+    def kind(self) -> DPOLoss:
+        return DPOLoss(self.loss)
+
+
+def pair_logps(model, batch, length_normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence logprobs of chosen and rejected responses in one [2B, T] forward pass -> ([B], [B]).
+
+    Summed over response tokens, or averaged when length_normalised (IPO).
+    """
+    Tc, Tr = batch.chosen_input_ids.shape[1], batch.rejected_input_ids.shape[1]
+    T = max(Tc, Tr)
+    ids = torch.cat([F.pad(batch.chosen_input_ids, (0, T - Tc)), F.pad(batch.rejected_input_ids, (0, T - Tr))])  # [2B, T]
+    attn = torch.cat([F.pad(batch.chosen_attention_mask, (0, T - Tc)), F.pad(batch.rejected_attention_mask, (0, T - Tr))])
+    mask = torch.cat([F.pad(batch.chosen_loss_mask, (0, T - Tc)), F.pad(batch.rejected_loss_mask, (0, T - Tr))])
+    lp, _ = causal_logprobs(model, ids, attn)  # [2B, T], column t = log p(x_t | x_<t)
+    seq = (lp * mask).sum(-1)
+    if length_normalised:
+        seq = seq / mask.sum(-1).clamp(min=1)
+    B = batch.chosen_input_ids.shape[0]
+    return seq[:B], seq[B:]
+
+
+def dpo_loss_fn(cfg: DPOConfig, num_pairs: float):
+    """The DPO-family loss on a micro-batch of PairBatch with cached reference logprobs."""
+    kind = cfg.kind
+
+    def loss_fn(model, mb):
+        pc, pr = pair_logps(model, mb, kind.length_normalised)
+        return dpo_loss(pc, pr, mb.ref_chosen_logps, mb.ref_rejected_logps, num_pairs, cfg.beta, kind, cfg.label_smoothing)
+
+    return loss_fn
+
+
+def reference_logps(engine, items, pad: int, batch_size: int, length_normalised: bool) -> torch.Tensor:
+    """[N, 2] reference logprobs (chosen, rejected) for every item, in batches."""
+    from tether.data import collate_pairs
+
+    out = []
+    for s in range(0, len(items), batch_size):
+        c, r = engine.forward(collate_pairs(items[s : s + batch_size], pad), lambda m, b: pair_logps(m, b, length_normalised))
+        out.append(torch.stack([c.float().cpu(), r.float().cpu()], 1))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def make_batch(items, ref: torch.Tensor, idx: list[int], pad: int):
+    from tether.data import collate_pairs
+
+    batch = collate_pairs([items[i] for i in idx], pad)
+    batch.ref_chosen_logps, batch.ref_rejected_logps = ref[idx, 0], ref[idx, 1]  # [B], [B]
+    return batch
+
+
+def evaluate(engine, items, ref: torch.Tensor, pad: int, cfg: DPOConfig, prefix: str = "eval") -> dict[str, float]:
+    """Loss and implicit-reward metrics over all `items`, pair-weighted."""
+    totals: dict[str, float] = {}
+    n = len(items)
+    for s in range(0, n, cfg.eval_batch_size):
+        idx = list(range(s, min(s + cfg.eval_batch_size, n)))
+        batch = make_batch(items, ref, idx, pad)
+        c, r = engine.forward(batch, lambda m, b: pair_logps(m, b, cfg.kind.length_normalised))
+        _, m = dpo_loss(c.cpu(), r.cpu(), batch.ref_chosen_logps, batch.ref_rejected_logps, len(idx), cfg.beta, cfg.kind, cfg.label_smoothing)
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(idx)
+    return {f"{prefix}/{k.replace('/', '_')}": v / max(n, 1) for k, v in totals.items()}
+
+
+def train(cfg: DPOConfig) -> dict:
+    from tether.data import load_preferences, pad_id, tokenize_pairs
+    from tether.data.loader import BatchSampler
+
+    out, ckpt = start_run(cfg, "dpo")
+    tok = load_tokenizer(cfg.model)
+    train_pairs, eval_pairs, report = load_train_eval(load_preferences, cfg)
+    train_items = tokenize_pairs(train_pairs, tok, cfg.data, report)
+    eval_items = tokenize_pairs(eval_pairs, tok, cfg.data) if eval_pairs else []
+    pad = pad_id(tok)
+    steps = total_steps(cfg, len(train_items))
+
+    model = load_causal_lm(cfg.model)
+    disable_dropout(model)
+    engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
+
+    # Reference logprobs, once per example. With ref_model = model the initial policy *is* the
+    # reference, so no second model is loaded; the cache makes a resumed run skip this pass.
+    t = time.perf_counter()
+    cache = out / REF_CACHE
+    key = {"ref": cfg.ref_model or cfg.model, "loss": cfg.loss, "n": (len(train_items), len(eval_items)), "max_length": cfg.data.max_length}
+    cached = torch.load(cache, weights_only=False) if cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        ref_train, ref_eval = cached["train"], cached["eval"]
+    else:
+        ref_engine = engine if not cfg.ref_model or cfg.ref_model == cfg.model else make_engine(load_causal_lm(cfg.ref_model), cfg.engine, None, trainable=False)
+        norm = cfg.kind.length_normalised
+        ref_train = reference_logps(ref_engine, train_items, pad, cfg.eval_batch_size, norm)
+        ref_eval = reference_logps(ref_engine, eval_items, pad, cfg.eval_batch_size, norm)
+        del ref_engine
+        torch.save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
+    ref_seconds = time.perf_counter() - t
+
+    sampler = BatchSampler(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle)
+    step = 0
+    if cfg.resume and ckpt.latest() is not None:
+        state = ckpt.load({"policy": engine})
+        step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "dpo", resume=cfg.resume)
+    tracker.event(f"dpo: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, loss={cfg.loss} beta={cfg.beta}, "
+                  f"reference logprobs in {ref_seconds:.1f}s, {report.truncated} truncated")
+
+    metrics: dict[str, float] = {}
+    while step < steps:
+        t0 = time.perf_counter()
+        batch = make_batch(train_items, ref_train, sampler.next(), pad)
+        num_pairs = engine.global_sum(float(len(batch)))
+        metrics = engine.train_step(batch, dpo_loss_fn(cfg, num_pairs))
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens = float(batch.chosen_attention_mask.sum() + batch.rejected_attention_mask.sum())
+        metrics |= {"speed/pairs_per_s": len(batch) / dt, "speed/tokens_per_s": tokens / dt}
+        if eval_items and should(cfg.eval_every, step, steps):
+            metrics |= evaluate(engine, eval_items, ref_eval, pad, cfg)
+        tracker.log(step, metrics, force=step == steps)
+        if should(cfg.save_every, step, steps):
+            ckpt.save(step, {"policy": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
+    tracker.close()
+    save_model_folder(engine.unwrapped_model(), out / "final", tok)
+    summary = {"stage": "dpo", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rewards/"))}}
+    write_summary(out, summary)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(DPOConfig, train, argv, "tether dpo", __doc__.strip().splitlines()[0])
