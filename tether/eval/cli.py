@@ -1,0 +1,189 @@
+"""`tether eval`: reports that answer "is my reward model any good?", "did the policy improve?", "is it
+hacking the reward?", "is it sycophantic?" and "is my preference data sound?".
+
+    tether eval rm --model runs/rm/final --data held_out.jsonl other.jsonl --judge vader --out reports/rm
+    tether eval policy --model runs/ppo/final --ref runs/sft/final --prompts prompts.jsonl --reward-model runs/rm/final --judge vader --out reports/policy
+    tether eval policy --run runs/ppo --ref runs/sft/final --prompts prompts.jsonl --reward-model runs/rm/final --judge vader --out reports/run
+    tether eval sycophancy --model runs/rm/final --out reports/syc
+    tether eval sycophancy --conflict 0,0.25,0.5,0.75,1 --base-model runs/sft/final --out reports/conflict
+    tether eval data prefs.jsonl more.jsonl --out reports/data
+
+Each writes OUT/report.md, OUT/metrics.json and PNG plots. Metric definitions: docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _files(values: list[str]) -> list[str]:
+    return [f for v in values for f in v.split(",") if f]
+
+
+def _judges(specs: list[str], rubric: str | None, device: str) -> dict:
+    from tether.judges import get_judge, judge_name
+
+    return {judge_name(s): get_judge(s, rubric=rubric, device="cpu" if device == "auto" else device) for s in specs or []}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="report folder (report.md, metrics.json, *.png)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+
+
+def _judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", action="append", default=[],
+                   help="gold judge (repeatable): vader, length, rule:<regex>, llm:<model_dir>, module:function")
+    p.add_argument("--judge-rubric", default=None, help="rubric for llm:<model_dir> judges")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tether eval", description=__doc__.strip().splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    rm = sub.add_parser("rm", help="reward-model accuracy, calibration, breakdowns, length bias, judge agreement")
+    rm.add_argument("--model", required=True, help="a reward-model folder (tether rm's final/)")
+    rm.add_argument("--data", nargs="+", required=True, help="preference files (each reported separately; ',' also separates)")
+    rm.add_argument("--max-pairs", type=int, default=0, help="score at most this many pairs per file, spread evenly (0 = all)")
+    rm.add_argument("--max-length", type=int, default=512, help="tokens of prompt+response (longer responses are truncated)")
+    rm.add_argument("--max-prompt-length", type=int, default=384, help="longer prompts are skipped and counted")
+    rm.add_argument("--bins", type=int, default=10, help="calibration bins over [0.5, 1]")
+    _judge_args(rm)
+    _common(rm)
+
+    po = sub.add_parser("policy", help="win rates, KL, length, diversity and reward-hacking flags of a policy (or a run's checkpoints)")
+    po.add_argument("--model", help="the policy folder (or use --run)")
+    po.add_argument("--run", help="a training run folder: evaluate every checkpoints/step_N/model_policy")
+    po.add_argument("--ref", required=True, help="the reference policy folder (e.g. the SFT model)")
+    po.add_argument("--prompts", required=True, help="prompt file (jsonl/json/txt; any format tether reads prompts from)")
+    po.add_argument("--reward-model", help="the proxy reward model folder (optional)")
+    po.add_argument("--n-prompts", type=int, default=64, help="use the first N prompts (0 = all)")
+    po.add_argument("-k", "--samples", type=int, default=1, help="samples per prompt")
+    po.add_argument("--max-new-tokens", type=int, default=48)
+    po.add_argument("--temperature", type=float, default=1.0, help="1.0 keeps the k1 KL estimate unbiased")
+    po.add_argument("--top-p", type=float, default=1.0)
+    po.add_argument("--seed", type=int, default=0)
+    _judge_args(po)
+    _common(po)
+
+    sy = sub.add_parser("sycophancy", help="TruthfulQA sycophancy probe of a reward model or policy; labeler-conflict experiment")
+    sy.add_argument("--model", help="a reward model or a policy folder")
+    sy.add_argument("--kind", choices=["auto", "rm", "policy"], default="auto", help="auto: a folder with tether_reward.json or a *ForSequenceClassification config is a reward model")
+    sy.add_argument("--truthfulqa", default=None, help="TruthfulQA.csv (default: ../shared/data/truthfulqa/TruthfulQA.csv)")
+    sy.add_argument("--n", type=int, default=200, help="number of questions probed (0 = all 817)")
+    sy.add_argument("--all-templates", action="store_true", help="probe every phrasing of every question (3x the probes)")
+    sy.add_argument("--max-new-tokens", type=int, default=48, help="policy answers: tokens to sample")
+    sy.add_argument("--temperature", type=float, default=0.0, help="policy answers: 0 = greedy")
+    sy.add_argument("--conflict", default="", help="labeler-conflict experiment: comma-separated shares p, e.g. 0,0.25,0.5,0.75,1")
+    sy.add_argument("--base-model", help="conflict experiment: the model each reward model starts from")
+    sy.add_argument("--steps", type=int, default=40, help="conflict experiment: RM training steps per p")
+    sy.add_argument("--train-questions", type=int, default=200, help="conflict experiment: training questions (x3 phrasings)")
+    sy.add_argument("--eval-questions", type=int, default=100, help="conflict experiment: held-out questions")
+    sy.add_argument("--lr", type=float, default=2e-5, help="conflict experiment: RM learning rate")
+    sy.add_argument("--train-batch-size", type=int, default=8, help="conflict experiment: pairs per RM step")
+    sy.add_argument("--max-length", type=int, default=256)
+    sy.add_argument("--seed", type=int, default=0)
+    _common(sy)
+
+    da = sub.add_parser("data", help="duplicates, length bias, sources, agreement and intransitive cycles of preference data")
+    da.add_argument("files", nargs="+", help="preference files (each reported separately)")
+    da.add_argument("--out", required=True, help="report folder")
+    da.add_argument("--near-threshold", type=float, default=0.8, help="word-3-shingle Jaccard at which two prompts are near duplicates")
+    return ap
+
+
+def run_rm(a) -> Path:
+    from tether.eval.rm_report import evaluate_file, write_report
+    from tether.eval.scoring import Scorer
+
+    scorer = Scorer.load(a.model, a.device, a.batch_size, a.max_length, a.max_prompt_length)
+    judges = _judges(a.judge, a.judge_rubric, a.device)
+    results = []
+    for f in _files(a.data):
+        print(f"tether eval rm: scoring {f}", file=sys.stderr)
+        results.append(evaluate_file(scorer, f, judges, a.bins, a.max_pairs))
+    return write_report(a.out, a.model, results)
+
+
+def _prompts(path: str, n: int) -> list:
+    from tether.data import load_prompts
+
+    examples, _ = load_prompts(path)
+    prompts = [e.prompt for e in examples]
+    return prompts[:n] if n else prompts
+
+
+def run_policy(a) -> Path:
+    from tether.eval import policy_report as P
+
+    if not a.model and not a.run:
+        raise SystemExit("tether eval policy: give --model (one policy) or --run (a run folder)")
+    scorer = None
+    if a.reward_model:
+        from tether.eval.scoring import Scorer
+
+        scorer = Scorer.load(a.reward_model, a.device, a.batch_size)
+    judges = _judges(a.judge, a.judge_rubric, a.device)
+    prompts = _prompts(a.prompts, a.n_prompts)
+    kw = dict(scorer=scorer, judges=judges, k=a.samples, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+              top_p=a.top_p, seed=a.seed, batch_size=a.batch_size, device=a.device)
+    if a.run:
+        from tether.track import read_metrics
+
+        mfile = Path(a.run) / "metrics.jsonl"
+        logged = read_metrics(mfile) if mfile.exists() else []
+        return P.write_run_report(a.out, P.evaluate_run(a.run, a.ref, prompts, logged=logged, **kw))
+    return P.write_report(a.out, P.evaluate(a.model, a.ref, prompts, **kw))
+
+
+def run_sycophancy(a) -> Path:
+    from tether.eval import sycophancy as S
+    from tether.eval.scoring import Scorer, is_reward_model
+
+    if not a.model and not a.conflict:
+        raise SystemExit("tether eval sycophancy: give --model and/or --conflict with --base-model")
+    items = S.load_truthfulqa(a.truthfulqa or S.DEFAULT_TRUTHFULQA)
+    kind, probe, conflict = None, None, None
+    if a.model:
+        kind = a.kind if a.kind != "auto" else ("rm" if is_reward_model(a.model) else "policy")
+        chosen = items[: a.n] if a.n else items
+        probes = S.make_probes(chosen, all_templates=a.all_templates)
+        if kind == "rm":
+            probe = S.rm_probe(Scorer.load(a.model, a.device, a.batch_size, a.max_length, a.max_length - 64), probes)
+        else:
+            probe = S.policy_probe(a.model, probes, a.max_new_tokens, a.temperature, a.seed, a.batch_size, a.device)
+    if a.conflict:
+        if not a.base_model:
+            raise SystemExit("tether eval sycophancy: --conflict needs --base-model")
+        shares = [float(x) for x in a.conflict.split(",") if x.strip()]
+        conflict = S.conflict_experiment(a.base_model, shares, Path(a.out) / "conflict_runs", items, a.train_questions, a.eval_questions,
+                                         a.steps, a.train_batch_size, a.lr, a.seed, a.device, a.batch_size, a.max_length)
+    return S.write_report(a.out, a.model, kind, probe, conflict, a.base_model)
+
+
+def run_data(a) -> Path:
+    from tether.eval.data_report import analyze_file, write_report
+
+    return write_report(a.out, [analyze_file(f, a.near_threshold) for f in _files(a.files)])
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    if getattr(a, "threads", 0):
+        import torch
+
+        torch.set_num_threads(a.threads)
+    from tether.data import DataError
+    from tether.models import ModelError
+
+    try:
+        path = {"rm": run_rm, "policy": run_policy, "sycophancy": run_sycophancy, "data": run_data}[a.cmd](a)
+    except (DataError, ModelError, FileNotFoundError, ValueError) as e:
+        print(f"tether eval {a.cmd}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
