@@ -4,6 +4,7 @@
     python -m tether.data.convert qa-feedback  dev_feedback.json       out.jsonl [--no-passages]
     python -m tether.data.convert lfqa         experts_pairwise_human_preferences.jsonl out.jsonl
     python -m tether.data.convert hhh          hhh-alignment/ (or one task.json)        out.jsonl
+    python -m tether.data.convert sft          prefs.jsonl             demos.jsonl   (chosen replies as SFT data)
 
 OUT may end in .gz. Each converter also returns counts of what it wrote and what it left out, and why.
 """
@@ -168,6 +169,27 @@ def write_jsonl(records: list[Record], out: str | Path) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def sft_from_preferences(records: list[Record], counts: Counter | None = None) -> list[Record]:
+    """Demonstrations from preference records: each distinct (prompt, chosen) once, as
+    `{"messages": prompt turns + the chosen reply}` for chat prompts or `{"prompt", "completion"}`
+    for string prompts. The usual first step before a reward model: SFT on the preferred replies."""
+    counts = counts if counts is not None else Counter()
+    seen, out = set(), []
+    for r in records:
+        key = json.dumps([r["prompt"], r["chosen"]], sort_keys=True)
+        if key in seen:
+            counts["duplicate (prompt, chosen)"] += 1
+            continue
+        seen.add(key)
+        if isinstance(r["prompt"], list):
+            reply = r["chosen"] if isinstance(r["chosen"], list) else [{"role": "assistant", "content": r["chosen"]}]
+            out.append({"messages": r["prompt"] + reply, "id": r.get("id", ""), "source": r.get("source", "")})
+        else:
+            out.append({"prompt": r["prompt"], "completion": r["chosen"], "id": r.get("id", ""), "source": r.get("source", "")})
+    counts["pairs"] = len(out)
+    return out
+
+
 def convert(kind: str, src: str, out: str, **kw) -> Counter:
     counts: Counter = Counter()
     if kind == "oasst":
@@ -178,6 +200,8 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
         recs = lfqa_records(list(_jsonl(src)), counts=counts)
     elif kind == "hhh":
         recs = hhh_records(_hhh_files(Path(src)), counts=counts)
+    elif kind == "sft":
+        recs = sft_from_preferences(list(_jsonl(src)), counts=counts)
     else:
         raise ValueError(f"unknown data set {kind!r}")
     write_jsonl(recs, out)
@@ -186,7 +210,8 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tether.data.convert", description=__doc__.strip().splitlines()[0])
-    ap.add_argument("kind", choices=["oasst", "qa-feedback", "lfqa", "hhh"])
+    ap.add_argument("kind", choices=["oasst", "qa-feedback", "lfqa", "hhh", "sft"],
+                    help="a data set to convert, or sft: demonstrations from a preference file's chosen replies")
     ap.add_argument("src")
     ap.add_argument("out")
     ap.add_argument("--no-synthetic", action="store_true", help="oasst: leave out model-written replies")
@@ -194,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     counts = convert(a.kind, a.src, a.out, synthetic=not a.no_synthetic, passages=not a.no_passages)
     left = ", ".join(f"{k}: {v}" for k, v in counts.items() if k != "pairs")
-    print(f"wrote {counts['pairs']} preference records to {a.out}" + (f"; left out {left}" if left else ""), file=sys.stderr)
+    what = "demonstrations" if a.kind == "sft" else "preference records"
+    print(f"wrote {counts['pairs']} {what} to {a.out}" + (f"; left out {left}" if left else ""), file=sys.stderr)
     return 0
 
 
