@@ -153,6 +153,18 @@ class FSDPEngine(DDPEngine):
         model.__dict__["_is_fsdp_managed_module"] = True
         LocalEngine.__init__(self, model, _with_device(cfg, device, checkpointing=False), optim_cfg, total_steps=total_steps, trainable=trainable)
         self.wrapper = wrapper
+        if hasattr(model, "generate"):  # a rollout calls model.generate directly: gather the root unit first
+            model.__dict__["generate"] = self._generate(model.generate)
+
+    def _generate(self, generate: Callable) -> Callable:
+        def run(*args, **kwargs):
+            self.wrapper.unshard()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.wrapper.reshard()
+
+        return run
 
     def _no_sync(self):
         @contextlib.contextmanager

@@ -14,7 +14,19 @@ def rollout_class(name: str):
 
         raise ConfigError(f"config key 'rollout.backend': unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _placed(getattr(importlib.import_module(module), cls))
+
+
+def _placed(cls):
+    """`cls(model, ...)`, except that a model living in another process (a Ray actor's stand-in,
+    tether.dist.ray_ppo.RemoteModel) builds the rollout as a worker next to it."""
+
+    def make(model, *args, **kwargs):
+        remote = getattr(model, "remote_rollout", None)
+        return remote(cls, *args, **kwargs) if remote is not None else cls(model, *args, **kwargs)
+
+    make.cls = cls
+    return make
 
 
 __all__ = ["Rollout", "SamplingConfig", "rollout_class", "BACKENDS"]
