@@ -264,6 +264,10 @@ def test_eval_data_agreement_and_annotators(tmp_path):
     m = analyze_file(str(f))
     assert m["judged_both_ways"] == 1 and m["duplicate_pairs"] == 1
     assert m["agreement"]["pairwise"] == pytest.approx(1 / 3) and m["annotators"]["count"] == 3
+    # aggregated records carrying their labelers' votes
+    f.write_text(json.dumps({"prompt": "q", "chosen": "x", "rejected": "y", "meta": {"votes": {"A": 2, "B": 1, "tie": 0}}}) + "\n")
+    m = analyze_file(str(f))
+    assert m["agreement"]["items"] == 1 and m["agreement"]["majority"] == pytest.approx(2 / 3)
 
 
 def test_eval_rm_end_to_end(tiny_gpt2, tmp_path):

@@ -10,7 +10,8 @@ Per file (any format `load_preferences` reads):
 - per-source counts;
 - when items carry several judgments (the same prompt and the same two responses judged more than
   once): agreement among them, and per annotator when records name one (`annotator`, `labeler`,
-  `worker` or `user`, top level or inside `meta`);
+  `worker` or `user`, top level or inside `meta`), or when a record aggregates several labelers'
+  votes (`meta.votes` = {"A": 2, "B": 1, "tie": 0}: each vote is one judgment of that item);
 - intransitive cycles per prompt (A>B, B>C, C>A), which no Bradley-Terry scores can fit.
 """
 
@@ -42,17 +43,29 @@ def _annotator(rec: dict) -> str | None:
     return None
 
 
+def _votes(rec: dict) -> list[str] | None:
+    """Per-labeler votes of an aggregated record: meta.votes {label: count} -> [label, label, ...]."""
+    meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    v = meta.get("votes", rec.get("votes"))
+    if isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values()) and sum(v.values()) > 1:
+        return [str(k) for k, n in sorted(v.items()) for _ in range(n)]
+    return None
+
+
 def analyze_file(path: str, near_threshold: float = 0.8) -> dict:
     from tether.data import load_preferences
     from tether.data.readers import iter_records
 
     pairs, report = load_preferences(path, on_bad_record="skip")
-    annot = {}
+    annot, votes = {}, {}
     for loc, rec, err in iter_records(path):
         if err is None and isinstance(rec, dict):
             a = _annotator(rec)
             if a is not None:
                 annot[loc] = a
+            v = _votes(rec)
+            if v is not None:
+                votes[loc] = v
     out: dict = {"file": path, "records": report.n_read, "pairs": len(pairs), "bad_records": dict(report.skipped),
                  "dropped": dict(report.dropped)}
     out["identical_chosen_rejected"] = sum(v for k, v in report.skipped.items() if "identical" in k)
@@ -69,7 +82,11 @@ def analyze_file(path: str, near_threshold: float = 0.8) -> dict:
         a = annot.get(p.loc)
         if a is not None:
             by_annotator[item][a] = ch[i]
-    both_ways = sum(1 for v in judgments.values() if len(set(v)) > 1)
+    # Records that aggregate several labelers carry their votes (meta.votes = {"A": 2, "B": 1, "tie": 0}).
+    for i, p in enumerate(pairs):
+        if p.loc in votes:
+            judgments[(prompts[i], frozenset((ch[i], rj[i])), p.loc)] = votes[p.loc]
+    both_ways = sum(1 for k, v in judgments.items() if len(k) == 2 and len(set(v)) > 1)
     out["judged_both_ways"] = both_ways
     out["agreement"] = M.judgment_agreement(judgments)
     out["items_with_several_judgments"] = out["agreement"]["items"]
