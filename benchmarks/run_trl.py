@@ -1,0 +1,161 @@
+"""One TRL stage on the fixed workload, in this process; writes a result JSON (benchmark-only dependency).
+
+    python -m benchmarks.run_trl --stage sft --dir /tmp/tether-bench --out r.json [--precision bf16]
+
+Settings that define the workload are set to tether's values (data order, batch, lr, AdamW betas/eps,
+weight decay 0, constant schedule, no warm-up, clip 1.0, seed, max length, dropout 0); everything else
+is TRL's default. The only change to TRL's behaviour is a sequential sampler, so both libraries see the
+same examples in the same order (TRL shuffles by default; tether is run with data.shuffle=false).
+The clock starts at `on_train_begin` (after model load and tokenisation) and stops at the last
+`on_step_end`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import Clock, current_rss_mb, pair_tokens, runner_args, setup_threads, sft_tokens, write_result
+from benchmarks.workload import Workload
+
+
+def _callback(clock: Clock, record: dict):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            record.setdefault("rss_before_loop_mb", current_rss_mb())
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "train_runtime" not in logs:
+                record["metrics"].append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+    return Timer()
+
+
+def _sequential(cls):
+    """`cls` with a sequential sampler (same order as tether with data.shuffle=false)."""
+    from torch.utils.data import SequentialSampler
+
+    class Seq(cls):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    Seq.__name__ = cls.__name__
+    return Seq
+
+
+def _args(w: Workload, out: Path, precision: str, steps: int, batch: int, lr: float | None = None) -> dict:
+    return dict(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        learning_rate=lr or w.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=w.betas[0], adam_beta2=w.betas[1], adam_epsilon=w.eps, max_grad_norm=w.grad_clip,
+        seed=w.seed, data_seed=w.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+def _dataset(file: Path):
+    from datasets import Dataset
+
+    return Dataset.from_list([json.loads(line) for line in open(file)])
+
+
+def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    w = Workload().quick() if quick else Workload()
+    setup_threads(w.threads)
+    torch.manual_seed(w.seed)
+    clock = Clock()
+    record: dict = {"lib": "trl", "stage": stage, "precision": precision, "metrics": []}
+    out = work / f"trl-{stage}-{precision}"
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d / "policy"))
+    cb = _callback(clock, record)
+
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+        args = SFTConfig(**_args(w, out, precision, w.sft_steps, w.sft_batch), max_length=w.max_length)
+        trainer = _sequential(SFTTrainer)(model=model, args=args, train_dataset=_dataset(d / "sft.jsonl"), processing_class=tok, callbacks=[cb])
+        trainer.train()
+        seq, tgt = sft_tokens(d, w.sft_steps * w.sft_batch)
+        record |= {"samples": w.sft_steps * w.sft_batch, "tokens": seq, "target_tokens": tgt}
+    elif stage == "rm":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(d / "reward"), num_labels=1, dtype=torch.float32)
+        args = RewardConfig(**_args(w, out, precision, w.rm_steps, w.rm_batch), max_length=w.max_length)
+        trainer = _sequential(RewardTrainer)(model=model, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
+        trainer.train()
+        record |= {"samples": w.rm_steps * w.rm_batch, "tokens": pair_tokens(d, w.rm_steps * w.rm_batch)}
+    elif stage == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+        args = DPOConfig(**_args(w, out, precision, w.dpo_steps, w.dpo_batch), max_length=w.max_length, beta=w.dpo_beta)
+        trainer = _sequential(DPOTrainer)(model=model, ref_model=ref, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
+        trainer.train()
+        record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
+    elif stage in ("rloo", "grpo"):
+        _run_online(stage, w, d, out, precision, tok, cb, record)
+    else:
+        raise SystemExit(f"unknown stage {stage!r}")
+    record |= {"wall_s": clock.wall, "cpu_s": clock.cpu, "steps": len(clock.step_ends), "phases": clock.phases}
+    record["losses"] = [m.get("loss") for m in record["metrics"]]
+    return record
+
+
+def _run_online(stage: str, w: Workload, d: Path, out: Path, precision: str, tok, cb, record: dict) -> None:
+    """RLOO / GRPO: per iteration 16 prompts x 4 samples = one optimizer step of 64 completions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    n = w.rl_prompts * w.rl_samples
+    common = dict(
+        **_args(w, out, precision, w.rl_iterations, n, lr=w.rl_lr),
+        num_generations=w.rl_samples, max_completion_length=w.rl_new_tokens, temperature=w.rl_temperature,
+        beta=w.rl_kl_coef, num_iterations=1, steps_per_generation=1,
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(d / "reward"), num_labels=1, dtype=torch.float32)
+    prompts = _dataset(d / "prompts.jsonl")
+    if stage == "rloo":
+        from trl import RLOOConfig as Cfg, RLOOTrainer as Tr
+    else:
+        from trl import GRPOConfig as Cfg, GRPOTrainer as Tr
+    cfg = Cfg(**common)
+    trainer = _sequential(Tr)(model=model, reward_funcs=rm, args=cfg, train_dataset=prompts, processing_class=tok, callbacks=[cb])
+    trainer.train()
+    lens = [m.get("completions/mean_length", 0.0) for m in record["metrics"]]
+    record["gen_tokens"] = int(round(sum(lens) * n))
+    record["samples"] = w.rl_iterations * n
+    record["tokens"] = record["gen_tokens"]
+    record["rewards"] = [m.get("reward") for m in record["metrics"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = runner_args(argv, "trl")
+    work = Path(args.work or tempfile.mkdtemp(prefix="trl-bench-"))
+    t = time.perf_counter()
+    result = run(args.stage, Path(args.dir), args.precision, args.quick, work)
+    result["process_s"] = time.perf_counter() - t
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
