@@ -158,11 +158,8 @@ class FSDPEngine(DDPEngine):
 
     def _generate(self, generate: Callable) -> Callable:
         def run(*args, **kwargs):
-            self.wrapper.unshard()
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                self.wrapper.reshard()
+            # through the root unit's forward: FSDP initialises and gathers it, blocks gather themselves
+            return self.wrapper(lambda model, _: generate(*args, **kwargs), None)
 
         return run
 
