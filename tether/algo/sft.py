@@ -31,7 +31,8 @@ class SFTConfig(RunConfig):
 
 def _loss_fn(num_tokens: float):
     def loss_fn(model, mb):
-        lp, _ = causal_logprobs(model, mb.input_ids, mb.attention_mask, mb.position_ids)
+        # targets: the LM head runs on the loss positions only (not the prompt, not the padding)
+        lp, _ = causal_logprobs(model, mb.input_ids, mb.attention_mask, mb.position_ids, targets=mb.loss_mask)
         return sft_loss(lp, mb.loss_mask, num_tokens)
 
     return loss_fn
