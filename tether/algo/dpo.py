@@ -58,7 +58,8 @@ def pair_logps(model, batch, length_normalised: bool = False) -> tuple[torch.Ten
     ids = torch.cat([F.pad(batch.chosen_input_ids, (0, T - Tc)), F.pad(batch.rejected_input_ids, (0, T - Tr))])  # [2B, T]
     attn = torch.cat([F.pad(batch.chosen_attention_mask, (0, T - Tc)), F.pad(batch.rejected_attention_mask, (0, T - Tr))])
     mask = torch.cat([F.pad(batch.chosen_loss_mask, (0, T - Tc)), F.pad(batch.rejected_loss_mask, (0, T - Tr))])
-    lp, _ = causal_logprobs(model, ids, attn)  # [2B, T], column t = log p(x_t | x_<t)
+    # targets: the LM head runs on response tokens only; [2B, T], column t = log p(x_t | x_<t)
+    lp, _ = causal_logprobs(model, ids, attn, targets=mask)
     seq = (lp * mask).sum(-1)
     if length_normalised:
         seq = seq / mask.sum(-1).clamp(min=1)
@@ -77,15 +78,30 @@ def dpo_loss_fn(cfg: DPOConfig, num_pairs: float):
     return loss_fn
 
 
-def reference_logps(engine, items, pad: int, batch_size: int, length_normalised: bool) -> torch.Tensor:
-    """[N, 2] reference logprobs (chosen, rejected) for every item, in batches."""
+def reference_logps(engine, items, pad: int, batch_size: int, length_normalised: bool, only: list[int] | None = None) -> torch.Tensor:
+    """[N, 2] reference logprobs (chosen, rejected), in batches; with `only`, just those items (others NaN)."""
     from tether.data import collate_pairs
 
-    out = []
-    for s in range(0, len(items), batch_size):
-        c, r = engine.forward(collate_pairs(items[s : s + batch_size], pad), lambda m, b: pair_logps(m, b, length_normalised))
-        out.append(torch.stack([c.float().cpu(), r.float().cpu()], 1))
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    idx = list(range(len(items))) if only is None else sorted(set(only))
+    ref = torch.full((len(items), 2), float("nan"))
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s : s + batch_size]
+        c, r = engine.forward(collate_pairs([items[i] for i in chunk], pad), lambda m, b: pair_logps(m, b, length_normalised))
+        ref[chunk] = torch.stack([c.float().cpu(), r.float().cpu()], 1)
+    return ref
+
+
+def items_to_visit(n: int, batch_size: int, seed: int, shuffle: bool, steps: int) -> list[int]:
+    """Indices of the training items that `steps` batches of the (deterministic) sampler will draw."""
+    from tether.data.loader import BatchSampler
+
+    s = BatchSampler(n, batch_size, seed, shuffle)
+    seen: set[int] = set()
+    for _ in range(steps):
+        seen.update(s.next())
+        if len(seen) == n:
+            break
+    return sorted(seen)
 
 
 def make_batch(items, ref: torch.Tensor, idx: list[int], pad: int):
@@ -131,13 +147,20 @@ def train(cfg: DPOConfig) -> dict:
     t = time.perf_counter()
     cache = out / REF_CACHE
     key = {"ref": cfg.ref_model or cfg.model, "loss": cfg.loss, "n": (len(train_items), len(eval_items)), "max_length": cfg.data.max_length}
+    # Only the pairs this run will train on: a 50-step run of batch 8 needs 400 of them, not the whole set.
+    visit = items_to_visit(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle, steps)
     cached = torch.load(cache, weights_only=False) if cache.exists() else None
     if cached is not None and cached["key"] == key:
         ref_train, ref_eval = cached["train"], cached["eval"]
+        missing = [i for i in visit if bool(torch.isnan(ref_train[i]).any())]
+        if missing:  # e.g. resumed with more steps: the policy has moved, so load the reference from disk
+            fresh = make_engine(load_causal_lm(cfg.ref_model or cfg.model), cfg.engine, None, trainable=False)
+            ref_train[missing] = reference_logps(fresh, train_items, pad, cfg.eval_batch_size, cfg.kind.length_normalised, missing)[missing]
+            torch.save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
     else:
         ref_engine = engine if not cfg.ref_model or cfg.ref_model == cfg.model else make_engine(load_causal_lm(cfg.ref_model), cfg.engine, None, trainable=False)
         norm = cfg.kind.length_normalised
-        ref_train = reference_logps(ref_engine, train_items, pad, cfg.eval_batch_size, norm)
+        ref_train = reference_logps(ref_engine, train_items, pad, cfg.eval_batch_size, norm, visit)
         ref_eval = reference_logps(ref_engine, eval_items, pad, cfg.eval_batch_size, norm)
         del ref_engine
         torch.save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
