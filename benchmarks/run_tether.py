@@ -40,6 +40,7 @@ def _instrument(clock: Clock, record: dict) -> None:
 
     @functools.wraps(step)
     def train_step(self, batch, loss_fn, *a, **k):
+        clock.start()
         t = time.perf_counter()
         m = step(self, batch, loss_fn, *a, **k)
         clock.add("train", time.perf_counter() - t)
@@ -53,6 +54,7 @@ def _instrument(clock: Clock, record: dict) -> None:
 
     @functools.wraps(fwd)
     def forward(self, *a, **k):
+        clock.start()  # DPO's reference pass runs before the loop: it is part of the work
         t = time.perf_counter()
         out = fwd(self, *a, **k)
         clock.add("forward (no grad)", time.perf_counter() - t)
@@ -68,6 +70,7 @@ def _instrument(clock: Clock, record: dict) -> None:
 
     @functools.wraps(gen)
     def generate(self, prompts, sampling):
+        clock.start()
         t = time.perf_counter()
         out = gen(self, prompts, sampling)
         clock.add("generate", time.perf_counter() - t)
