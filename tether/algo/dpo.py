@@ -153,10 +153,10 @@ def train(cfg: DPOConfig) -> dict:
     if cached is not None and cached["key"] == key:
         ref_train, ref_eval = cached["train"], cached["eval"]
         missing = [i for i in visit if bool(torch.isnan(ref_train[i]).any())]
-        if missing:  # e.g. resumed with more steps: the policy has moved, so load the reference from disk
+        if missing:  # resumed with more steps: the policy has moved, so top up from the reference on disk
             fresh = make_engine(load_causal_lm(cfg.ref_model or cfg.model), cfg.engine, None, trainable=False)
             ref_train[missing] = reference_logps(fresh, train_items, pad, cfg.eval_batch_size, cfg.kind.length_normalised, missing)[missing]
-            torch.save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
+            del fresh  # the cache file keeps what the first run computed (a resume never rewrites it)
     else:
         ref_engine = engine if not cfg.ref_model or cfg.ref_model == cfg.model else make_engine(load_causal_lm(cfg.ref_model), cfg.engine, None, trainable=False)
         norm = cfg.kind.length_normalised
