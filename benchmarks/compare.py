@@ -135,7 +135,7 @@ def _med(xs: list[float]) -> float:
 
 def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workload, rates: dict[str, float]) -> str:
     """rows: (label, tether_stage, precision, tether runs, trl runs) -> the table as text."""
-    head = ("stage", "prec", "tether s", "TRL s", "speed-up t/TRL med [min-max]", "samples/s t|TRL", "tok/s t|TRL",
+    head = ("stage", "prec", "tether s", "TRL s", "speed-up t/TRL med [min-max]", "CPU-s speed-up", "samples/s t|TRL", "tok/s t|TRL",
             "gen tok/s t|TRL", "peak MB t|TRL", "MFU t|TRL", "loss0 t|TRL", "loss_end t|TRL")
     lines = [head]
     for label, _stage, prec, ts, rs in rows:
@@ -156,10 +156,12 @@ def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workl
             return f"{f(a)} | {f(b)}" if rs else f(a)
 
         sp = f"{_med(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]" if ratios else "-"
+        cpu_ratios = [b["cpu_s"] / a["cpu_s"] * (a["samples"] / b["samples"]) for a, b in zip(ts, rs) if a.get("cpu_s") and b.get("cpu_s")]
+        cpu_sp = f"{_med(cpu_ratios):.2f}x [{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}]" if cpu_ratios else "-"
         gen_t = rate(ts, "gen_tokens") if ts and ts[0].get("gen_tokens") else None
         gen_r = rate(rs, "gen_tokens") if rs and rs[0].get("gen_tokens") else None
         lines.append((
-            label, prec, f"{_med(tw):.1f}", f"{_med(rw):.1f}" if rw else "-", sp,
+            label, prec, f"{_med(tw):.1f}", f"{_med(rw):.1f}" if rw else "-", sp, cpu_sp,
             pair(rate(ts, "samples"), rate(rs, "samples") if rs else None, 3),
             pair(rate(ts, "tokens"), rate(rs, "tokens") if rs else None, 4),
             pair(gen_t, gen_r, 4) if (gen_t or gen_r) else "-",

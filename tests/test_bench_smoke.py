@@ -1,0 +1,33 @@
+"""The benchmark harness runs end to end (tether side, --quick). No timing assertions."""
+
+import importlib.util
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_quick_tether_sft_rm(tmp_path, capsys):
+    from benchmarks.compare import main
+
+    out = tmp_path / "runs.json"
+    assert main(["--quick", "--stages", "sft,rm", "--precision", "fp32", "--tether-only",
+                 "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "sft" in table and "rm" in table
+    runs = json.loads(out.read_text())["runs"]
+    for key in ("tether|sft|fp32", "tether|rm|fp32"):
+        r = runs[key][0]
+        assert r["steps"] == 6 and r["wall_s"] > 0 and all(x == x for x in r["losses"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is a benchmark-only dependency")
+def test_bench_quick_trl_sft_same_step0_loss(tmp_path, capsys):
+    from benchmarks.compare import main
+
+    out = tmp_path / "runs.json"
+    assert main(["--quick", "--stages", "sft", "--precision", "fp32", "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    t, r = runs["tether|sft|fp32"][0], runs["trl|sft|fp32"][0]
+    assert abs(t["losses"][0] - r["losses"][0]) < 1e-4  # same work, same maths
