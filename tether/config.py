@@ -359,7 +359,7 @@ def parse_cli(cls: type[C], argv: list[str], prog: str, description: str) -> C:
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in `out`")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=true")
