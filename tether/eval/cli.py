@@ -153,7 +153,7 @@ def run_sycophancy(a) -> Path:
         chosen = items[: a.n] if a.n else items
         probes = S.make_probes(chosen, all_templates=a.all_templates)
         if kind == "rm":
-            probe = S.rm_probe(Scorer.load(a.model, a.device, a.batch_size, a.max_length, a.max_length - 64), probes)
+            probe = S.rm_probe(Scorer.load(a.model, a.device, a.batch_size, a.max_length, a.max_length - 32), probes)
         else:
             probe = S.policy_probe(a.model, probes, a.max_new_tokens, a.temperature, a.seed, a.batch_size, a.device)
     if a.conflict:

@@ -41,6 +41,10 @@ def evaluate_file(scorer, path: str, judges: dict | None = None, n_bins: int = 1
     if not kept:
         return out
     out |= {k.split("/")[1]: v for k, v in pair_metrics(torch.tensor(rc), torch.tensor(rr), "rm").items() if k != "rm/pairs"}
+    # Exact ties (identical scores: e.g. chosen and rejected identical after truncation) count half, as everywhere here.
+    out["ties"] = sum(1 for m in margins if m == 0)
+    out["accuracy_strict"] = out["accuracy"]
+    out["accuracy"] = M.mean(correct)
     cal = M.calibration(margins, n_bins)
     out["ece"] = cal["ece"]
     out["mean_confidence"] = cal["mean_confidence"]
@@ -98,7 +102,7 @@ def write_report(out_dir: str | Path, model: str, results: list[dict]) -> Path:
         if not r["pairs"]:
             rep.text("No usable pairs.")
             continue
-        rep.text(f"{r['records']} records, {r['pairs']} pairs scored, {r['skipped_too_long']} skipped as too long, "
+        rep.text(f"{r['records']} records, {r['pairs']} pairs scored ({r['ties']} exact ties), {r['skipped_too_long']} skipped as too long, "
                  f"bad records skipped: {r['skipped_records'] or 'none'}.")
         sc = r["_scores"]
         fig, axes = Report.figure(3, 4.6, 4.0)

@@ -89,7 +89,9 @@ class Scorer:
             else:
                 turn = [{"role": "assistant", "content": r}]
                 pairs.append(PreferencePair(p, turn, turn, ""))
-        data = DataConfig(max_length=self.data.max_length, max_prompt_length=self.data.max_prompt_length, on_bad_record="error")
+        # A long prompt is kept (the response is truncated to fit) rather than dropped: every response gets a score.
+        data = DataConfig(max_length=self.data.max_length, max_prompt_length=max(self.data.max_prompt_length, self.data.max_length - 16),
+                          on_bad_record="error")
         items = tokenize_pairs(pairs, self.tokenizer, data)
         seqs = [it.prompt_ids + it.chosen_ids for it in items]
         order = self._ordered([len(s) for s in seqs])

@@ -292,10 +292,10 @@ def conflict_experiment(base_model: str, shares: list[float], out: str | Path, i
         cfg = load_config(RMConfig, None, [
             f"model={base_model}", f"data.train={data}", f"out={run}", f"max_steps={steps}", f"batch_size={batch_size}",
             f"optim.lr={lr}", f"seed={seed}", f"engine.device={device}", f"data.max_length={max_length}",
-            f"data.max_prompt_length={max_length - 64}", "track.progress=false", "save_every=0", "keep_checkpoints=1",
+            f"data.max_prompt_length={max_length - 32}", "data.on_bad_record=skip", "track.progress=false", "save_every=0", "keep_checkpoints=1",
         ])
         summary = train(cfg)
-        scorer = Scorer.load(run / "final", device, eval_batch_size, max_length, max_length - 64)
+        scorer = Scorer.load(run / "final", device, eval_batch_size, max_length, max_length - 32)
         r = rm_probe(scorer, probes)
         results.append({"p": p, "train_pairs": sum(1 for _ in open(data)), "train_accuracy": summary.get("train/accuracy"),
                         "prefers_agreement": r["prefers_agreement"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
