@@ -3,8 +3,8 @@
     python -m benchmarks.run_trl --stage sft --dir /tmp/tether-bench --out r.json [--precision bf16]
 
 Settings that define the workload are set to tether's values (data order, batch, lr, AdamW betas/eps,
-weight decay 0, constant schedule, no warm-up, clip 1.0, seed, max length, dropout 0); everything else
-is TRL's default. The only change to TRL's behaviour is a sequential sampler, so both libraries see the
+weight decay 0, constant schedule, no warm-up, clip 1.0, seed, max length, dropout 0, no activation
+checkpointing); everything else is TRL's default. The only change to TRL's behaviour is a sequential sampler, so both libraries see the
 same examples in the same order (TRL shuffles by default; tether is run with data.shuffle=false).
 The clock starts at `on_train_begin` (after model load and tokenisation) and stops at the last
 `on_step_end`.
@@ -59,6 +59,9 @@ def _args(w: Workload, out: Path, precision: str, steps: int, batch: int, lr: fl
         adam_beta1=w.betas[0], adam_beta2=w.betas[1], adam_epsilon=w.eps, max_grad_norm=w.grad_clip,
         seed=w.seed, data_seed=w.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True,
+        # TRL's default is activation checkpointing (a forward recomputed in every backward); tether's is
+        # off. Off on both sides, so the compute is the same and peak memory is compared like for like.
+        gradient_checkpointing=False,
     )
 
 
