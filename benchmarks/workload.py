@@ -134,6 +134,7 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
     want = {"version": VERSION, **asdict(w)}
     for k in ("sft_steps", "rm_steps", "dpo_steps", "rl_iterations"):
         want.pop(k)
+    want = json.loads(json.dumps(want))  # tuples -> lists, as they read back
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
     import torch
@@ -172,7 +173,7 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
         apart = tok(r["prompt"])["input_ids"] + tok(r["completion"])["input_ids"]
         assert apart == tok(r["prompt"] + r["completion"])["input_ids"], "tokenizer merges across the boundary"
         assert tok.unk_token_id not in apart
-    stamp.write_text(json.dumps(want))
+    stamp.write_text(json.dumps(want))  # written last: a folder without it is incomplete
     return out
 
 
