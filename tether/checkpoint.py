@@ -51,6 +51,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name, then rename: readers never see half a file. Under torchrun
+    only rank 0 writes; the others wait until the file is complete."""
+    from tether.dist import barrier, is_main
+
+    path = Path(path)
+    if is_main():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    barrier()
+
+
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tether.algo.common import disable_dropout, load_train_eval, should, start_run, total_steps, write_summary
-from tether.checkpoint import save_model_folder
+from tether.checkpoint import atomic_torch_save, save_model_folder
 from tether.config import RunConfig, check, cli_main, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import DPOLoss, dpo_loss
@@ -163,7 +163,7 @@ def train(cfg: DPOConfig) -> dict:
         ref_train = reference_logps(ref_engine, train_items, pad, cfg.eval_batch_size, norm, visit)
         ref_eval = reference_logps(ref_engine, eval_items, pad, cfg.eval_batch_size, norm)
         del ref_engine
-        torch.save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
+        atomic_torch_save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
     ref_seconds = time.perf_counter() - t
 
     sampler = BatchSampler(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle)

@@ -48,7 +48,7 @@ from tether.checkpoint import save_model_folder
 from tether.config import ConfigError, RunConfig, check, cli_main, doc, sub, to_dict
 from tether.engine import make_engine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
-from tether.models import causal_logprobs, load_causal_lm, load_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
+from tether.models import causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.rollout import SamplingConfig, rollout_class
 from tether.rollout.hf import eos_ids
 from tether.track import Tracker
@@ -488,6 +488,8 @@ def train(cfg: PPOConfig) -> dict:
     save_model_folder(policy.unwrapped_model(), out / "final", tok)
     if critic is not None:
         save_model_folder(critic.unwrapped_model(), out / "value", tok)
+        # marks the folder as a trained scalar model, so load_scalar_model keeps its head
+        save_reward_stats(out / "value", 0.0, 1.0, {"kind": "critic"})
     summary = {
         "stage": "ppo", "steps": step, "reward_first": first_reward, "reward_last5": sum(recent) / max(len(recent), 1),
         "rollbacks": rollbacks, **{k: v for k, v in metrics.items() if k.startswith(("rewards/", "objective/", "timing/", "memory/", "speed/"))},
@@ -498,6 +500,10 @@ def train(cfg: PPOConfig) -> dict:
 
 
 def _log_samples(tracker: Tracker, out, step: int, ro: RolloutBatch, raw: Tensor, n: int) -> None:
+    from tether.dist import is_main
+
+    if not is_main():  # under torchrun, rank 0 writes for everyone
+        return
     rows = [{"step": step, "prompt": p, "response": r, "reward": float(s)} for p, r, s in list(zip(ro.prompts, ro.responses, raw.tolist()))[:n]]
     with open(out / "samples.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
