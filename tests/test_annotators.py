@@ -118,3 +118,8 @@ def test_records_are_preference_records(tmp_path):
     pairs, report = load_preferences(str(path))
     assert len(pairs) == len(records) and report.n_used == len(records)
     assert len({r["id"] for r in records}) == len(records)
+
+
+def test_empty_responses_are_not_compared():
+    records, st = annotate(["a"], [["0.5", " ", "-0.5"]], lambda p, r: [float(x) if x.strip() else 0.0 for x in r], AnnotatorConfig(seed=0))
+    assert st["empty_responses"] == 1 and st["pairs"] == 1 and len(records) == 1

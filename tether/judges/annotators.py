@@ -135,7 +135,8 @@ def annotate(
 ) -> tuple[list[dict], dict]:
     """Compare responses to each prompt; returns (preference records, stats).
 
-    responses[i] holds the K responses sampled for prompts[i]. Identical responses are not compared.
+    responses[i] holds the K responses sampled for prompts[i]. Identical responses are not compared, and
+    neither are empty ones (preference records need non-empty texts); both are counted in the stats.
     stats: pairs compared, records made, ties, the mean inter-annotator agreement (share of votes for
     the majority side), and the agreement of votes and labels with the gold judge.
     """
@@ -144,14 +145,15 @@ def annotate(
     flat_r = [r for rs in responses for r in rs]
     scores = gold(flat_p, flat_r)
     records: list[dict] = []
-    n_pairs = n_tie_pairs = n_vote_ties = n_votes = n_votes_agree = n_label_agree = 0
+    n_pairs = n_tie_pairs = n_vote_ties = n_votes = n_votes_agree = n_label_agree = n_empty = 0
     agreement_sum = 0.0
     expected_label = expected_made = 0.0
     pos = 0
     for i, (prompt, rs) in enumerate(zip(prompts, responses)):
         g = scores[pos : pos + len(rs)]
         pos += len(rs)
-        pairs = [(a, b) for a, b in combinations(range(len(rs)), 2) if rs[a] != rs[b]]
+        n_empty += sum(not r.strip() for r in rs)
+        pairs = [(a, b) for a, b in combinations(range(len(rs)), 2) if rs[a] != rs[b] and rs[a].strip() and rs[b].strip()]
         if cfg.pairs_per_prompt and len(pairs) > cfg.pairs_per_prompt:
             pairs = pool.rng.sample(pairs, cfg.pairs_per_prompt)
         for a, b in pairs:
@@ -196,6 +198,7 @@ def annotate(
     stats = {
         "prompts": len(prompts),
         "responses": len(flat_r),
+        "empty_responses": n_empty,
         "pairs": n_pairs,
         "gold_ties": n_tie_pairs,
         "vote_ties": n_vote_ties,

@@ -1,0 +1,140 @@
+"""`tether demo --quick` end to end: every stage leaves its outputs, and the report's numbers are the
+ones in the metrics files (formatted, never recomputed)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vaderSentiment")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import os
+
+    from tether.algo.pretrain import shared_data_dir
+    from tether.config import ConfigError
+
+    try:
+        shared_data_dir()
+    except ConfigError as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("demo")
+    old = os.environ.get("TETHER_CACHE")
+    os.environ["TETHER_CACHE"] = str(root / "cache")
+    try:
+        from tether.demo import main
+
+        out = root / "run"
+        assert main(["--quick", "--out", str(out), "--threads", "2"]) == 0
+        yield out
+    finally:
+        if old is None:
+            os.environ.pop("TETHER_CACHE", None)
+        else:
+            os.environ["TETHER_CACHE"] = old
+
+
+def test_every_stage_produced_its_outputs(quick_run):
+    out = quick_run
+    from tether.demo import STAGES
+
+    for stage in STAGES:
+        info = json.loads((out / stage / "stage.json").read_text())
+        assert info["timing"]["wall_s"] >= 0
+    assert (out / "config.json").exists()
+    assert (out / "pretrain" / "config.json").exists()
+    pre = json.loads((out / "pretrain" / "summary.json").read_text())
+    assert (Path(pre["model"]) / "config.json").exists() and (Path(pre["model"]) / "tokenizer.json").exists()
+    for f in ("sft.jsonl", "prompts_feedback.jsonl", "prompts_eval.jsonl"):
+        assert (out / "data" / f).stat().st_size > 0
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        assert (out / stage / "config.json").exists(), stage
+        assert (out / stage / "final" / "config.json").exists(), stage
+        assert (out / stage / "metrics.jsonl").exists(), stage
+    assert (out / "rm" / "final" / "tether_reward.json").exists()
+    assert len(list((out / "ppo" / "checkpoints").glob("step_*/model_policy"))) >= 2
+    assert len(list((out / "dpo" / "checkpoints").glob("step_*/model_policy"))) >= 1
+    prefs = [json.loads(x) for x in (out / "annotate" / "preferences_train.jsonl").read_text().splitlines()]
+    assert prefs and set(prefs[0]) == {"prompt", "chosen", "rejected", "id", "source", "meta"}
+    ann = json.loads((out / "annotate" / "annotators.json").read_text())
+    assert ann["train"]["records"] == len(prefs)
+    assert (out / "bon" / "samples.jsonl").exists()
+    for png in ("frontier.png", "proxy_vs_gold.png", "training.png", "win_rates.png"):
+        p = out / "plots" / png
+        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"plots/{png}" in (out / "report.md").read_text()
+
+
+def _md_rows(report: str, first_header: str) -> list[list[str]]:
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_report_numbers_are_the_metrics_files_numbers(quick_run):
+    out = quick_run
+    report = (out / "report.md").read_text()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    by_name = {e["name"]: e for e in metrics["policies"]}
+
+    rows = _md_rows(report, "policy")
+    assert rows == results["table"]["rows"]
+    names = [r[0] for r in rows]
+    assert {"SFT", "PPO", "DPO"} <= set(names) and any(n.startswith("best-of-") for n in names)
+    for name, gold, win, ci, kl, proxy, length in rows:
+        e = by_name[name]
+        assert gold == f"{e['gold_mean']:.3f}"
+        assert win == f"{e['win_rate']:.3f}"
+        assert ci == f"{e['ci_low']:.3f}–{e['ci_high']:.3f}"
+        assert kl == f"{e['kl']:.2f}"
+        assert proxy == f"{e['proxy_mean']:.3f}"
+        assert length == f"{e['length_mean']:.1f}"
+    # the win rate in the metrics file is the one its own counts give
+    for e in metrics["policies"]:
+        assert e["win_rate"] == pytest.approx((e["wins"] + 0.5 * e["ties"]) / e["n"])
+        assert e["n"] == metrics["prompts"]
+
+    checks = {r[0]: r for r in _md_rows(report, "check")}
+    rm_row = checks["reward model accuracy vs gold (held-out prompts)"]
+    assert rm_row[1] == f"{metrics['rm']['accuracy_vs_gold']:.3f}"
+    assert checks["PPO win rate vs SFT (gold)"][1] == f"{by_name['PPO']['win_rate']:.3f}"
+    assert checks["DPO win rate vs SFT (gold)"][1] == f"{by_name['DPO']['win_rate']:.3f}"
+
+    # annotator numbers in the report are annotators.json's
+    ann = json.loads((out / "annotate" / "annotators.json").read_text())["train"]
+    assert f"| labels agreeing with gold (measured) | {ann['label_gold_agreement']:.3f} |" in report
+    assert f"| inter-annotator agreement (share of votes for the majority) | {ann['inter_annotator_agreement']:.3f} |" in report
+
+    # the PPO curve in the report's plots comes from ppo/metrics.jsonl; its last KL is the summary's
+    ppo_summary = json.loads((out / "ppo" / "summary.json").read_text())
+    last = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["objective/kl"] == pytest.approx(ppo_summary["objective/kl"])
+
+    # the sample table shows eval/samples.jsonl's first rows
+    first = json.loads((out / "eval" / "samples.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].replace("|", "\\|") in report
+
+
+def test_second_pretrain_is_cached(quick_run):
+    import time
+
+    from tether.algo.pretrain import PretrainConfig, train
+    from tether.config import load_config
+    from tether.demo import QUICK
+
+    pre = json.loads((quick_run / "pretrain" / "summary.json").read_text())
+    keys = [o.split(".", 1)[1] for o in QUICK if o.startswith("pretrain.")]
+    cfg = load_config(PretrainConfig, None, keys + ["engine.device=cpu", "engine.threads=2", "engine.precision=fp32"])
+    t = time.perf_counter()
+    res = train(cfg)
+    assert res["cached"] and res["model"] == pre["model"]
+    assert time.perf_counter() - t < 5
