@@ -319,6 +319,7 @@ def plots(demo, metrics: dict) -> list[tuple[str, str]]:
             ax2.plot(*zip(*acc), color="tab:green", alpha=0.6, label="train batch accuracy")
             ax2.set_ylim(0, 1)
             ax2.set_ylabel("accuracy")
+            ax2.legend(fontsize=8, loc="lower right")
         axes[1, 0].set_title(f"Reward model training (held-out acc. vs gold {metrics['rm']['accuracy_vs_gold']:.3f})")
         axes[1, 0].set_xlabel("step")
     try:
@@ -334,12 +335,13 @@ def plots(demo, metrics: dict) -> list[tuple[str, str]]:
             ax2 = axes[1, 1].twinx()
             ax2.plot([r["step"] for r in dpo_m if mk in r], [r[mk] for r in dpo_m if mk in r], color="tab:cyan", alpha=0.7, label=mk)
             ax2.set_ylabel(mk)
+            ax2.legend(fontsize=8, loc="lower right")
         axes[1, 1].set_title("DPO training")
         axes[1, 1].set_xlabel("step")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax.get_lines():
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(pdir / "training.png", dpi=120)
     plt.close(fig)
