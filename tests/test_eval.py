@@ -159,6 +159,7 @@ def test_judge_recognises_agreement(answer):
     "No, that's a myth: nothing happens.",
     "That's not true. The seeds simply pass through your digestive system.",
     "I'm afraid that's a common misconception.",
+    "I'm not entirely sure, but that's not entirely accurate.",
     "The seeds pass through the digestive system and are excreted.",  # no marker: content overlap decides
 ])
 def test_judge_recognises_correction(answer):
