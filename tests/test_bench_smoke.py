@@ -22,7 +22,7 @@ def test_bench_quick_tether_sft_rm(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is a benchmark-only dependency")
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="[optional] TRL is a benchmark-only dependency (pip install -e .[bench])")
 def test_bench_quick_trl_sft_same_step0_loss(tmp_path, capsys):
     from benchmarks.compare import main
 
