@@ -562,3 +562,19 @@ def test_bos_adding_tokenizer_keeps_bos_out_of_the_loss():
     assert encode_prompt(t, "hello") == ids[: mask.index(1)]
     (p,) = tokenize_pairs([PreferencePair("hello", " a", " b", "x:1")], t, CFG)
     assert p.prompt_ids[0] == bos
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_multi_turn_pair_keeps_earlier_turns_in_prompt(chat):
+    """A pair whose prompt already holds an assistant turn: only the last reply is the response."""
+    from tether.data import PreferencePair, tokenize_pairs
+
+    tok = make_tokenizer(chat_template=chat)
+    prompt = [{"role": "user", "content": "hello cat"}, {"role": "assistant", "content": "hello dog"},
+              {"role": "user", "content": "is the movie good"}]
+    pair = PreferencePair(prompt=prompt, chosen=[{"role": "assistant", "content": "yes it is great"}],
+                          rejected=[{"role": "assistant", "content": "no it is bad"}], loc="x:1")
+    (item,) = tokenize_pairs([pair], tok, DataConfig(max_length=256, max_prompt_length=200))
+    assert "hello dog" in tok.decode(item.prompt_ids)
+    assert "hello dog" not in tok.decode(item.chosen_ids) and "yes it is great" in tok.decode(item.chosen_ids)
+    assert "no it is bad" in tok.decode(item.rejected_ids) and "hello" not in tok.decode(item.rejected_ids)

@@ -124,20 +124,24 @@ def _template_pieces(tokenizer, messages: Messages) -> list[Piece]:
     return pieces + [(full[cur:], False)]
 
 
-def encode_conversation(tokenizer, messages: Messages, chat_template: str = "auto") -> tuple[list[int], list[int], int]:
-    """(ids, loss_mask, n_prompt): n_prompt = tokens before the first assistant turn. Text after the last
-    assistant turn (a template's trailing newline) is dropped: it is never a target."""
+def encode_conversation(tokenizer, messages: Messages, chat_template: str = "auto", response_turn: int = 0) -> tuple[list[int], list[int], int]:
+    """(ids, loss_mask, n_prompt): n_prompt = tokens before assistant turn number `response_turn`
+    (0 = the first; a preference pair whose prompt already holds k assistant turns passes k, so the
+    earlier turns stay in the prompt). Text after the last assistant turn (a template's trailing
+    newline) is dropped: it is never a target."""
     template = use_template(tokenizer, chat_template)
     eos = _eos(tokenizer)
     pieces = _template_pieces(tokenizer, messages) if template else _plain_pieces(messages, False)
     ids: list[int] = [] if template else _special_prefix(tokenizer)
     mask: list[int] = [0] * len(ids)
     n_prompt = -1
+    turn = 0
     for text, target in pieces:
         t = _enc(tokenizer, text)
         if target:
-            if n_prompt < 0:
+            if n_prompt < 0 and turn == response_turn:
                 n_prompt = len(ids)
+            turn += 1
             if not t or t[-1] != eos:
                 t.append(eos)
         ids += t
@@ -242,8 +246,9 @@ def _pair_ids(tokenizer, pair: PreferencePair, chat_template: str) -> tuple[list
             resp.append(t if t and t[-1] == eos else t + [eos])
         return _special_prefix(tokenizer) + _enc(tokenizer, pair.prompt), resp[0], resp[1]
     prompts, resp = [], []
+    earlier_turns = sum(m["role"] == "assistant" for m in pair.prompt)  # they belong to the prompt
     for r in (pair.chosen, pair.rejected):
-        ids, _, n = encode_conversation(tokenizer, pair.prompt + r, chat_template)
+        ids, _, n = encode_conversation(tokenizer, pair.prompt + r, chat_template, response_turn=earlier_turns)
         prompts.append(ids[:n])
         resp.append(ids[n:])
     if prompts[0] != prompts[1]:
