@@ -213,3 +213,20 @@ def test_mlflow_logging(tiny_gpt2, tmp_path):
     assert len(runs) == 1
     hist = mlflow.tracking.MlflowClient().get_metric_history(runs.iloc[0].run_id, "loss.sft")
     assert [m.step for m in hist] == [1, 2]
+
+
+def test_list_overrides_parse_their_items():
+    from dataclasses import dataclass
+
+    from tether.config import doc
+
+    @dataclass(frozen=True)
+    class C:
+        ns: list[int] = doc([1], "ints")
+        names: list[str] = doc([], "strings")
+
+    c = load_config(C, None, ["ns=1,2,4", "names=a.jsonl,b.jsonl"])
+    assert c.ns == [1, 2, 4] and c.names == ["a.jsonl", "b.jsonl"]
+    assert load_config(C, None, ["ns=[3, 5]"]).ns == [3, 5]
+    with pytest.raises(ConfigError, match="config key 'ns': expected an integer, got 'x'"):
+        load_config(C, None, ["ns=1,x"])

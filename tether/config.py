@@ -181,6 +181,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _scalar(text: str) -> Any:
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return v if isinstance(v, (int, float, bool, str)) else text
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/override value to the field's type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
@@ -204,8 +212,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "1,2,4" from the command line: parse each item like a YAML scalar
+            value = [_scalar(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
