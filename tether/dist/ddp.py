@@ -174,36 +174,12 @@ class FSDPEngine(DDPEngine):
 
         return ctx()
 
-    def _step(self, metrics: dict[str, float]) -> dict[str, float]:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.optim_cfg.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        metrics["optim/grad_norm"] = float(norm)
-        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
-        if torch.isfinite(norm):
-            self.optimizer.step()
-            metrics["optim/skipped"] = 0.0
-        else:
-            metrics["optim/skipped"] = 1.0
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return metrics
+    def _clip_grad_norm(self, params: list[nn.Parameter], clip: float) -> torch.Tensor:
+        norm = super()._clip_grad_norm(params, clip)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
 
-    @torch.no_grad()
-    def forward(self, batch: Batch, fn: Callable[[nn.Module, Any], Any], micro_batch_size: int | None = None) -> Any:
-        from tether.engine.local import _concat
-
-        was_training = self.model.training
-        self.model.eval()
-        outs = []
-        mbs = self.cfg.micro_batch_size if micro_batch_size is None else micro_batch_size
-        for mb in batch.split(mbs):
-            with self.autocast():
-                outs.append(self.wrapper(fn, mb.to(self.device)))
-        self.model.train(was_training)
-        return _concat(outs)
+    def _apply(self, fn: Callable[[nn.Module, Any], Any], mb: Any) -> Any:
+        return self.wrapper(fn, mb)  # all-gather hooks fire even in no-grad passes
 
     def optimizer_state(self) -> dict | None:
         if self.optimizer is None:

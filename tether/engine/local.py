@@ -105,8 +105,7 @@ class LocalEngine:
 
     def _step(self, metrics: dict[str, float]) -> dict[str, float]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.optim_cfg.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = self._clip_grad_norm(params, self.optim_cfg.grad_clip)
         metrics["optim/grad_norm"] = float(grad_norm)
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         if torch.isfinite(grad_norm):
@@ -118,6 +117,13 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
+    def _clip_grad_norm(self, params: list[nn.Parameter], clip: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+
+    def _apply(self, fn: Callable[[nn.Module, Any], Any], mb: Any) -> Any:
+        """fn(model, mb); a sharded engine routes it through its wrapper's hooks instead."""
+        return fn(self.model, mb)
+
     @torch.no_grad()
     def forward(self, batch: Batch, fn: Callable[[nn.Module, Any], Any], micro_batch_size: int | None = None) -> Any:
         was_training = self.model.training
@@ -126,7 +132,7 @@ class LocalEngine:
         mbs = self.cfg.micro_batch_size if micro_batch_size is None else micro_batch_size
         for mb in batch.split(mbs):
             with self.autocast():
-                outs.append(fn(self.model, mb.to(self.device)))
+                outs.append(self._apply(fn, mb.to(self.device)))
         self.model.train(was_training)
         return _concat(outs)
 
