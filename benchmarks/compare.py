@@ -192,7 +192,7 @@ def phases_text(runs: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether bench", description=__doc__.strip().splitlines()[0])
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,rm,dpo,rl")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs per library and stage")
+    p.add_argument("--repeats", type=int, default=None, help="alternating runs per library and stage (default 3; 1 with --quick)")
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32,bf16")
     p.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the harness")
     p.add_argument("--tether-only", action="store_true", help="do not run TRL even if it is installed")
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
-    repeats = 1 if args.quick and args.repeats == 3 else args.repeats
+    repeats = args.repeats or (1 if args.quick else 3)
     w = Workload().quick() if args.quick else Workload()
     with_trl = have_trl() and not args.tether_only
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
