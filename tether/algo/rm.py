@@ -30,6 +30,7 @@ from tether.track import Tracker
 class RMConfig(RunConfig):
     use_margin: bool = doc(False, "subtract each pair's `margin` field inside the sigmoid (Llama 2's margin term)")
     center_coef: float = doc(0.0, "auxiliary coef * (r_c + r_r)^2 that keeps scores centred at 0 (0 = off)")
+    keep_best: bool = doc(False, "keep the weights of the evaluation (every eval_every steps) with the best held-out accuracy (early stopping)")
 
     def validate(self, p: str = "") -> None:
         super().validate(p)
@@ -104,6 +105,7 @@ def train(cfg: RMConfig) -> dict:
     tracker.event(f"rm: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, {report.truncated} truncated")
 
     metrics: dict[str, float] = {}
+    best: tuple[float, float, int, dict] | None = None  # (accuracy, -loss, step, weights)
     while step < steps:
         t0 = time.perf_counter()
         batch = collate_pairs([train_items[i] for i in sampler.next()], pad)
@@ -115,10 +117,20 @@ def train(cfg: RMConfig) -> dict:
         metrics |= {"speed/pairs_per_s": len(batch) / dt, "speed/tokens_per_s": tokens / dt}
         if eval_items and should(cfg.eval_every, step, steps):
             metrics |= pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval")
+            if cfg.keep_best:
+                key = (metrics["eval/accuracy"], -metrics["eval/loss"])
+                if best is None or key > best[:2]:
+                    sd = engine.unwrapped_model().state_dict()
+                    best = (*key, step, {k: v.detach().clone() for k, v in sd.items()})
         tracker.log(step, metrics, force=step == steps)
         if should(cfg.save_every, step, steps):
             ckpt.save(step, {"reward_model": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
 
+    if best is not None and best[2] != step:
+        engine.unwrapped_model().load_state_dict(best[3])
+        tracker.event(f"rm: keeping the weights of step {best[2]} (held-out accuracy {best[0]:.4f}), not of step {step}")
+    best_step = best[2] if best is not None else step
+    best = None
     # Normalisation statistics over every training response (chosen and rejected).
     rc, rr = score_pairs(engine, train_items, pad, cfg.eval_batch_size)
     all_scores = torch.cat([rc, rr])
@@ -127,7 +139,7 @@ def train(cfg: RMConfig) -> dict:
     tracker.close()
     save_model_folder(engine.unwrapped_model(), out / "final", tok)
     save_reward_stats(out / "final", float(all_scores.mean()), float(all_scores.std().clamp(min=1e-6)), {"n": len(all_scores)})
-    summary = {"stage": "rm", "steps": step, **final}
+    summary = {"stage": "rm", "steps": step, "best_step": best_step, **final}
     write_summary(out, summary)
     tracker.event("rm: " + "  ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.endswith("pairs")))
     return summary
