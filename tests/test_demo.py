@@ -129,11 +129,12 @@ def test_second_pretrain_is_cached(quick_run):
 
     from tether.algo.pretrain import PretrainConfig, train
     from tether.config import load_config
-    from tether.demo import QUICK
+    from tether.demo import QUICK, DemoConfig
 
     pre = json.loads((quick_run / "pretrain" / "summary.json").read_text())
     keys = [o.split(".", 1)[1] for o in QUICK if o.startswith("pretrain.")]
-    cfg = load_config(PretrainConfig, None, keys + ["engine.device=cpu", "engine.threads=2", "engine.precision=fp32"])
+    # the demo's precision (it sets the pretraining engine's; the cache key depends on it)
+    cfg = load_config(PretrainConfig, None, keys + ["engine.device=cpu", "engine.threads=2", f"engine.precision={DemoConfig().precision}"])
     t = time.perf_counter()
     res = train(cfg)
     assert res["cached"] and res["model"] == pre["model"]

@@ -314,9 +314,15 @@ def plots(demo, metrics: dict) -> list[tuple[str, str]]:
         lk = next(k for k in rm_m[0] if k.startswith("loss/"))
         axes[1, 0].plot([r["step"] for r in rm_m if lk in r], [r[lk] for r in rm_m if lk in r], color="tab:gray", alpha=0.6, label=f"RM train {lk}")
         acc = [(r["step"], r["rm/accuracy"]) for r in rm_m if "rm/accuracy" in r]
+        held = [(r["step"], r["eval/accuracy"]) for r in rm_m if "eval/accuracy" in r and "train/accuracy" not in r]
         if acc:
             ax2 = axes[1, 0].twinx()
-            ax2.plot(*zip(*acc), color="tab:green", alpha=0.6, label="train batch accuracy")
+            ax2.plot(*zip(*acc), color="tab:green", alpha=0.4, label="train batch accuracy")
+            if held:
+                ax2.plot(*zip(*held), "o-", color="tab:olive", label="held-out accuracy (annotator labels)")
+                best = json.loads((demo.d("rm") / "summary.json").read_text()).get("best_step")
+                if best:
+                    ax2.axvline(best, color="tab:olive", ls=":", lw=1, label=f"kept weights (step {best})")
             ax2.set_ylim(0, 1)
             ax2.set_ylabel("accuracy")
             ax2.legend(fontsize=8, loc="lower right")

@@ -154,7 +154,7 @@ class PretrainConfig:
     n_embd: int = doc(128, "hidden width")
     dropout: float = doc(0.0, "dropout in the model (0 for short runs that never see the data twice)")
     max_steps: int = doc(600, "optimizer steps")
-    batch_size: int = doc(16, "blocks per optimizer step")
+    batch_size: int = doc(32, "blocks per optimizer step")
     eval_blocks: int = doc(64, "held-out blocks for the final eval loss")
     seed: int = doc(0, "random seed")
     out: str = doc("", "also copy the finished model folder here (empty = only the cache)")
