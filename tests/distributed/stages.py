@@ -1,7 +1,7 @@
 """Run several tether stages in one process (one torchrun launch pays the start-up cost once).
 
-    python tests/dist/stages.py SPEC.json                                   # one process
-    torchrun --standalone --nproc_per_node=2 tests/dist/stages.py SPEC.json # two, gloo
+    python tests/distributed/stages.py SPEC.json                                   # one process
+    torchrun --standalone --nproc_per_node=2 tests/distributed/stages.py SPEC.json # two, gloo
 
 SPEC.json: a list of [stage, [key=value, ...]]. Every rank runs every stage in order.
 """

@@ -41,7 +41,7 @@ def _specs(d: Path, backend: str) -> list:
 def _launch(d: Path, backend: str) -> float:
     spec = d / f"{backend}.json"
     spec.write_text(json.dumps(_specs(d, backend)))
-    script = str(REPO / "tests" / "dist" / "stages.py")
+    script = str(REPO / "tests" / "distributed" / "stages.py")
     if backend == "local":
         cmd = [sys.executable, script, str(spec)]
     else:
