@@ -30,11 +30,13 @@ from tether.track import Tracker
 class RMConfig(RunConfig):
     use_margin: bool = doc(False, "subtract each pair's `margin` field inside the sigmoid (Llama 2's margin term)")
     center_coef: float = doc(0.0, "auxiliary coef * (r_c + r_r)^2 that keeps scores centred at 0 (0 = off)")
+    stats_pairs: int = doc(1024, "training pairs scored after training for the reward mean/std (and train/* metrics); 0 = all")
     keep_best: bool = doc(False, "keep the weights of the evaluation (every eval_every steps) with the best held-out accuracy (early stopping)")
 
     def validate(self, p: str = "") -> None:
         super().validate(p)
         check(self.center_coef >= 0, f"{p}center_coef", "must be >= 0")
+        check(self.stats_pairs >= 0, f"{p}stats_pairs", "must be >= 0")
 
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +133,13 @@ def train(cfg: RMConfig) -> dict:
         tracker.event(f"rm: keeping the weights of step {best[2]} (held-out accuracy {best[0]:.4f}), not of step {step}")
     best_step = best[2] if best is not None else step
     best = None
-    # Normalisation statistics over every training response (chosen and rejected).
-    rc, rr = score_pairs(engine, train_items, pad, cfg.eval_batch_size)
+    # Normalisation statistics over the training responses (chosen and rejected); a seeded sample of
+    # stats_pairs pairs is enough for a mean and a std and keeps this cheap for large models and sets.
+    stats_items = train_items
+    if 0 < cfg.stats_pairs < len(train_items):
+        g = torch.Generator().manual_seed(cfg.seed)
+        stats_items = [train_items[i] for i in torch.randperm(len(train_items), generator=g)[: cfg.stats_pairs].tolist()]
+    rc, rr = score_pairs(engine, stats_items, pad, cfg.eval_batch_size)
     all_scores = torch.cat([rc, rr])
     final = pair_metrics(rc, rr, "train") | (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval") if eval_items else {})
     tracker.log(step, final, force=True)
