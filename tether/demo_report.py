@@ -351,7 +351,7 @@ def plots(demo, metrics: dict) -> list[tuple[str, str]]:
     fig.tight_layout()
     fig.savefig(pdir / "training.png", dpi=120)
     plt.close(fig)
-    made.append(("training.png", "Training curves: PPO's reward-model score and KL per iteration, the reward model's loss, DPO's loss."))
+    made.append(("training.png", "Training curves: PPO's reward-model score and KL per iteration; the reward model's loss, batch accuracy and held-out accuracy on the annotators' labels (dotted line: the step whose weights were kept); DPO's loss and reward margin."))
 
     # 4. Win rates
     fin = [e for e in pol if e["kind"] != "sft" and (e.get("final") or e["kind"] == "bon")]
