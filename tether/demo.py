@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.algo.pretrain import PretrainConfig, is_held_out, read_reviews
-from tether.config import ConfigError, check, doc, load_config, save_config, sub, to_dict
+from tether.config import ConfigError, check, doc, load_config, save_config, sub
 from tether.judges.annotators import AnnotatorConfig
 
 STAGES = ("pretrain", "sft", "sample", "annotate", "rm", "ppo", "dpo", "bon", "eval", "report")

@@ -46,6 +46,20 @@ def load_train_eval(loader: Callable, cfg) -> tuple[list, list, Any]:
     return train, held_out, report
 
 
+def load_tokenized(cfg, load: Callable, tokenize: Callable) -> tuple[Any, list, list, Any, int, int]:
+    """The data head every offline stage shares: tokenizer, train/eval records tokenised (bad records
+    and truncation counted in the report), the pad id and the number of optimizer steps.
+    Returns (tokenizer, train_items, eval_items, report, pad, steps)."""
+    from tether.data import pad_id
+    from tether.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    train, held_out, report = load_train_eval(load, cfg)
+    train_items = tokenize(train, tok, cfg.data, report)
+    eval_items = tokenize(held_out, tok, cfg.data) if held_out else []
+    return tok, train_items, eval_items, report, pad_id(tok), total_steps(cfg, len(train_items))
+
+
 def total_steps(cfg, n_train: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps

@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tether.algo.common import disable_dropout, load_train_eval, should, start_run, total_steps, write_summary
+from tether.algo.common import disable_dropout, load_tokenized, should, start_run, write_summary
 from tether.checkpoint import atomic_torch_save, save_model_folder
 from tether.config import RunConfig, check, cli_main, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import DPOLoss, dpo_loss
-from tether.models import causal_logprobs, load_causal_lm, load_tokenizer
+from tether.models import causal_logprobs, load_causal_lm
 from tether.track import Tracker
 
 REF_CACHE = "ref_logps.pt"
@@ -127,16 +127,11 @@ def evaluate(engine, items, ref: torch.Tensor, pad: int, cfg: DPOConfig, prefix:
 
 
 def train(cfg: DPOConfig) -> dict:
-    from tether.data import load_preferences, pad_id, tokenize_pairs
+    from tether.data import load_preferences, tokenize_pairs
     from tether.data.loader import BatchSampler
 
     out, ckpt = start_run(cfg, "dpo")
-    tok = load_tokenizer(cfg.model)
-    train_pairs, eval_pairs, report = load_train_eval(load_preferences, cfg)
-    train_items = tokenize_pairs(train_pairs, tok, cfg.data, report)
-    eval_items = tokenize_pairs(eval_pairs, tok, cfg.data) if eval_pairs else []
-    pad = pad_id(tok)
-    steps = total_steps(cfg, len(train_items))
+    tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
 
     model = load_causal_lm(cfg.model)
     disable_dropout(model)

@@ -28,7 +28,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor

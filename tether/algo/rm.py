@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tether.algo.common import disable_dropout, load_train_eval, should, start_run, total_steps, write_summary
+from tether.algo.common import disable_dropout, load_tokenized, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import RunConfig, check, cli_main, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import bradley_terry_loss
-from tether.models import load_scalar_model, load_tokenizer, save_reward_stats, sequence_scores
+from tether.models import load_scalar_model, save_reward_stats, sequence_scores
 from tether.track import Tracker
 
 
@@ -83,16 +83,11 @@ def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str) -> dict[str, f
 
 
 def train(cfg: RMConfig) -> dict:
-    from tether.data import collate_pairs, load_preferences, pad_id, tokenize_pairs
+    from tether.data import collate_pairs, load_preferences, tokenize_pairs
     from tether.data.loader import BatchSampler
 
     out, ckpt = start_run(cfg, "rm")
-    tok = load_tokenizer(cfg.model)
-    train_pairs, eval_pairs, report = load_train_eval(load_preferences, cfg)
-    train_items = tokenize_pairs(train_pairs, tok, cfg.data, report)
-    eval_items = tokenize_pairs(eval_pairs, tok, cfg.data) if eval_pairs else []
-    pad = pad_id(tok)
-    steps = total_steps(cfg, len(train_items))
+    tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
 
     model = load_scalar_model(cfg.model, pad_token_id=pad)
     disable_dropout(model)

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.algo.common import load_train_eval, should, start_run, total_steps, write_summary
+from tether.algo.common import load_tokenized, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import RunConfig, cli_main, to_dict
 from tether.engine import make_engine
 from tether.losses import sft_loss
-from tether.models import causal_logprobs, load_causal_lm, load_tokenizer
+from tether.models import causal_logprobs, load_causal_lm
 from tether.track import Tracker
 
 
@@ -63,16 +63,11 @@ def evaluate(engine, items, pad: int, cfg) -> dict[str, float]:
 
 
 def train(cfg: SFTConfig) -> dict:
-    from tether.data import collate_sft, load_sft, pad_id, tokenize_sft
+    from tether.data import collate_sft, load_sft, tokenize_sft
     from tether.data.loader import BatchSampler
 
     out, ckpt = start_run(cfg, "sft")
-    tok = load_tokenizer(cfg.model)
-    train_ex, eval_ex, report = load_train_eval(load_sft, cfg)
-    train_items = tokenize_sft(train_ex, tok, cfg.data, report)
-    eval_items = tokenize_sft(eval_ex, tok, cfg.data) if eval_ex else []
-    pad = pad_id(tok)
-    steps = total_steps(cfg, len(train_items))
+    tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_sft, tokenize_sft)
 
     model = load_causal_lm(cfg.model)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
