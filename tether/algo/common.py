@@ -60,6 +60,20 @@ def load_tokenized(cfg, load: Callable, tokenize: Callable) -> tuple[Any, list, 
     return tok, train_items, eval_items, report, pad_id(tok), total_steps(cfg, len(train_items))
 
 
+def sampler_and_step(cfg, ckpt, engines: dict, n_train: int) -> tuple[Any, int, dict]:
+    """The seeded batch sampler and the step to start from: 0, or with `resume` the latest
+    checkpoint's step, its weights/optimizer/RNG restored into `engines` and the sampler's position.
+    Returns (sampler, step, loop state saved with the checkpoint ({} when starting fresh))."""
+    from tether.data.loader import BatchSampler
+
+    sampler = BatchSampler(n_train, cfg.batch_size, cfg.seed, cfg.data.shuffle)
+    if not (cfg.resume and ckpt.latest() is not None):
+        return sampler, 0, {}
+    state = ckpt.load(engines)
+    sampler.load_state_dict(state["sampler"])
+    return sampler, state["step"], state
+
+
 def total_steps(cfg, n_train: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tether.algo.common import disable_dropout, load_tokenized, should, start_run, write_summary
+from tether.algo.common import disable_dropout, load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import atomic_torch_save, save_model_folder
 from tether.config import RunConfig, check, cli_main, doc, to_dict
 from tether.engine import make_engine
@@ -128,7 +128,6 @@ def evaluate(engine, items, ref: torch.Tensor, pad: int, cfg: DPOConfig, prefix:
 
 def train(cfg: DPOConfig) -> dict:
     from tether.data import load_preferences, tokenize_pairs
-    from tether.data.loader import BatchSampler
 
     out, ckpt = start_run(cfg, "dpo")
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
@@ -161,12 +160,7 @@ def train(cfg: DPOConfig) -> dict:
         atomic_torch_save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
     ref_seconds = time.perf_counter() - t
 
-    sampler = BatchSampler(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle)
-    step = 0
-    if cfg.resume and ckpt.latest() is not None:
-        state = ckpt.load({"policy": engine})
-        step = state["step"]
-        sampler.load_state_dict(state["sampler"])
+    sampler, step, _ = sampler_and_step(cfg, ckpt, {"policy": engine}, len(train_items))
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "dpo", resume=cfg.resume)
     tracker.event(f"dpo: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, loss={cfg.loss} beta={cfg.beta}, "
                   f"reference logprobs in {ref_seconds:.1f}s, {report.truncated} truncated")

@@ -43,7 +43,7 @@ from tether.advantages import (
     kl_shaped_rewards,
     whiten_advantages,
 )
-from tether.algo.common import disable_dropout, start_run, total_steps, write_summary
+from tether.algo.common import disable_dropout, sampler_and_step, start_run, total_steps, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import ConfigError, RunConfig, check, cli_main, doc, sub, to_dict
 from tether.engine import make_engine
@@ -390,7 +390,6 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 def train(cfg: PPOConfig) -> dict:
     from tether.data import collate_prompts, load_prompts, pad_id, prompt_text, tokenize_prompts
-    from tether.data.loader import BatchSampler
     from tether.rewards import load_reward_fn
 
     out, ckpt = start_run(cfg, "ppo")
@@ -434,13 +433,10 @@ def train(cfg: PPOConfig) -> dict:
     rollout = rollout_class(cfg.rollout.backend)(policy.unwrapped_model(), tok, policy.device, getattr(policy, "autocast_dtype", None))
 
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.coef)
-    sampler = BatchSampler(len(prompt_ids), cfg.batch_size, cfg.seed, cfg.data.shuffle)
     engines = {"policy": policy} | ({"value": critic} if critic is not None else {})
-    step, rollbacks, first_reward = 0, 0, None
-    if cfg.resume and ckpt.latest() is not None:
-        state = ckpt.load(engines)
-        step, rollbacks, first_reward = state["step"], state["rollbacks"], state["first_reward"]
-        sampler.load_state_dict(state["sampler"])
+    sampler, step, state = sampler_and_step(cfg, ckpt, engines, len(prompt_ids))
+    rollbacks, first_reward = state.get("rollbacks", 0), state.get("first_reward")
+    if state:
         kl_ctl.load_state_dict(state["kl_controller"])
         rollout.update_weights(policy.named_parameters())
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "ppo", resume=cfg.resume)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tether.algo.common import disable_dropout, load_tokenized, should, start_run, write_summary
+from tether.algo.common import disable_dropout, load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import RunConfig, check, cli_main, doc, to_dict
 from tether.engine import make_engine
@@ -84,7 +84,6 @@ def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str) -> dict[str, f
 
 def train(cfg: RMConfig) -> dict:
     from tether.data import collate_pairs, load_preferences, tokenize_pairs
-    from tether.data.loader import BatchSampler
 
     out, ckpt = start_run(cfg, "rm")
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
@@ -92,12 +91,7 @@ def train(cfg: RMConfig) -> dict:
     model = load_scalar_model(cfg.model, pad_token_id=pad)
     disable_dropout(model)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
-    sampler = BatchSampler(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle)
-    step = 0
-    if cfg.resume and ckpt.latest() is not None:
-        state = ckpt.load({"reward_model": engine})
-        step = state["step"]
-        sampler.load_state_dict(state["sampler"])
+    sampler, step, _ = sampler_and_step(cfg, ckpt, {"reward_model": engine}, len(train_items))
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "rm", resume=cfg.resume)
     tracker.event(f"rm: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, {report.truncated} truncated")
 

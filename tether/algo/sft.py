@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.algo.common import load_tokenized, should, start_run, write_summary
+from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import RunConfig, cli_main, to_dict
 from tether.engine import make_engine
@@ -64,19 +64,13 @@ def evaluate(engine, items, pad: int, cfg) -> dict[str, float]:
 
 def train(cfg: SFTConfig) -> dict:
     from tether.data import collate_sft, load_sft, tokenize_sft
-    from tether.data.loader import BatchSampler
 
     out, ckpt = start_run(cfg, "sft")
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_sft, tokenize_sft)
 
     model = load_causal_lm(cfg.model)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
-    sampler = BatchSampler(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle)
-    step = 0
-    if cfg.resume and ckpt.latest() is not None:
-        state = ckpt.load({"policy": engine})
-        step = state["step"]
-        sampler.load_state_dict(state["sampler"])
+    sampler, step, _ = sampler_and_step(cfg, ckpt, {"policy": engine}, len(train_items))
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "sft", resume=cfg.resume)
     tracker.event(f"sft: {len(train_items)} train / {len(eval_items)} eval examples, {steps} steps, {report.truncated} truncated")
 
