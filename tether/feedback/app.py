@@ -227,12 +227,16 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return resp
 
-    @app.post("/logout")
-    def logout(auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
+    def end_session(auth: Auth) -> None:
+        """Delete the server-side session row (both logout routes)."""
         with database.write() as s:
             row = s.get(LoginSession, auth.session_id)
             if row is not None:
                 s.delete(row)
+
+    @app.post("/logout")
+    def logout(auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
+        end_session(auth)
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
         return resp
@@ -257,10 +261,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
     @app.post("/api/logout")
     def api_logout(auth: Annotated[Auth, Depends(csrf_auth_json)]) -> dict:
-        with database.write() as s:
-            row = s.get(LoginSession, auth.session_id)
-            if row is not None:
-                s.delete(row)
+        end_session(auth)
         return {"ok": True}
 
     # ------------------------------------------------------------ annotator pages
