@@ -183,6 +183,23 @@ def test_resume_equivalence(tiny_gpt2, tmp_path):
             assert torch.equal(wa[k], wb[k]), (name, k)
 
 
+def test_reused_sampler_logprobs_equal_a_recomputed_pass(tiny_gpt2, tmp_path):
+    """float32, untruncated sampling: the sampler's logprobs and entropy are the old-policy pass's, so
+    skipping that pass changes nothing but rounding; with top-k the pass runs (the sampled distribution
+    is not the policy's)."""
+    common = ["max_steps=3", "ppo.epochs=2", "batch_size=8", "rollout.top_k=0", "rollout.top_p=1.0", "rollout.temperature=0.8"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "reuse", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "pass", *common, "rollout.reuse_logprobs=off"))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "topk", "max_steps=1", "batch_size=8", "rollout.top_k=5"))
+    a, b = read_metrics(tmp_path / "reuse" / "run"), read_metrics(tmp_path / "pass" / "run")
+    assert [r["rollout/logprobs_reused"] for r in a] == [1.0] * 3 and [r["rollout/logprobs_reused"] for r in b] == [0.0] * 3
+    assert all(r["rollout/logprob_drift"] < 1e-5 for r in b)
+    for key in ("objective/kl", "policy/entropy", "loss/policy", "loss/value", "rewards/raw_mean", "policy/approx_kl"):
+        for ra, rb in zip(a, b):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-3, abs=1e-5), key
+    assert read_metrics(tmp_path / "topk" / "run")[0]["rollout/logprobs_reused"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Group baselines, reward models, config errors
 

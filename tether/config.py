@@ -120,6 +120,7 @@ class EngineConfig:
     micro_batch_size: int = doc(0, "split each batch into micro-batches of this size with gradient accumulation (0 = whole batch)")
     threads: int = doc(0, "torch CPU threads (0 = torch default)")
     gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
+    padding_free: Literal["auto", "on", "off"] = doc("auto", "pack each batch into one row without padding, a pair's or a prompt's rows sharing the prompt (tether.packing); auto = on for CPU")
     lora: LoRAConfig = sub(LoRAConfig, "LoRA adapters (PEFT) instead of full fine-tuning")
     ray: RayConfig = sub(RayConfig, "Ray placement when backend=ray")
 
@@ -196,6 +197,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:  # YAML 1.1 reads on/off/yes/no as booleans
+            value = next((a for a in args if isinstance(a, str) and a.lower() in (("on", "yes", "true") if value else ("off", "no", "false"))), value)
         if value not in args:
             raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tether.losses import entropy_from_logits, token_logprobs
+from tether.packing import pack_padded, packed_hidden, packing_enabled
 
 RM_STATS_FILE = "tether_reward.json"
 
@@ -154,21 +155,34 @@ def _inputs(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tens
     return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
 
 
-def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-    """The score head at every position: [B, T] -> [B, T] float32 (the critic's V_t)."""
+def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, groups: list | None = None) -> Tensor:
+    """The score head at every position: [B, T] -> [B, T] float32 (the critic's V_t; 0 at padding when packed).
+
+    groups: rows with equal keys share their common prefix in a packed pass (tether.packing)."""
+    if position_ids is None and packing_enabled(model):
+        pb = pack_padded(input_ids, attention_mask, groups)
+        v = score_head(model)(packed_hidden(backbone(model), pb)).squeeze(-1).float()  # [N]
+        return torch.where(pb.index >= 0, v[pb.index.clamp(min=0)], torch.zeros((), dtype=v.dtype, device=v.device))
     hidden = backbone(model)(**_inputs(input_ids, attention_mask, position_ids), use_cache=False).last_hidden_state
     return score_head(model)(hidden).squeeze(-1).float()
 
 
-def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, groups: list | None = None) -> Tensor:
     """Reward: the score head on the hidden state of the last non-padding token. [B, T] -> [B].
 
     Works for right padding, left padding and both (rollouts): the last 1 of the attention mask.
+    groups: rows with equal keys (a pair's chosen and rejected, one prompt's samples) share their common
+    prefix in a packed pass (tether.packing).
     """
-    hidden = backbone(model)(**_inputs(input_ids, attention_mask, None), use_cache=False).last_hidden_state
     T = attention_mask.shape[1]
     last = (T - 1) - attention_mask.flip(-1).long().argmax(-1)  # [B]
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if packing_enabled(model):
+        pb = pack_padded(input_ids, attention_mask, groups)
+        h = packed_hidden(backbone(model), pb)[pb.index[rows, last]]  # [B, H]
+    else:
+        hidden = backbone(model)(**_inputs(input_ids, attention_mask, None), use_cache=False).last_hidden_state
+        h = hidden[rows, last]  # [B, H]
     return score_head(model)(h).squeeze(-1).float()
 
 
@@ -181,6 +195,7 @@ def causal_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     targets: Tensor | None = None,
+    groups: list | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of each token given its prefix.
 
@@ -192,7 +207,13 @@ def causal_logprobs(
     num_response = R > 0: only the last R tokens, [B, R] (the response of a rollout); the model then
     computes logits for the last R+1 positions only (`logits_to_keep`), which saves the [B, T, V]
     projection over the prompt.
+
+    On a packing-enabled model (tether.packing) the rows are packed without padding, rows with equal
+    `groups` keys sharing their common prefix, and the head runs on real scored tokens only; columns of
+    padding are then 0 (entropy too).
     """
+    if position_ids is None and packing_enabled(model) and _plain_head(model):
+        return _packed_logprobs(model, input_ids, attention_mask, num_response, temperature, with_entropy, targets, groups)
     kwargs = _inputs(input_ids, attention_mask, position_ids)
     if targets is not None and num_response == 0 and not with_entropy and _plain_head(model):
         hidden = backbone(model)(**kwargs, use_cache=False).last_hidden_state  # [B, T, H]
@@ -212,6 +233,27 @@ def causal_logprobs(
     ent = None
     if with_entropy:
         ent = entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
+    if num_response == 0:
+        lp = torch.nn.functional.pad(lp, (1, 0))
+        ent = torch.nn.functional.pad(ent, (1, 0)) if ent is not None else None
+    return lp, ent
+
+
+def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature, with_entropy, targets, groups):
+    pb = pack_padded(input_ids, attention_mask, groups)
+    hidden = packed_hidden(backbone(model), pb)  # [N, H]
+    K = num_response if num_response > 0 else input_ids.shape[1] - 1  # scored columns: the last K
+    pred = pb.index[:, -K - 1 : -1]  # [B, K] packed position of the token that predicts each scored one
+    sel = (pb.index[:, -K:] >= 0) & (pred >= 0)  # real token with a real predecessor
+    if targets is not None and num_response == 0:
+        sel = sel & (targets[:, -K:] != 0)
+    logits = model.get_output_embeddings()(hidden[pred[sel]])  # [n, V]
+    lp_sel = token_logprobs(logits[None], input_ids[:, -K:][sel][None], temperature)[0]  # [n]
+    lp = torch.zeros(sel.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(sel, lp_sel)  # [B, K]
+    ent = None
+    if with_entropy:
+        e = entropy_from_logits((logits / temperature if temperature != 1.0 else logits)[None])[0]
+        ent = torch.zeros(sel.shape, dtype=e.dtype, device=e.device).masked_scatter(sel, e)
     if num_response == 0:
         lp = torch.nn.functional.pad(lp, (1, 0))
         ent = torch.nn.functional.pad(ent, (1, 0)) if ent is not None else None

@@ -125,6 +125,7 @@ class RolloutBatch(Batch):
     prompts: list[str] = field(default_factory=list)  # B
     responses: list[str] = field(default_factory=list)  # B decoded responses (EOS and padding removed)
     finished: Tensor | None = None  # [B] bool, True where the response ended with EOS
+    entropy: Tensor | None = None  # [B, R] float, entropy of the sampling distribution at each step (when the sampler has it)
 
 
 @dataclass

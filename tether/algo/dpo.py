@@ -59,11 +59,11 @@ def pair_logps(model, batch, length_normalised: bool = False) -> tuple[torch.Ten
     attn = torch.cat([F.pad(batch.chosen_attention_mask, (0, T - Tc)), F.pad(batch.rejected_attention_mask, (0, T - Tr))])
     mask = torch.cat([F.pad(batch.chosen_loss_mask, (0, T - Tc)), F.pad(batch.rejected_loss_mask, (0, T - Tr))])
     # targets: the LM head runs on response tokens only; [2B, T], column t = log p(x_t | x_<t)
-    lp, _ = causal_logprobs(model, ids, attn, targets=mask)
+    B = batch.chosen_input_ids.shape[0]
+    lp, _ = causal_logprobs(model, ids, attn, targets=mask, groups=list(range(B)) * 2)  # packed: a pair's prompt once
     seq = (lp * mask).sum(-1)
     if length_normalised:
         seq = seq / mask.sum(-1).clamp(min=1)
-    B = batch.chosen_input_ids.shape[0]
     return seq[:B], seq[B:]
 
 

@@ -49,6 +49,7 @@ from tether.config import ConfigError, RunConfig, check, cli_main, doc, sub, to_
 from tether.engine import make_engine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
+from tether.packing import prompt_groups
 from tether.rollout import SamplingConfig, rollout_class
 from tether.rollout.hf import eos_ids
 from tether.track import Tracker
@@ -81,6 +82,7 @@ class RewardConfig:
 @dataclass(frozen=True)
 class RolloutConfig(SamplingConfig):
     backend: str = doc("hf", "sampler: hf (model.generate with the KV cache) or vllm")
+    reuse_logprobs: Literal["auto", "off"] = doc("auto", "auto: take the old-policy logprobs and entropy from the sampler when they are exact (the hf sampler, float32, no top-p/top-k/min_new_tokens), skipping a forward pass; off: always recompute")
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ class Scorer:
             ids = [[t for t in row if t not in self.eos] for row in ids]
             return torch.tensor(call_reward_fn(self.fn, ro.prompts, ro.responses, ids, self.cfg.kwargs), dtype=torch.float)
         batch = ro if self.rm_tok is None else self._retokenize(ro)
-        return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask)).float().cpu()
+        return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, _groups(b))).float().cpu()
 
     def _retokenize(self, ro: RolloutBatch) -> RolloutBatch:
         """The reward model has its own tokenizer: decode prompt+response and encode them again."""
@@ -223,9 +225,14 @@ class Scorer:
 # One iteration's experience
 
 
-def _values(model, seq: Tensor, attn: Tensor, R: int) -> Tensor:
+def _groups(b) -> list:
+    """Rows with the same prompt (a prompt's samples): packed passes compute the prompt once."""
+    return prompt_groups(b.sequences, b.attention_mask, b.prompt_length)
+
+
+def _values(model, b, R: int) -> Tensor:
     """V(s_t) for each response token t: the head on the hidden state that predicts token t. -> [B, R]"""
-    return scalar_values(model, seq, attn)[:, -R - 1 : -1]
+    return scalar_values(model, b.sequences, b.attention_mask, groups=_groups(b))[:, -R - 1 : -1]
 
 
 @torch.no_grad()
@@ -245,12 +252,19 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     mask = ro.response_mask  # [B, R]
     R = mask.shape[1]
     temp = cfg.rollout.temperature or 1.0
-    # Logprobs at the sampling temperature: the policy being optimised is the one that sampled.
-    logprobs, entropy = policy.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=True))
-    ref_logprobs, _ = ref.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp))
+    # Logprobs at the sampling temperature: the policy being optimised is the one that sampled. When the
+    # sampler's own logprobs are exactly that (same module, float32, untruncated distribution) the pass
+    # is skipped, as TRL does with num_iterations=1; otherwise the trainer recomputes them.
+    reuse = (cfg.rollout.reuse_logprobs == "auto" and ro.entropy is not None
+             and getattr(rollout, "exact_logprobs", lambda s: False)(cfg.rollout))
+    if reuse:
+        logprobs, entropy = ro.logprobs, ro.entropy
+    else:
+        logprobs, entropy = policy.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=True, groups=_groups(b)))
+    ref_logprobs, _ = ref.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=_groups(b)))
     logprobs, entropy, ref_logprobs = logprobs.cpu() * mask, entropy.cpu(), ref_logprobs.cpu() * mask
     if critic is not None:
-        values = critic.forward(ro, lambda m, b: _values(m, b.sequences, b.attention_mask, R)).float().cpu() * mask
+        values = critic.forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask
     else:
         values = torch.zeros_like(logprobs)
     timing["timing/forward"] = time.perf_counter() - t
@@ -279,12 +293,14 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         "objective/non_score_reward": float(non_score.sum(-1).mean()),
         "objective/total_reward": float(rewards.sum(-1).mean()),
         "policy/entropy": float(masked_mean(entropy, mask)),
-        "rollout/logprob_drift": float(masked_mean((ro.logprobs.cpu() - logprobs).abs(), mask)),
+        "rollout/logprobs_reused": float(reuse),
         "response/length_mean": float(lengths.mean()),
         "response/hit_max_fraction": float(((lengths >= cfg.rollout.max_new_tokens) & ~finished).float().mean()),
         "response/eos_fraction": float(finished.float().mean()),
         "speed/gen_tokens_per_s": float(lengths.sum()) / max(timing["timing/rollout"], 1e-9),
     } | timing
+    if not reuse:  # sampler vs trainer logprobs of the same tokens (0 up to rounding for the hf sampler)
+        metrics["rollout/logprob_drift"] = float(masked_mean((ro.logprobs.cpu() - logprobs).abs(), mask))
     if critic is not None:
         metrics["value/explained_variance"] = float(explained_variance(values, returns, mask))
         metrics["value/mean"] = float(masked_mean(values, mask))
@@ -306,7 +322,7 @@ def policy_loss_fn(cfg: PPOConfig, num_tokens: float, poison: bool = False):
 
     def loss_fn(model, mb: Experience):
         R = mb.response_mask.shape[1]
-        new_logprobs, ent = causal_logprobs(model, mb.sequences, mb.attention_mask, num_response=R, temperature=temp, with_entropy=coef > 0)
+        new_logprobs, ent = causal_logprobs(model, mb.sequences, mb.attention_mask, num_response=R, temperature=temp, with_entropy=coef > 0, groups=_groups(mb))
         loss, metrics = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, num_tokens, cfg.ppo.clip)
         if coef > 0:
             bonus, m = entropy_bonus(ent, mb.response_mask, num_tokens, coef)
@@ -324,7 +340,7 @@ def value_loss_fn(cfg: PPOConfig, num_tokens: float):
 
     def loss_fn(model, mb: Experience):
         R = mb.response_mask.shape[1]
-        values = _values(model, mb.sequences, mb.attention_mask, R)
+        values = _values(model, mb, R)
         loss, metrics = value_loss(values, mb.values, mb.returns, mb.response_mask, num_tokens, cfg.ppo.value_clip)
         return cfg.ppo.vf_coef * loss, metrics
 
@@ -372,7 +388,7 @@ def kl_after_update(policy, exp: Experience, cfg: PPOConfig) -> float:
     """KL per sequence of the updated policy to the reference on the batch's tokens (k3, always >= 0)."""
     R = exp.response_mask.shape[1]
     temp = cfg.rollout.temperature or 1.0
-    lp, _ = policy.forward(exp, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp))
+    lp, _ = policy.forward(exp, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=_groups(b)))
     k3 = kl_estimate(lp.cpu(), exp.ref_logprobs, KLEstimator.K3) * exp.response_mask
     return float(k3.sum(-1).mean())
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tether.models import resolve_autocast, resolve_device
+from tether.packing import enable_packing
 from tether.types import Batch
 
 
@@ -63,6 +64,10 @@ class LocalEngine:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
+        packing = getattr(cfg, "padding_free", "off")
+        if (packing == "on" or (packing == "auto" and self.device.type == "cpu")) and not (trainable and cfg.gradient_checkpointing):
+            # padding-free, prefix-shared passes; the recomputation of gradient checkpointing runs outside them
+            enable_packing(model)
         self.autocast_dtype = resolve_autocast(cfg.precision, self.device)
         self.trainable = trainable and optim_cfg is not None
         self.optim_cfg = optim_cfg

@@ -77,9 +77,12 @@ class HFRollout:
         resp = seqs[:, P:]
         R = resp.shape[1]
         scores = torch.stack(out.scores[:R], 1).float()  # [B, R, V]
-        logprobs = torch.log_softmax(scores, -1).gather(-1, resp[..., None]).squeeze(-1)
+        logp = torch.log_softmax(scores, -1)
+        logprobs = logp.gather(-1, resp[..., None]).squeeze(-1)
+        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # [B, R]
         resp_mask, finished = response_mask_from_tokens(resp, self.eos, sampling.stop_at_eos)
         logprobs = torch.where(resp_mask.bool(), logprobs, torch.zeros_like(logprobs))
+        entropy = torch.where(resp_mask.bool(), entropy, torch.zeros_like(entropy))
         attn = torch.cat([mask, resp_mask.long()], 1)
         texts = []
         for row, m in zip(resp.tolist(), resp_mask.tolist()):
@@ -87,8 +90,15 @@ class HFRollout:
             texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
         return RolloutBatch(
             sequences=seqs, attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
-            prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished,
+            prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished, entropy=entropy,
         )
+
+    def exact_logprobs(self, sampling: SamplingConfig) -> bool:
+        """True when the returned logprobs (and entropy) are what a float32 forward pass of the policy at the
+        sampling temperature gives: this sampler runs the policy module itself, in float32, and nothing
+        reshapes the distribution (no top-p, top-k or min_new_tokens). PPO then skips its old-policy pass."""
+        return (self.autocast_dtype is None and sampling.temperature > 0 and sampling.top_p >= 1.0
+                and sampling.top_k == 0 and sampling.min_new_tokens == 0)
 
     def update_weights(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """The rollout shares the policy's module: weights are already current."""

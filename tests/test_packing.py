@@ -1,0 +1,175 @@
+"""Padding-free, prefix-shared passes (tether.packing) give the padded passes' numbers and gradients."""
+
+import pytest
+import torch
+
+
+def test_pack_layout_by_hand():
+    from tether.packing import pack
+
+    # a pair: prompt [1, 2], chosen [3, 4], rejected [5]; the rejected row stores only its own token
+    pb = pack([[1, 2, 3, 4], [1, 2, 5]], groups=[0, 0])
+    assert pb.input_ids.tolist() == [[1, 2, 3, 4, 5]]
+    assert pb.position_ids.tolist() == [[0, 1, 2, 3, 2]]
+    assert pb.index.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1]]
+    assert pb.segments == [(0, 4, 0, 0), (4, 5, 0, 2)]
+    # identical rows: a member keeps at least its last token; other groups never share
+    pb = pack([[7, 8], [9, 8], [7, 8]], groups=["a", "b", "a"], starts=[1, 0, 1], width=3)
+    assert pb.input_ids.tolist() == [[7, 8, 8, 9, 8]]  # group a (rows 0, 2) first, then group b
+    assert pb.position_ids.tolist() == [[0, 1, 1, 0, 1]]
+    assert pb.index.tolist() == [[-1, 0, 1], [3, 4, -1], [-1, 0, 2]]
+    assert pb.segments == [(0, 2, 0, 0), (2, 3, 0, 1), (3, 5, 0, 0)]
+    # without groups nothing is shared, only padding goes
+    assert pack([[1, 2], [1, 2, 3]]).input_ids.tolist() == [[1, 2, 1, 2, 3]]
+    m = pack([[1, 2, 3, 4], [1, 2, 5, 6]], groups=[0, 0]).prefix_mask(2, 2, "cpu")
+    assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_pack_padded_rejects_holes():
+    from tether.packing import pack_padded
+
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="row 0: attention mask has holes"):
+        pack_padded(ids, torch.tensor([[1, 0, 1]]))
+
+
+def _pairs(V, pad, seed=0):
+    """4 pairs with a shared prompt, right-padded like collate_pairs; chosen rows then rejected rows."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for side in range(2):
+        for i in range(4):
+            prompt = torch.randint(4, V, (3 + i,), generator=torch.Generator().manual_seed(100 + i)).tolist()
+            resp = torch.randint(4, V, (2 + (i + side) % 3 + 3 * side,), generator=g).tolist()
+            rows.append((prompt, prompt + resp))
+    T = max(len(r) for _, r in rows)
+    ids = torch.full((8, T), pad, dtype=torch.long)
+    mask = torch.zeros(8, T, dtype=torch.long)
+    targets = torch.zeros(8, T)
+    for b, (p, r) in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+        targets[b, len(p) : len(r)] = 1
+    return ids, mask, targets, list(range(4)) * 2
+
+
+def _rollouts(V, pad, seed=1):
+    """3 prompts x 2 samples: left-padded prompts, responses padded after their end (like HFRollout)."""
+    g = torch.Generator().manual_seed(seed)
+    P, R = 6, 5
+    ids = torch.full((6, P + R), pad, dtype=torch.long)
+    mask = torch.zeros(6, P + R, dtype=torch.long)
+    for b in range(6):
+        plen = 3 + b // 2
+        prompt = torch.randint(4, V, (plen,), generator=torch.Generator().manual_seed(b // 2)).tolist()
+        ids[b, P - plen : P] = torch.tensor(prompt)
+        rlen = [5, 3, 4, 5, 1, 2][b]
+        resp = torch.randint(4, V, (rlen,), generator=g)
+        if b == 1:
+            resp[:2] = ids[0, P : P + 2]  # shares 2 response tokens with its group's first row too
+        ids[b, P : P + rlen] = resp
+        mask[b, P - plen : P + rlen] = 1
+    return ids, mask, P, R
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_packed_passes_equal_padded(arch, request):
+    from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
+    from tether.packing import enable_packing, packing_enabled, prompt_groups
+
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    V, pad = len(tok), tok.pad_token_id
+    lm = load_causal_lm(path).eval()
+    torch.manual_seed(0)
+    rm = load_scalar_model(path, pad_token_id=pad).eval()
+    ids, mask, targets, pair_groups = _pairs(V, pad)
+    rids, rmask, P, R = _rollouts(V, pad)
+    groups = prompt_groups(rids, rmask, P)
+    assert groups == [0, 0, 1, 1, 2, 2]
+    real = rmask[:, -R:].bool()
+
+    def run():
+        with torch.no_grad():
+            return {
+                "targets": causal_logprobs(lm, ids, mask, targets=targets, groups=pair_groups)[0] * targets,
+                "full": causal_logprobs(lm, ids, mask, groups=pair_groups)[0] * mask,
+                "response": [x * real for x in causal_logprobs(lm, rids, rmask, num_response=R, temperature=0.7, with_entropy=True, groups=groups)],
+                "scores": sequence_scores(rm, ids, mask, groups=pair_groups),
+                "rollout_scores": sequence_scores(rm, rids, rmask, groups=groups),
+                "values": scalar_values(rm, rids, rmask, groups=groups) * rmask,
+            }
+
+    padded = run()
+    assert enable_packing(lm) and enable_packing(rm) and packing_enabled(lm)
+    packed = run()
+    for k in padded:
+        torch.testing.assert_close(packed[k], padded[k], atol=2e-5, rtol=1e-4, msg=k)
+    # the packed rows really are shorter: no padding, each pair's prompt once
+    from tether.packing import pack_padded
+
+    assert pack_padded(ids, mask, pair_groups).n < int(mask.sum()) < ids.numel()
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_packed_gradients_equal_padded(arch, request):
+    from tether.losses import bradley_terry_loss
+    from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
+    from tether.packing import enable_packing
+
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    ids, mask, targets, groups = _pairs(len(tok), tok.pad_token_id)
+    grads = {}
+    for packed in (False, True):
+        torch.manual_seed(0)
+        rm = load_scalar_model(path, pad_token_id=tok.pad_token_id)
+        lm = load_causal_lm(path)
+        if packed:
+            enable_packing(rm), enable_packing(lm)
+        s = sequence_scores(rm, ids, mask, groups=groups)
+        loss, _ = bradley_terry_loss(s[:4], s[4:], 4.0)
+        lp, _ = causal_logprobs(lm, ids, mask, targets=targets, groups=groups)
+        (loss + (lp * targets).sum()).backward()
+        grads[packed] = torch.cat([p.grad.flatten() for m in (rm, lm) for p in m.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_forward_that_bypasses_the_interface_raises(tiny_gpt2):
+    from tether.models import load_scalar_model, load_tokenizer, sequence_scores
+    from tether.packing import enable_packing
+
+    tok = load_tokenizer(tiny_gpt2)
+    rm = load_scalar_model(tiny_gpt2, pad_token_id=tok.pad_token_id)
+    assert enable_packing(rm)
+    rm.set_attn_implementation("eager")  # attention no longer reaches the segment function
+    ids, mask, _, groups = _pairs(len(tok), tok.pad_token_id)
+    with pytest.raises(RuntimeError, match="would mix rows"):
+        sequence_scores(rm, ids, mask, groups=groups)
+
+
+def test_engine_turns_packing_on_for_cpu_only_when_allowed(tiny_gpt2):
+    from tether.config import EngineConfig, OptimConfig
+    from tether.engine import make_engine
+    from tether.models import load_causal_lm
+    from tether.packing import packing_enabled
+
+    def on(**kw):
+        m = load_causal_lm(tiny_gpt2)
+        make_engine(m, EngineConfig(device="cpu", **kw), OptimConfig(), total_steps=1)
+        return packing_enabled(m)
+
+    assert on()  # auto on CPU
+    assert not on(padding_free="off")
+    assert not on(gradient_checkpointing=True)  # the recomputation would run outside the packed context
+
+
+def test_on_off_overrides_are_not_read_as_booleans():
+    from tether.algo.ppo import PPOConfig
+    from tether.config import ConfigError, load_config
+
+    cfg = load_config(PPOConfig, None, ["engine.padding_free=off", "rollout.reuse_logprobs=off", "reward.fn=m:f"])
+    assert cfg.engine.padding_free == "off" and cfg.rollout.reuse_logprobs == "off"
+    assert load_config(PPOConfig, None, ["engine.padding_free=on", "reward.fn=m:f"]).engine.padding_free == "on"
+    with pytest.raises(ConfigError, match="'engine.padding_free': must be one of auto, on, off; got 'sometimes'"):
+        load_config(PPOConfig, None, ["engine.padding_free=sometimes", "reward.fn=m:f"])
