@@ -1,12 +1,13 @@
-"""What each tether optimisation buys: one SFT / RM training step with the optimisations switched on one at a time.
+"""What each tether optimisation buys: one SFT / RM training step, and an RL iteration, with the optimisations
+switched on one at a time.
 
-    python -m benchmarks.ablate [--steps 8] [--rounds 3] [--threads 2]
+    python -m benchmarks.ablate [--steps 8] [--rounds 3] [--threads 2] [--stages sft,rm,rl]
 
 Batches are the fixed workload's first SFT examples (batch 8) and preference pairs (batch 8 pairs). Each
 variant runs `steps` optimizer steps per round; rounds interleave the variants so that load from other
 processes falls on all of them. Reported: median CPU seconds and wall seconds per step, and the ratio to
 the plain baseline. "plain" = transformers' GELU, a padding mask, the LM head over every position, the
-for-loop AdamW: tether before these optimisations.
+for-loop AdamW, padded batches: tether before these optimisations. The last rows are bf16 autocast.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def variant(fused_adamw: bool, no_mask: bool, targets: bool, fused_gelu: bool):
+def variant(fused_adamw: bool, no_mask: bool, targets: bool, fused_gelu: bool, padding_free: bool = False, upcast: bool = True):
     import tether.engine.local as local
     import tether.models as models
+    import tether.packing as packing
 
-    saved = (local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head)
+    saved = (local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head, packing._upcast)
     if not fused_adamw:
         import torch
 
@@ -39,19 +41,25 @@ def variant(fused_adamw: bool, no_mask: bool, targets: bool, fused_gelu: bool):
         models.fuse_activations = lambda m: m
     if not targets:
         models._plain_head = lambda m: False
+    if not upcast:
+        packing._upcast = lambda q, m: False
     try:
-        yield
+        yield "on" if padding_free else "off"
     finally:
-        local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head = saved
+        local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head, packing._upcast = saved
 
 
+_NOW = dict(fused_adamw=True, no_mask=True, targets=True, fused_gelu=True)
 VARIANTS = [
     ("plain (before)", dict(fused_adamw=False, no_mask=False, targets=False, fused_gelu=False), "fp32"),
     ("+ fused AdamW", dict(fused_adamw=True, no_mask=False, targets=False, fused_gelu=False), "fp32"),
     ("+ no padding mask", dict(fused_adamw=True, no_mask=True, targets=False, fused_gelu=False), "fp32"),
     ("+ LM head on targets only", dict(fused_adamw=True, no_mask=True, targets=True, fused_gelu=False), "fp32"),
-    ("+ fused GELU (= tether now)", dict(fused_adamw=True, no_mask=True, targets=True, fused_gelu=True), "fp32"),
-    ("tether now, bf16 autocast", dict(fused_adamw=True, no_mask=True, targets=True, fused_gelu=True), "bf16"),
+    ("+ fused GELU", dict(_NOW), "fp32"),
+    ("+ padding-free, shared prompt", dict(_NOW, padding_free=True), "fp32"),
+    ("bf16 autocast, padded", dict(_NOW), "bf16"),
+    ("bf16, padding-free, bf16 attn", dict(_NOW, padding_free=True, upcast=False), "bf16"),
+    ("bf16, padding-free (= tether)", dict(_NOW, padding_free=True), "bf16"),
 ]
 
 
@@ -81,7 +89,7 @@ def measure(stage: str, d: Path, kw: dict, precision: str, batches, threads: int
     from tether.config import EngineConfig, OptimConfig
     from tether.engine.local import LocalEngine
 
-    with variant(**kw):
+    with variant(**kw) as padding_free:
         from tether import models
 
         if stage == "sft":
@@ -94,7 +102,7 @@ def measure(stage: str, d: Path, kw: dict, precision: str, batches, threads: int
 
             model = models.load_scalar_model(d / "reward")
             fn = lambda b: _loss_fn(float(len(b)), RMConfig())  # noqa: E731
-        engine = LocalEngine(model, EngineConfig(device="cpu", precision=precision, threads=threads), OptimConfig(lr=1e-4), total_steps=100)
+        engine = LocalEngine(model, EngineConfig(device="cpu", precision=precision, threads=threads, padding_free=padding_free), OptimConfig(lr=1e-4), total_steps=100)
         engine.train_step(batches[0], fn(batches[0]))  # warm-up
         cpu, wall = [], []
         for b in batches:
@@ -107,12 +115,37 @@ def measure(stage: str, d: Path, kw: dict, precision: str, batches, threads: int
     return statistics.median(cpu), statistics.median(wall)
 
 
+RL_VARIANTS = [
+    ("padded, old-policy pass", dict(padding_free="off", reuse_logprobs="off")),
+    ("+ padding-free, shared prompts", dict(padding_free="on", reuse_logprobs="off")),
+    ("+ sampler logprobs reused (= tether)", dict(padding_free="on", reuse_logprobs="auto")),
+]
+RL_PHASES = ("timing/rollout", "timing/score", "timing/forward", "timing/update")
+
+
+def measure_rl(stage: str, d: Path, kw: dict, iterations: int, work: Path) -> dict[str, float]:
+    """Seconds per RL iteration by phase (median over iterations after the first), fp32."""
+    import dataclasses
+
+    from benchmarks.rl_tether import run_rl
+    from benchmarks.workload import Workload
+    from tether.track import read_metrics
+
+    out = Path(tempfile.mkdtemp(dir=work))
+    run_rl(stage, dataclasses.replace(Workload(), rl_iterations=iterations), d, out, "fp32", **kw)
+    rows = read_metrics(out)[1:] or read_metrics(out)
+    res = {k: statistics.median(r[k] for r in rows) for k in RL_PHASES}
+    res["timing/iteration"] = statistics.median(r["timing/iteration"] for r in rows)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.ablate")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", default="sft,rm")
+    p.add_argument("--stages", default="sft,rm,rl", help="sft, rm (one training step per variant), rl (tether RLOO and PPO iterations)")
+    p.add_argument("--rl-iterations", type=int, default=4)
     p.add_argument("--dir", default="")
     args = p.parse_args(argv)
     import torch
@@ -125,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     d = Path(args.dir or Path(tempfile.gettempdir()) / "tether-bench-workload")
     build(d, Workload())
     results: dict = {}
-    for stage in args.stages.split(","):
+    stages = args.stages.split(",")
+    rl: dict = {}
+    if "rl" in stages:
+        work = Path(tempfile.mkdtemp(prefix="tether-ablate-"))
+        for rnd in range(args.rounds):
+            for algo in ("rloo", "ppo"):
+                for name, kw in RL_VARIANTS if rnd % 2 == 0 else RL_VARIANTS[::-1]:
+                    r = measure_rl(algo, d, kw, args.rl_iterations, work)
+                    rl.setdefault((algo, name), []).append(r)
+                    print(f"  rl {algo} round {rnd} {name}: {r['timing/iteration']:.3f}s per iteration", file=sys.stderr, flush=True)
+    for stage in [s for s in stages if s != "rl"]:
         batches = _batches(d, stage, args.steps)
         for rnd in range(args.rounds):
             order = VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]
@@ -136,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault((stage, name), []).append((c, w))
                 print(f"  {stage} round {rnd} {name}: cpu {c:.3f}s wall {w:.3f}s per step", file=sys.stderr, flush=True)
     print(f"\nper training step, median over {args.rounds} interleaved rounds x {args.steps} steps, {args.threads} threads")
-    print(f"{'stage':5s}  {'variant':30s}  {'CPU s/step':>10s}  {'vs plain':>8s}  {'wall s/step':>11s}  {'vs plain':>8s}")
-    for stage in args.stages.split(","):
+    print(f"{'stage':5s}  {'variant':32s}  {'CPU s/step':>10s}  {'vs plain':>8s}  {'wall s/step':>11s}  {'vs plain':>8s}")
+    for stage in [s for s in stages if s != "rl"]:
         base = None
         for name, _kw, _p in VARIANTS:
             rs = results.get((stage, name))
@@ -146,7 +189,21 @@ def main(argv: list[str] | None = None) -> int:
             c = statistics.median(x[0] for x in rs)
             w = statistics.median(x[1] for x in rs)
             base = base or (c, w)
-            print(f"{stage:5s}  {name:30s}  {c:10.3f}  {base[0] / c:7.2f}x  {w:11.3f}  {base[1] / w:7.2f}x")
+            print(f"{stage:5s}  {name:32s}  {c:10.3f}  {base[0] / c:7.2f}x  {w:11.3f}  {base[1] / w:7.2f}x")
+    if rl:
+        print(f"\nRL iteration (16 prompts x 4 samples, 32 new tokens, fp32), median seconds over {args.rounds} rounds x "
+              f"{args.rl_iterations - 1} iterations (the first is warm-up)")
+        print(f"{'algo':5s}  {'variant':38s}  {'iteration':>9s}  {'vs padded':>9s}  {'rollout':>7s}  {'score':>6s}  {'forward':>7s}  {'update':>6s}")
+        for algo in ("rloo", "ppo"):
+            base = None
+            for name, _kw in RL_VARIANTS:
+                rs = rl.get((algo, name))
+                if not rs:
+                    continue
+                med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                base = base or med["timing/iteration"]
+                print(f"{algo:5s}  {name:38s}  {med['timing/iteration']:9.3f}  {base / med['timing/iteration']:8.2f}x  "
+                      + "  ".join(f"{med[k]:{w}.3f}" for k, w in zip(RL_PHASES, (7, 6, 7, 6))))
     return 0
 
 

@@ -23,7 +23,9 @@ def test_logprobs_match_log_softmax_gather(arch, request):
         lp, ent = causal_logprobs(model, ids, mask, with_entropy=True)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
         naive = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        assert torch.allclose(lp[:, 1:], naive, atol=1e-5)
+        real = (mask[:, 1:] * mask[:, :-1]).bool()  # the token and its predecessor are real
+        assert torch.allclose(lp[:, 1:][real], naive[real], atol=1e-5)
+        assert (lp[:, 1:][~real] == 0).all() and (ent[:, 1:][~real] == 0).all()  # padding columns are 0
         # response-only path (logits_to_keep) gives the same last-R logprobs
         lp_r, _ = causal_logprobs(model, ids, mask, num_response=5)
         assert torch.allclose(lp_r, naive[:, -5:], atol=1e-5)

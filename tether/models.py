@@ -208,9 +208,9 @@ def causal_logprobs(
     computes logits for the last R+1 positions only (`logits_to_keep`), which saves the [B, T, V]
     projection over the prompt.
 
-    On a packing-enabled model (tether.packing) the rows are packed without padding, rows with equal
-    `groups` keys sharing their common prefix, and the head runs on real scored tokens only; columns of
-    padding are then 0 (entropy too).
+    Columns where the token or the one before it is padding are 0 (entropy too). On a packing-enabled
+    model (tether.packing) the rows are packed without padding, rows with equal `groups` keys sharing
+    their common prefix, and the head runs on real scored tokens only.
     """
     if position_ids is None and packing_enabled(model) and _plain_head(model):
         return _packed_logprobs(model, input_ids, attention_mask, num_response, temperature, with_entropy, targets, groups)
@@ -233,6 +233,11 @@ def causal_logprobs(
     ent = None
     if with_entropy:
         ent = entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
+    if attention_mask is not None:  # 0 where the token or its predecessor is padding, as the packed path
+        K = lp.shape[1]
+        real = (attention_mask[:, -K:] != 0) & (attention_mask[:, -K - 1 : -1] != 0)
+        lp = lp.masked_fill(~real, 0.0)
+        ent = ent.masked_fill(~real, 0.0) if ent is not None else None
     if num_response == 0:
         lp = torch.nn.functional.pad(lp, (1, 0))
         ent = torch.nn.functional.pad(ent, (1, 0)) if ent is not None else None

@@ -28,7 +28,10 @@ def _args(d, out, backend):
     return [f"model={d / 'model'}", f"data.train={d / 'prompts.jsonl'}", f"max_steps={STEPS}", "batch_size=4", "optim.lr=1e-3", "seed=5",
             "reward.fn=tether.rewards:word_fraction", "critic.init=policy", "rollout.max_new_tokens=6", "ppo.epochs=1",
             "sample_every=0", "save_every=1", "track.progress=false", f"out={out}", f"engine.backend={backend}",
-            "engine.ray.num_cpus=2", "engine.threads=2"]
+            "engine.ray.num_cpus=2", "engine.threads=2",
+            # the Ray sampler is a separate copy of the policy, so tether recomputes the old-policy logprobs
+            # there; the local run does the same, for bit-comparable runs
+            "rollout.reuse_logprobs=off"]
 
 
 def _last_per_step(rows):
