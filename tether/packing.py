@@ -12,8 +12,9 @@ attend to the root's first `share` keys plus its own keys, causally. A causal mo
 hidden state for a token from the same prefix, so every output equals the padded forward's (to float
 rounding), while the linear layers - most of the FLOPs - see no padding and no repeated prompt.
 
-Attention runs per segment with torch's SDPA (`tether_packed`, registered in transformers'
-AttentionInterface; outside a packed forward it is plain `sdpa`). The model's own code does everything
+Attention (`tether_packed`, registered in transformers' AttentionInterface; outside a packed forward it
+is plain `sdpa`) gathers the segments into two padded SDPA batches, roots and members, so padding
+exists only inside the attention core, never in the projections and MLPs. The model's own code does everything
 else (embeddings, positions from `position_ids`, norms, MLPs), so any architecture whose attention goes
 through the interface works. `enable_packing` refuses configurations the segment attention does not
 model (sliding windows, soft-capping), and a packed forward that never reached the segment attention
@@ -21,8 +22,8 @@ raises instead of returning cross-contaminated outputs.
 
 On the fixed benchmark workload a reward-model batch of 8 pairs loses its padding (16% of the padded
 tokens) and half of its prompt tokens (16% of the real ones): 64.6k tokens instead of 91.9k over 50
-steps (see benchmarks/README.md). It is on by default on CPU (`engine.padding_free=auto`); on GPUs a
-Python loop over segments is launch-bound, and flash-attention varlen is the better route.
+steps (see benchmarks/README.md). It is on by default on CPU (`engine.padding_free=auto`); on GPUs it is
+untested here (no GPU lent), and flash-attention's varlen kernels are the natural route there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,56 @@ _ACTIVE: contextvars.ContextVar["PackedBatch | None"] = contextvars.ContextVar("
 
 
 @dataclass
+class _Plan:
+    """Segments gathered into two padded attention batches: roots (causal over themselves) and members
+    (all of their shared prefix, then causal over themselves). Padding exists only inside attention;
+    padded query rows repeat a real one and are dropped, so no row is ever fully masked.
+
+    roots    r_idx [Sr, Lr] packed positions, r_valid [Sr, Lr]
+    members  m_q [Sm, Lq] query positions, m_k [Sm, Lk] key positions (prefix then own), m_mask [Sm, 1, Lq, Lk]
+    inverse  [N]: position of each packed token in cat(root outputs, member outputs)
+    """
+
+    r_idx: Tensor | None
+    r_valid: Tensor | None
+    m_q: Tensor | None
+    m_k: Tensor | None
+    m_valid: Tensor | None
+    m_mask: Tensor | None
+    inverse: Tensor
+
+    @staticmethod
+    def build(segments: list[tuple[int, int, int, int]], n: int, device) -> "_Plan":
+        def rows(ranges: list[list[int]]) -> tuple[Tensor, Tensor]:
+            width = max(len(r) for r in ranges)
+            idx = torch.tensor([r + [r[-1]] * (width - len(r)) for r in ranges], dtype=torch.long)
+            valid = torch.arange(width)[None, :] < torch.tensor([len(r) for r in ranges])[:, None]
+            return idx, valid
+
+        roots = [list(range(q0, q1)) for q0, q1, p0, p1 in segments if p1 == p0]
+        members = [(q0, q1, p0, p1) for q0, q1, p0, p1 in segments if p1 > p0]
+        order = []
+        r_idx = r_valid = m_q = m_k = m_valid = m_mask = None
+        if roots:
+            r_idx, r_valid = rows(roots)
+            order.append(r_idx[r_valid])
+        if members:
+            m_q, m_valid = rows([list(range(q0, q1)) for q0, q1, _, _ in members])
+            m_k, _ = rows([list(range(p0, p1)) + list(range(q0, q1)) for q0, q1, p0, p1 in members])
+            share = torch.tensor([p1 - p0 for _, _, p0, p1 in members])[:, None, None]  # [Sm, 1, 1]
+            length = torch.tensor([q1 - q0 for q0, q1, _, _ in members])[:, None, None]
+            i = torch.minimum(torch.arange(m_q.shape[1])[None, :, None], length - 1)  # padded queries repeat the last
+            j = torch.arange(m_k.shape[1])[None, None, :]
+            m_mask = ((j < share) | ((j >= share) & (j - share <= i) & (j - share < length)))[:, None]  # [Sm, 1, Lq, Lk]
+            order.append(m_q[m_valid])
+        pos = torch.cat(order)
+        inverse = torch.empty(n, dtype=torch.long)
+        inverse[pos] = torch.arange(n)
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return _Plan(to(r_idx), to(r_valid), to(m_q), to(m_k), to(m_valid), to(m_mask), inverse.to(device))
+
+
+@dataclass
 class PackedBatch:
     """B rows packed into one row of N tokens.
 
@@ -54,21 +105,18 @@ class PackedBatch:
     index: Tensor
     segments: list[tuple[int, int, int, int]]
     calls: int = 0
-    _masks: dict = field(default_factory=dict)
+    _plans: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return self.input_ids.shape[1]
 
-    def prefix_mask(self, share: int, length: int, device) -> Tensor:
-        """[length, share + length] bool: every shared-prefix key, then causal over the row's own keys."""
-        key = (share, length, str(device))
-        m = self._masks.get(key)
-        if m is None:
-            own = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-            m = torch.cat([torch.ones(length, share, dtype=torch.bool, device=device), own], 1)
-            self._masks[key] = m
-        return m
+    def plan(self, device) -> "_Plan":
+        """Index tensors that batch the segments for attention (built once per batch and device)."""
+        key = str(device)
+        if key not in self._plans:
+            self._plans[key] = _Plan.build(self.segments, self.n, device)
+        return self._plans[key]
 
     def to(self, device) -> "PackedBatch":
         self.input_ids, self.position_ids, self.index = (t.to(device) for t in (self.input_ids, self.position_ids, self.index))
@@ -191,18 +239,18 @@ def _segment_attention(layout: "PackedBatch", query: Tensor, key: Tensor, value:
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    plan = layout.plan(query.device)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
     outs = []
-    for q0, q1, p0, p1 in layout.segments:
-        q = query[:, :, q0:q1]
-        if p1 == p0:
-            o = F.scaled_dot_product_attention(q, key[:, :, q0:q1], value[:, :, q0:q1], dropout_p=dropout, is_causal=True, scale=scaling)
-        else:
-            k = torch.cat([key[:, :, p0:p1], key[:, :, q0:q1]], 2)
-            v = torch.cat([value[:, :, p0:p1], value[:, :, q0:q1]], 2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.prefix_mask(p1 - p0, q1 - q0, q.device), dropout_p=dropout, scale=scaling)
-        outs.append(o)
-    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # [1, H, N, D]
-    return out.transpose(1, 2).contiguous(), None
+    if plan.r_idx is not None:  # [Sr, H, Lr, D], causal within each root
+        o = F.scaled_dot_product_attention(*(t[plan.r_idx].transpose(1, 2) for t in (q, k, v)), dropout_p=dropout, is_causal=True, scale=scaling)
+        outs.append(o.transpose(1, 2)[plan.r_valid])  # [n_r, H, D]
+    if plan.m_q is not None:  # queries [Sm, H, Lq, D] over keys [Sm, H, Lk, D]: shared prefix, then causal
+        o = F.scaled_dot_product_attention(q[plan.m_q].transpose(1, 2), k[plan.m_k].transpose(1, 2), v[plan.m_k].transpose(1, 2),
+                                           attn_mask=plan.m_mask, dropout_p=dropout, scale=scaling)
+        outs.append(o.transpose(1, 2)[plan.m_valid])  # [n_m, H, D]
+    out = torch.cat(outs)[plan.inverse] if len(outs) > 1 else outs[0][plan.inverse]  # [N, H, D]
+    return out[None], None  # [1, N, H, D]
 
 
 def _mask(*args, **kwargs):
