@@ -58,6 +58,8 @@ class _Plan:
     m_valid: Tensor | None
     m_mask: Tensor | None
     inverse: Tensor
+    r_sel: Tensor | None = None  # flat positions of the real rows in Sr x Lr
+    m_sel: Tensor | None = None
 
     @staticmethod
     def build(segments: list[tuple[int, int, int, int]], n: int, device) -> "_Plan":
@@ -87,7 +89,8 @@ class _Plan:
         inverse = torch.empty(n, dtype=torch.long)
         inverse[pos] = torch.arange(n)
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return _Plan(to(r_idx), to(r_valid), to(m_q), to(m_k), to(m_valid), to(m_mask), inverse.to(device))
+        sel = lambda valid: None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # noqa: E731
+        return _Plan(to(r_idx), to(r_valid), to(m_q), to(m_k), to(m_valid), to(m_mask), inverse.to(device), to(sel(r_valid)), to(sel(m_valid)))
 
 
 @dataclass
@@ -242,15 +245,27 @@ def _segment_attention(layout: "PackedBatch", query: Tensor, key: Tensor, value:
     plan = layout.plan(query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
     outs = []
+    # index_select everywhere: its backward is index_add, where fancy indexing's would be a sorting index_put
     if plan.r_idx is not None:  # [Sr, H, Lr, D], causal within each root
-        o = F.scaled_dot_product_attention(*(t[plan.r_idx].transpose(1, 2) for t in (q, k, v)), dropout_p=dropout, is_causal=True, scale=scaling)
-        outs.append(o.transpose(1, 2)[plan.r_valid])  # [n_r, H, D]
+        o = F.scaled_dot_product_attention(*(_take(t, plan.r_idx) for t in (q, k, v)), dropout_p=dropout, is_causal=True, scale=scaling)
+        outs.append(_rows(o, plan.r_sel))  # [n_r, H, D]
     if plan.m_q is not None:  # queries [Sm, H, Lq, D] over keys [Sm, H, Lk, D]: shared prefix, then causal
-        o = F.scaled_dot_product_attention(q[plan.m_q].transpose(1, 2), k[plan.m_k].transpose(1, 2), v[plan.m_k].transpose(1, 2),
+        o = F.scaled_dot_product_attention(_take(q, plan.m_q), _take(k, plan.m_k), _take(v, plan.m_k),
                                            attn_mask=plan.m_mask, dropout_p=dropout, scale=scaling)
-        outs.append(o.transpose(1, 2)[plan.m_valid])  # [n_m, H, D]
-    out = torch.cat(outs)[plan.inverse] if len(outs) > 1 else outs[0][plan.inverse]  # [N, H, D]
+        outs.append(_rows(o, plan.m_sel))  # [n_m, H, D]
+    out = (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, plan.inverse)  # [N, H, D]
     return out[None], None  # [1, N, H, D]
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """t [N, H, D] at idx [S, L] -> [S, H, L, D]."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:]).transpose(1, 2)
+
+
+def _rows(o: Tensor, sel: Tensor) -> Tensor:
+    """Attention output [S, H, L, D] -> the real rows [n, H, D] (sel: their flat positions in S x L)."""
+    S, H, L, D = o.shape
+    return o.transpose(1, 2).reshape(S * L, H, D).index_select(0, sel)
 
 
 def _mask(*args, **kwargs):
