@@ -24,7 +24,7 @@ def test_pack_layout_by_hand():
     # attention batches: the root [1, 2, 3, 4]; the member [5, 6] over keys [1, 2] + [5, 6], causal on its own
     plan = pack([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 7]], groups=[0, 0, 0]).plan("cpu")
     assert plan.r_idx.tolist() == [[0, 1, 2, 3]] and plan.m_q.tolist() == [[4, 5], [6, 6]]
-    assert plan.m_k.tolist() == [[0, 1, 4, 5], [0, 1, 6, 6]] and plan.m_valid.tolist() == [[True, True], [True, False]]
+    assert plan.m_k.tolist() == [[0, 1, 4, 5], [0, 1, 6, 6]] and plan.m_sel.tolist() == [0, 1, 2]  # real query rows of [[4, 5], [6, pad]]
     assert plan.m_mask[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
     assert plan.m_mask[1, 0].tolist() == [[True, True, True, False], [True, True, True, False]]  # padded query repeats row 0
     assert plan.inverse.tolist() == list(range(7))

@@ -218,10 +218,7 @@ def causal_logprobs(
     if targets is not None and num_response == 0 and not with_entropy and _plain_head(model):
         hidden = backbone(model)(**kwargs, use_cache=False).last_hidden_state  # [B, T, H]
         sel = targets[:, 1:] != 0  # [B, T-1]: position t-1 predicts token t
-        logits = model.get_output_embeddings()(hidden[:, :-1][sel])  # [N, V]
-        lp_sel = token_logprobs(logits[None], input_ids[:, 1:][sel][None], temperature)[0]  # [N]
-        lp = torch.zeros(sel.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(sel, lp_sel)  # [B, T-1]
-        return torch.nn.functional.pad(lp, (1, 0)), None  # [B, T], column 0 is 0
+        return _head_at(model, hidden[:, :-1][sel], input_ids[:, 1:][sel], sel, temperature, False, True)
     if num_response > 0:
         out = model(**kwargs, use_cache=False, logits_to_keep=num_response + 1)
         logits = out.logits[:, :-1]  # [B, R, V] predicts the last R tokens
@@ -252,14 +249,20 @@ def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature
     sel = (pb.index[:, -K:] >= 0) & (pred >= 0)  # real token with a real predecessor
     if targets is not None and num_response == 0:
         sel = sel & (targets[:, -K:] != 0)
-    logits = model.get_output_embeddings()(hidden[pred[sel]])  # [n, V]
-    lp_sel = token_logprobs(logits[None], input_ids[:, -K:][sel][None], temperature)[0]  # [n]
+    return _head_at(model, hidden[pred[sel]], input_ids[:, -K:][sel], sel, temperature, with_entropy, num_response == 0)
+
+
+def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, with_entropy: bool, full: bool) -> tuple[Tensor, Tensor | None]:
+    """The LM head and log-softmax on the selected hidden states only: h [n, H] predicting labels [n] at
+    the True places of sel [B, K]; other places are 0. full: a zero column 0 is added ([B, K+1] = [B, T])."""
+    logits = model.get_output_embeddings()(h)  # [n, V]
+    lp_sel = token_logprobs(logits[None], labels[None], temperature)[0]  # [n]
     lp = torch.zeros(sel.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(sel, lp_sel)  # [B, K]
     ent = None
     if with_entropy:
         e = entropy_from_logits((logits / temperature if temperature != 1.0 else logits)[None])[0]
         ent = torch.zeros(sel.shape, dtype=e.dtype, device=e.device).masked_scatter(sel, e)
-    if num_response == 0:
+    if full:
         lp = torch.nn.functional.pad(lp, (1, 0))
         ent = torch.nn.functional.pad(ent, (1, 0)) if ent is not None else None
     return lp, ent

@@ -46,51 +46,50 @@ class _Plan:
     (all of their shared prefix, then causal over themselves). Padding exists only inside attention;
     padded query rows repeat a real one and are dropped, so no row is ever fully masked.
 
-    roots    r_idx [Sr, Lr] packed positions, r_valid [Sr, Lr]
-    members  m_q [Sm, Lq] query positions, m_k [Sm, Lk] key positions (prefix then own), m_mask [Sm, 1, Lq, Lk]
+    roots    r_idx [Sr, Lr] packed positions, r_sel the flat positions of its real rows in Sr x Lr
+    members  m_q [Sm, Lq] query positions, m_k [Sm, Lk] key positions (prefix then own), m_mask [Sm, 1, Lq, Lk],
+             m_sel the flat positions of the real query rows in Sm x Lq
     inverse  [N]: position of each packed token in cat(root outputs, member outputs)
     """
 
     r_idx: Tensor | None
-    r_valid: Tensor | None
+    r_sel: Tensor | None
     m_q: Tensor | None
     m_k: Tensor | None
-    m_valid: Tensor | None
+    m_sel: Tensor | None
     m_mask: Tensor | None
     inverse: Tensor
-    r_sel: Tensor | None = None  # flat positions of the real rows in Sr x Lr
-    m_sel: Tensor | None = None
 
     @staticmethod
     def build(segments: list[tuple[int, int, int, int]], n: int, device) -> "_Plan":
         def rows(ranges: list[list[int]]) -> tuple[Tensor, Tensor]:
+            """-> (ranges padded by repeating their last entry [S, L], flat positions of the real entries)."""
             width = max(len(r) for r in ranges)
             idx = torch.tensor([r + [r[-1]] * (width - len(r)) for r in ranges], dtype=torch.long)
             valid = torch.arange(width)[None, :] < torch.tensor([len(r) for r in ranges])[:, None]
-            return idx, valid
+            return idx, valid.reshape(-1).nonzero().squeeze(1)
 
         roots = [list(range(q0, q1)) for q0, q1, p0, p1 in segments if p1 == p0]
         members = [(q0, q1, p0, p1) for q0, q1, p0, p1 in segments if p1 > p0]
         order = []
-        r_idx = r_valid = m_q = m_k = m_valid = m_mask = None
+        r_idx = r_sel = m_q = m_k = m_sel = m_mask = None
         if roots:
-            r_idx, r_valid = rows(roots)
-            order.append(r_idx[r_valid])
+            r_idx, r_sel = rows(roots)
+            order.append(r_idx.reshape(-1)[r_sel])
         if members:
-            m_q, m_valid = rows([list(range(q0, q1)) for q0, q1, _, _ in members])
+            m_q, m_sel = rows([list(range(q0, q1)) for q0, q1, _, _ in members])
             m_k, _ = rows([list(range(p0, p1)) + list(range(q0, q1)) for q0, q1, p0, p1 in members])
             share = torch.tensor([p1 - p0 for _, _, p0, p1 in members])[:, None, None]  # [Sm, 1, 1]
             length = torch.tensor([q1 - q0 for q0, q1, _, _ in members])[:, None, None]
             i = torch.minimum(torch.arange(m_q.shape[1])[None, :, None], length - 1)  # padded queries repeat the last
             j = torch.arange(m_k.shape[1])[None, None, :]
             m_mask = ((j < share) | ((j >= share) & (j - share <= i) & (j - share < length)))[:, None]  # [Sm, 1, Lq, Lk]
-            order.append(m_q[m_valid])
+            order.append(m_q.reshape(-1)[m_sel])
         pos = torch.cat(order)
         inverse = torch.empty(n, dtype=torch.long)
         inverse[pos] = torch.arange(n)
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
-        sel = lambda valid: None if valid is None else valid.reshape(-1).nonzero().squeeze(1)  # noqa: E731
-        return _Plan(to(r_idx), to(r_valid), to(m_q), to(m_k), to(m_valid), to(m_mask), inverse.to(device), to(sel(r_valid)), to(sel(m_valid)))
+        return _Plan(to(r_idx), to(r_sel), to(m_q), to(m_k), to(m_sel), to(m_mask), inverse.to(device))
 
 
 @dataclass
@@ -323,12 +322,6 @@ def enable_packing(model: nn.Module) -> bool:
         return False
     model._tether_packing = True
     return True
-
-
-def disable_packing(model: nn.Module) -> None:
-    if getattr(model, "_tether_packing", False):
-        model.set_attn_implementation("sdpa")
-        model._tether_packing = False
 
 
 def packing_enabled(model: nn.Module) -> bool:

@@ -64,8 +64,7 @@ class LocalEngine:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
-        packing = getattr(cfg, "padding_free", "off")
-        if (packing == "on" or (packing == "auto" and self.device.type == "cpu")) and not (trainable and cfg.gradient_checkpointing):
+        if (cfg.padding_free == "on" or (cfg.padding_free == "auto" and self.device.type == "cpu")) and not (trainable and cfg.gradient_checkpointing):
             # padding-free, prefix-shared passes; the recomputation of gradient checkpointing runs outside them
             enable_packing(model)
         self.autocast_dtype = resolve_autocast(cfg.precision, self.device)
