@@ -1,5 +1,7 @@
 """Parity with Hugging Face: logprobs, rewards, generation."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -96,3 +98,83 @@ def test_response_mask_stops_after_first_eos():
     m, fin = response_mask_from_tokens(resp, [0])
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert fin.tolist() == [True, False]
+
+
+def _rollout_batch(tok, rows: list[list[int]]) -> PromptBatch:
+    """Left-padded prompts; repeated rows exercise the sampler's encode-each-distinct-prompt-once path."""
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    return PromptBatch(ids, mask, [str(r) for r in rows])
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("min_new", [0, 3])
+def test_own_decoding_loop_equals_generate_greedy(arch, min_new, request):
+    """tether's loop (static cache, shared prompt prefill) and model.generate: the same greedy tokens, EOS
+    stopping and padding after it, logprobs and entropy. EOS's output row becomes a scaled copy of the token
+    row 3 picks greedily at step 1, so that row stops there (with min_new_tokens=3, it must not)."""
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path).eval()
+    batch = _rollout_batch(tok, [[40, 41, 42], [43, 44, 45, 46, 47], [40, 41, 42], [50, 51], [40, 41, 42], [43, 44, 45, 46, 47]])
+    ro = HFRollout(model, tok)
+    assert ro._own_loop()
+    s = SamplingConfig(max_new_tokens=10, temperature=0, min_new_tokens=min_new)
+    x = int(ro._hf_generate(batch.input_ids, batch.attention_mask, dataclasses.replace(s, min_new_tokens=0))[0][3, 1])
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight[tok.eos_token_id] = 1.05 * head.weight[x]
+        if getattr(head, "bias", None) is not None:
+            head.bias[tok.eos_token_id] = head.bias[x] + 0.01
+    ours = ro._decode(batch.input_ids, batch.attention_mask, s)
+    ref = ro._hf_generate(batch.input_ids, batch.attention_mask, s)
+    assert ours[0].tolist() == ref[0].tolist()
+    mask, finished = response_mask_from_tokens(ours[0], ro.eos)
+    assert (mask.sum(-1) > min_new).all() if min_new else (finished[3] and mask[3].sum() <= 2)
+    m = mask.bool()
+    assert torch.allclose(ours[1][m], ref[1][m], atol=1e-4) and torch.allclose(ours[2][m], ref[2][m], atol=1e-4)
+
+
+@pytest.mark.parametrize("warp", [{"top_k": 5}, {"top_p": 0.6}, {}])
+def test_own_sampler_draws_from_the_processed_distribution(tiny_gpt2, warp):
+    """4,000 first tokens of one prompt: never outside the top-k / top-p set, frequencies within 0.05 total
+    variation of softmax(processed logits / T), and the returned logprobs are that distribution's."""
+    tok = load_tokenizer(tiny_gpt2)
+    model = load_causal_lm(tiny_gpt2).eval()
+    n, temp = 4000, 0.8
+    batch = _rollout_batch(tok, [[40, 41, 42, 43]] * n)
+    ro = HFRollout(model, tok)
+    s = SamplingConfig(max_new_tokens=1, temperature=temp, stop_at_eos=False, **warp)
+    torch.manual_seed(0)
+    first, logprobs, _ = ro._decode(batch.input_ids, batch.attention_mask, s)
+    with torch.no_grad():
+        scores = model(input_ids=batch.input_ids[:1]).logits[0, -1] / temp
+    order = scores.argsort(descending=True)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if "top_k" in warp:
+        keep[order[warp["top_k"]:]] = False
+    if "top_p" in warp:  # the smallest set of likeliest tokens whose probability reaches top_p
+        before = torch.softmax(scores, -1)[order].cumsum(0) - torch.softmax(scores, -1)[order]
+        keep[order[before >= warp["top_p"]]] = False
+    p = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1)
+    counts = torch.bincount(first[:, 0], minlength=p.numel()).float() / n
+    assert (counts[p == 0] == 0).all()
+    top = p.argsort(descending=True)[:8]  # the 8 likeliest tokens and "the rest": sampling noise ~0.02
+    bucket = lambda q: torch.cat([q[top], (q.sum() - q[top].sum())[None]])  # noqa: E731
+    assert 0.5 * (bucket(counts) - bucket(p)).abs().sum() < 0.05
+    assert torch.allclose(logprobs[:, 0], torch.log(p[first[:, 0]]), atol=1e-5)
+    if warp:
+        assert (p > 0).sum() < p.numel()  # the warper really truncated something
+
+
+def test_inverse_cdf_sampler_never_draws_zero_probability(monkeypatch):
+    from tether.rollout import hf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0], [0.2, 0.0, 0.8, 0.0, 0.0, 0.0]])
+    torch.manual_seed(0)
+    drawn = torch.stack([hf._inverse_cdf_sample(probs) for _ in range(500)])
+    assert set(drawn[:, 0].tolist()) == {1, 3} and set(drawn[:, 1].tolist()) == {0, 2}
+    # u * total rounded up to total: the last token with probability > 0, not the last index
+    monkeypatch.setattr(hf.torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
+    assert hf._inverse_cdf_sample(probs).tolist() == [3, 2]

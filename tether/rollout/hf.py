@@ -1,8 +1,20 @@
-"""Rollout with Hugging Face `model.generate`: batched left-padded prompts, KV cache, sampler logprobs."""
+"""Rollout with a Hugging Face causal LM: batched left-padded prompts, KV cache, sampler logprobs.
+
+The decoding loop is tether's own, around the model's forward and transformers' `StaticCache` and logits
+processors (temperature, top-k, top-p, min_new_tokens), because three things `model.generate` does are most
+of a small model's sampling time on a CPU (64 x 32 tokens, 4x256 GPT-2: 0.90 s -> 0.53 s):
+- the KV cache is preallocated and written in place (`StaticCache`) instead of concatenated every step;
+- a prompt repeated in the batch (an RL prompt's samples) is encoded once and its cache copied to its rows;
+- a token is drawn by inverse-CDF sampling (one uniform number per row) instead of `torch.multinomial`,
+  which draws an exponential per vocabulary entry (64 x 4,096 per step).
+Greedy decoding gives `generate`'s tokens exactly (tested); sampling draws from the same distribution, not
+the same tokens. Models that do not declare static-cache support use `model.generate`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterable
 
 import torch
@@ -48,10 +60,116 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig) -> RolloutBatch:
-        from transformers import GenerationConfig
-
         was_training = self.model.training
         self.model.eval()
+        ids = prompts.input_ids.to(self.device)
+        mask = prompts.attention_mask.to(self.device)
+        try:
+            with self._autocast():
+                decode = self._decode if self._own_loop() else self._hf_generate
+                resp, logprobs, entropy = decode(ids, mask, sampling)
+        finally:
+            self.model.train(was_training)
+        P = ids.shape[1]
+        resp_mask, finished = response_mask_from_tokens(resp, self.eos, sampling.stop_at_eos)
+        logprobs = torch.where(resp_mask.bool(), logprobs, torch.zeros_like(logprobs))
+        entropy = torch.where(resp_mask.bool(), entropy, torch.zeros_like(entropy))
+        attn = torch.cat([mask, resp_mask.long()], 1)
+        texts = []
+        for row, m in zip(resp.tolist(), resp_mask.tolist()):
+            toks = [t for t, keep in zip(row, m) if keep and t not in self.eos]
+            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+        return RolloutBatch(
+            sequences=torch.cat([ids, resp], 1), attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
+            prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished, entropy=entropy,
+        )
+
+    def _own_loop(self) -> bool:
+        """The model declares static-cache support (transformers' `_can_compile_fullgraph`)."""
+        try:
+            from transformers import StaticCache  # noqa: F401
+        except ImportError:
+            return False
+        return bool(getattr(self.model, "_can_compile_fullgraph", False))
+
+    def _processors(self, sampling: SamplingConfig, prompt_length: int):
+        """transformers' logits processors in `generate`'s order: min_new_tokens, then the sampling warpers."""
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        procs = LogitsProcessorList()
+        if sampling.min_new_tokens and sampling.stop_at_eos and self.eos:
+            procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, self.eos, device=self.device))
+        if sampling.temperature > 0:
+            if sampling.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k > 0:
+                procs.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                procs.append(TopPLogitsWarper(sampling.top_p))
+        return procs
+
+    def _decode(self, ids: Tensor, mask: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample up to max_new_tokens per row. ids, mask [B, P] (left-padded) -> tokens, logprobs, entropy [B, R]."""
+        from transformers import StaticCache
+
+        model = self.model
+        B, P = ids.shape
+        R = sampling.max_new_tokens
+        cache = StaticCache(config=model.config, max_cache_len=P + R)
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        seq = torch.cat([ids, torch.full((B, R), self.pad, dtype=ids.dtype, device=ids.device)], 1)  # [B, P+R]
+        attn = torch.cat([mask, torch.zeros((B, R), dtype=mask.dtype, device=mask.device)], 1)  # [B, P+R]
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P] positions from the first real token, as generate
+        logprobs = torch.zeros((B, R), device=ids.device)
+        entropy = torch.zeros((B, R), device=ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        eos = torch.tensor(self.eos if sampling.stop_at_eos else [], dtype=ids.dtype, device=ids.device)
+        procs = self._processors(sampling, P)
+
+        # Prefill: each distinct prompt once; its cache rows are then copied to the rows that repeat it.
+        keys: dict = {}
+        rows = torch.tensor([keys.setdefault((tuple(r), tuple(m)), len(keys)) for r, m in zip(ids.tolist(), mask.tolist())], device=ids.device)  # [B]
+        first = torch.empty(len(keys), dtype=torch.long, device=ids.device)
+        first[rows.flip(0)] = torch.arange(B, device=ids.device).flip(0)  # a row holding each distinct prompt
+        out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=pos[first], use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        logits = out.logits[:, -1]
+        if len(keys) < B:
+            cache.reorder_cache(rows)
+            logits = logits[rows]
+        next_pos = pos[:, -1:] + 1
+        steps = R
+        for t in range(R):
+            scores = procs(seq[:, : P + t], logits.float())  # [B, V], the distribution sampled from
+            logp = torch.log_softmax(scores, -1)
+            probs = logp.exp()
+            if sampling.temperature > 0:
+                tok = _inverse_cdf_sample(probs)
+            else:
+                tok = scores.argmax(-1)
+            logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
+            entropy[:, t] = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+            tok = torch.where(done, torch.full_like(tok, self.pad), tok)  # finished rows are padded, as generate does
+            seq[:, P + t] = tok
+            attn[:, P + t] = 1
+            done = done | torch.isin(tok, eos)
+            if t == R - 1 or bool(done.all()):
+                steps = t + 1
+                break
+            out = model(input_ids=tok[:, None], attention_mask=attn[:, : P + t + 1], position_ids=next_pos, use_cache=True, **{cache_kw: cache})
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        return seq[:, P : P + steps], logprobs[:, :steps], entropy[:, :steps]
+
+    def _hf_generate(self, ids: Tensor, mask: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor, Tensor]:
+        """`model.generate` for models without static-cache support. -> tokens, logprobs, entropy [B, R]."""
+        from transformers import GenerationConfig
+
         greedy = sampling.temperature == 0
         gen_cfg = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
@@ -67,31 +185,12 @@ class HFRollout:
             return_dict_in_generate=True,
             output_scores=True,  # processed scores: the distribution actually sampled from
         )
-        ids = prompts.input_ids.to(self.device)
-        mask = prompts.attention_mask.to(self.device)
-        with self._autocast():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        self.model.train(was_training)
-        P = ids.shape[1]
-        seqs = out.sequences  # [B, P+R]
-        resp = seqs[:, P:]
-        R = resp.shape[1]
-        scores = torch.stack(out.scores[:R], 1).float()  # [B, R, V]
-        logp = torch.log_softmax(scores, -1)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        resp = out.sequences[:, ids.shape[1]:]
+        logp = torch.log_softmax(torch.stack(out.scores[: resp.shape[1]], 1).float(), -1)  # [B, R, V]
         logprobs = logp.gather(-1, resp[..., None]).squeeze(-1)
-        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # [B, R]
-        resp_mask, finished = response_mask_from_tokens(resp, self.eos, sampling.stop_at_eos)
-        logprobs = torch.where(resp_mask.bool(), logprobs, torch.zeros_like(logprobs))
-        entropy = torch.where(resp_mask.bool(), entropy, torch.zeros_like(entropy))
-        attn = torch.cat([mask, resp_mask.long()], 1)
-        texts = []
-        for row, m in zip(resp.tolist(), resp_mask.tolist()):
-            toks = [t for t, keep in zip(row, m) if keep and t not in self.eos]
-            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
-        return RolloutBatch(
-            sequences=seqs, attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
-            prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished, entropy=entropy,
-        )
+        entropy = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+        return resp, logprobs, entropy
 
     def exact_logprobs(self, sampling: SamplingConfig) -> bool:
         """True when the returned logprobs (and entropy) are what a float32 forward pass of the policy at the
@@ -102,3 +201,17 @@ class HFRollout:
 
     def update_weights(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """The rollout shares the policy's module: weights are already current."""
+
+
+def _inverse_cdf_sample(probs: Tensor) -> Tensor:
+    """One token per row of probs [B, V] (rows need not sum to exactly 1): the first index whose cumulative
+    probability exceeds u * total, u ~ U[0, 1). A zero-probability token is never drawn: its cumulative value
+    equals its predecessor's, so it is never the first to exceed the threshold. -> [B]"""
+    cdf = probs.cumsum(-1)  # [B, V], non-decreasing
+    u = torch.rand((probs.shape[0], 1), device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(1)  # [B]
+    over = tok >= probs.shape[1]  # u * total rounded up to total: the last token with probability > 0
+    if bool(over.any()):
+        last = probs.shape[1] - 1 - (probs[over] > 0).flip(-1).int().argmax(-1)
+        tok = tok.masked_scatter(over, last)
+    return tok
