@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether bench", description=__doc__.strip().splitlines()[0])
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,rm,dpo,rl")
     p.add_argument("--repeats", type=int, default=None, help="alternating runs per library and stage (default 3; 1 with --quick)")
-    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    p.add_argument("--precision", default="auto", help="comma-separated: fp32,bf16 (auto: fp32, and bf16 where the CPU has bf16 instructions)")
     p.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the harness")
     p.add_argument("--tether-only", action="store_true", help="do not run TRL even if it is installed")
     p.add_argument("--dir", default="", help="workload folder (default: a cached folder in the temp dir)")
@@ -201,13 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     precs = [s.strip() for s in args.precision.split(",") if s.strip()]
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if precs == ["auto"]:
+        from tether.models import cpu_has_bf16
+
+        precs = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+        if len(precs) == 1:
+            import torch
+
+            log(f"bf16 rows skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 instructions, so torch "
+                "emulates bf16 matmuls (~100x slower than fp32) for both libraries; --precision fp32,bf16 runs them anyway")
     for s in stages:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
     repeats = args.repeats or (1 if args.quick else 3)
     w = Workload().quick() if args.quick else Workload()
     with_trl = have_trl() and not args.tether_only
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if not with_trl:
         log("TRL is not installed (pip install -r benchmarks/requirements.txt): tether only")
     d = Path(args.dir or Path(tempfile.gettempdir()) / "tether-bench-workload")

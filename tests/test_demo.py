@@ -134,7 +134,7 @@ def test_second_pretrain_is_cached(quick_run):
     pre = json.loads((quick_run / "pretrain" / "summary.json").read_text())
     keys = [o.split(".", 1)[1] for o in QUICK if o.startswith("pretrain.")]
     # the demo's precision (it sets the pretraining engine's; the cache key depends on it)
-    cfg = load_config(PretrainConfig, None, keys + ["engine.device=cpu", "engine.threads=2", f"engine.precision={DemoConfig().precision}"])
+    cfg = load_config(PretrainConfig, None, keys + ["engine.device=cpu", "engine.threads=2", f"engine.precision={DemoConfig().resolved_precision}"])
     t = time.perf_counter()
     res = train(cfg)
     assert res["cached"] and res["model"] == pre["model"]

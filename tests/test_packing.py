@@ -21,13 +21,11 @@ def test_pack_layout_by_hand():
     assert pb.segments == [(0, 2, 0, 0), (2, 3, 0, 1), (3, 5, 0, 0)]
     # without groups nothing is shared, only padding goes
     assert pack([[1, 2], [1, 2, 3]]).input_ids.tolist() == [[1, 2, 1, 2, 3]]
-    # attention batches: the root [1, 2, 3, 4]; the member [5, 6] over keys [1, 2] + [5, 6], causal on its own
+    # one causal attention batch: the root [1, 2, 3, 4]; each member's row is the shared prefix's positions
+    # [0, 1] then its own, padded by repeating the last; outputs are taken at its own positions only
     plan = pack([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 7]], groups=[0, 0, 0]).plan("cpu")
-    assert plan.r_idx.tolist() == [[0, 1, 2, 3]] and plan.m_q.tolist() == [[4, 5], [6, 6]]
-    assert plan.m_k.tolist() == [[0, 1, 4, 5], [0, 1, 6, 6]] and plan.m_sel.tolist() == [0, 1, 2]  # real query rows of [[4, 5], [6, pad]]
-    assert plan.m_mask[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
-    assert plan.m_mask[1, 0].tolist() == [[True, True, True, False], [True, True, True, False]]  # padded query repeats row 0
-    assert plan.inverse.tolist() == list(range(7))
+    assert plan.idx.tolist() == [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 6]]
+    assert plan.sel.tolist() == [0, 1, 2, 3, 6, 7, 10]  # packed tokens 0..6 in S x L = 3 x 4
 
 
 def test_pack_padded_rejects_holes():

@@ -51,7 +51,7 @@ class DemoConfig:
     seed: int = doc(0, "random seed of every stage")
     base_model: str = doc("", "a local HF causal LM to start from instead of pretraining (e.g. an imported SmolLM2)")
     threads: int = doc(0, "torch CPU threads (0 = torch's default: the number of cores)")
-    precision: str = doc("bf16", "fp32 or bf16 (bf16 autocast, fp32 master weights; ~1.6x less CPU time per training step on CPUs with bf16 instructions)")
+    precision: str = doc("auto", "fp32, bf16 (autocast, fp32 master weights; ~1.6x less CPU time per training step on CPUs with bf16 instructions) or auto: bf16 where the CPU has bf16 instructions (AVX512-BF16/AMX), else fp32 (emulated bf16 is ~100x slower)")
     corpora: tuple[str, ...] = doc(("movie_reviews", "sentence_polarity"), "review corpora for prompts (and pretraining)")
     prompt_words: tuple[int, int] = doc((2, 8), "a prompt is the first n words of a review, n uniform in this range")
     completion_words: int = doc(14, "SFT completions: the rest of the review's first sentence, at most this many words")
@@ -86,10 +86,19 @@ class DemoConfig:
     pretrain: PretrainConfig = sub(PretrainConfig, "phase 0 (`tether pretrain`), skipped with base_model")
     annotators: AnnotatorConfig = sub(AnnotatorConfig, "the simulated annotators")
 
+    @property
+    def resolved_precision(self) -> str:
+        """fp32 or bf16: what `auto` means on this machine."""
+        if self.precision != "auto":
+            return self.precision
+        from tether.models import cpu_has_bf16
+
+        return "bf16" if cpu_has_bf16() else "fp32"
+
     def validate(self, p: str = "") -> None:
         lo, hi = self.prompt_words
         check(1 <= lo <= hi, f"{p}prompt_words", "must be (min, max) with 1 <= min <= max")
-        check(self.precision in ("fp32", "bf16"), f"{p}precision", "must be fp32 or bf16")
+        check(self.precision in ("auto", "fp32", "bf16"), f"{p}precision", "must be auto, fp32 or bf16")
         check(self.samples_per_prompt >= 2, f"{p}samples_per_prompt", "must be >= 2 (pairs are compared)")
         check(0 < self.rm_eval_fraction < 1, f"{p}rm_eval_fraction", "must be in (0, 1)")
         check(len(self.bon_n) > 0 and min(self.bon_n) >= 1, f"{p}bon_n", "must be positive integers")
@@ -234,7 +243,7 @@ class Models:
 
         import torch
 
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.precision == "bf16" else contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.resolved_precision == "bf16" else contextlib.nullcontext()
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         from tether.data import encode_prompt
@@ -256,7 +265,7 @@ class Models:
 
         torch.manual_seed(seed)
         sampling = SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0)
-        rollout = HFRollout(model, self.tok, "cpu", torch.bfloat16 if self.cfg.precision == "bf16" else None)
+        rollout = HFRollout(model, self.tok, "cpu", torch.bfloat16 if self.cfg.resolved_precision == "bf16" else None)
         ids = self.encode(prompts)
         rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
         pad = pad_id(self.tok)
@@ -354,7 +363,7 @@ class Demo:
         from tether.config import EngineConfig
 
         e = e or EngineConfig()
-        return dataclasses.replace(e, device="cpu", threads=self.cfg.threads, precision=self.cfg.precision)
+        return dataclasses.replace(e, device="cpu", threads=self.cfg.threads, precision=self.cfg.resolved_precision)
 
     def sft(self, base: str) -> dict:
         from tether.algo.sft import SFTConfig, train

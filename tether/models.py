@@ -33,11 +33,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX). Without them torch emulates bf16
+    matmuls: on an AVX2 EPYC, [1024, 256] @ [256, 1024] ran at 1.1 GFLOP/s in bf16 against 153 in float32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - an older torch without the probes
+        return False
+
+
+_warned_bf16 = False
+
+
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting (None = full fp32). Master weights stay fp32."""
+    global _warned_bf16
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_has_bf16() and not _warned_bf16:
+            import warnings
+
+            _warned_bf16 = True
+            warnings.warn(f"precision=bf16 on a CPU without bf16 instructions ({torch.backends.cpu.get_cpu_capability()}): "
+                          "torch emulates bf16 matmuls, about 100x slower than float32 here; use precision=fp32", stacklevel=2)
         return torch.bfloat16
     # auto: bf16 on GPUs that support it; fp32 on CPU (bf16 on CPU is opt-in: precision=bf16)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

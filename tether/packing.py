@@ -13,8 +13,9 @@ hidden state for a token from the same prefix, so every output equals the padded
 rounding), while the linear layers - most of the FLOPs - see no padding and no repeated prompt.
 
 Attention (`tether_packed`, registered in transformers' AttentionInterface; outside a packed forward it
-is plain `sdpa`) gathers the segments into two padded SDPA batches, roots and members, so padding
-exists only inside the attention core, never in the projections and MLPs. The model's own code does everything
+is plain `sdpa`) gathers the segments into one padded causal SDPA batch, each member preceded by its
+shared prefix's keys (and, to line the causal mask up, the prefix's queries again), so padding and the
+repeated prompt exist only inside the attention core, never in the projections and MLPs. The model's own code does everything
 else (embeddings, positions from `position_ids`, norms, MLPs), so any architecture whose attention goes
 through the interface works. `enable_packing` refuses configurations the segment attention does not
 model (sliding windows, soft-capping), and a packed forward that never reached the segment attention
@@ -42,54 +43,29 @@ _ACTIVE: contextvars.ContextVar["PackedBatch | None"] = contextvars.ContextVar("
 
 @dataclass
 class _Plan:
-    """Segments gathered into two padded attention batches: roots (causal over themselves) and members
-    (all of their shared prefix, then causal over themselves). Padding exists only inside attention;
-    padded query rows repeat a real one and are dropped, so no row is ever fully masked.
+    """Every segment as one row of a single causal SDPA batch: the positions of its shared prefix, then its
+    own, padded at the end by repeating the last. A member's queries over the prefix are the root's prompt
+    queries again (recomputed inside the attention core only; those outputs are dropped), so under SDPA's
+    plain causal mask its own query t sees the whole prefix and its own keys up to t, which is exactly its
+    attention: no mask tensor, one kernel call, and causal kernels skip the blocks above the diagonal.
+    Padding columns come after every real one, so no real query sees them.
 
-    roots    r_idx [Sr, Lr] packed positions, r_sel the flat positions of its real rows in Sr x Lr
-    members  m_q [Sm, Lq] query positions, m_k [Sm, Lk] key positions (prefix then own), m_mask [Sm, 1, Lq, Lk],
-             m_sel the flat positions of the real query rows in Sm x Lq
-    inverse  [N]: position of each packed token in cat(root outputs, member outputs)
+    idx  [S, L] packed positions of each segment's keys (= queries)
+    sel  [N] flat position in S x L of each packed token's output, in packed order
     """
 
-    r_idx: Tensor | None
-    r_sel: Tensor | None
-    m_q: Tensor | None
-    m_k: Tensor | None
-    m_sel: Tensor | None
-    m_mask: Tensor | None
-    inverse: Tensor
+    idx: Tensor
+    sel: Tensor
 
     @staticmethod
     def build(segments: list[tuple[int, int, int, int]], n: int, device) -> "_Plan":
-        def rows(ranges: list[list[int]]) -> tuple[Tensor, Tensor]:
-            """-> (ranges padded by repeating their last entry [S, L], flat positions of the real entries)."""
-            width = max(len(r) for r in ranges)
-            idx = torch.tensor([r + [r[-1]] * (width - len(r)) for r in ranges], dtype=torch.long)
-            valid = torch.arange(width)[None, :] < torch.tensor([len(r) for r in ranges])[:, None]
-            return idx, valid.reshape(-1).nonzero().squeeze(1)
-
-        roots = [list(range(q0, q1)) for q0, q1, p0, p1 in segments if p1 == p0]
-        members = [(q0, q1, p0, p1) for q0, q1, p0, p1 in segments if p1 > p0]
-        order = []
-        r_idx = r_sel = m_q = m_k = m_sel = m_mask = None
-        if roots:
-            r_idx, r_sel = rows(roots)
-            order.append(r_idx.reshape(-1)[r_sel])
-        if members:
-            m_q, m_sel = rows([list(range(q0, q1)) for q0, q1, _, _ in members])
-            m_k, _ = rows([list(range(p0, p1)) + list(range(q0, q1)) for q0, q1, p0, p1 in members])
-            share = torch.tensor([p1 - p0 for _, _, p0, p1 in members])[:, None, None]  # [Sm, 1, 1]
-            length = torch.tensor([q1 - q0 for q0, q1, _, _ in members])[:, None, None]
-            i = torch.minimum(torch.arange(m_q.shape[1])[None, :, None], length - 1)  # padded queries repeat the last
-            j = torch.arange(m_k.shape[1])[None, None, :]
-            m_mask = ((j < share) | ((j >= share) & (j - share <= i) & (j - share < length)))[:, None]  # [Sm, 1, Lq, Lk]
-            order.append(m_q.reshape(-1)[m_sel])
-        pos = torch.cat(order)
-        inverse = torch.empty(n, dtype=torch.long)
-        inverse[pos] = torch.arange(n)
-        to = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return _Plan(to(r_idx), to(r_sel), to(m_q), to(m_k), to(m_sel), to(m_mask), inverse.to(device))
+        rows = [list(range(p0, p1)) + list(range(q0, q1)) for q0, q1, p0, p1 in segments]
+        width = max(len(r) for r in rows)
+        idx = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.long)
+        # the segments tile [0, n) in order, so their own outputs in segment order are the packed order
+        sel = torch.cat([i * width + (p1 - p0) + torch.arange(q1 - q0) for i, (q0, q1, p0, p1) in enumerate(segments)])
+        assert sel.numel() == n
+        return _Plan(idx.to(device), sel.to(device))
 
 
 @dataclass
@@ -242,18 +218,10 @@ def _segment_attention(layout: "PackedBatch", query: Tensor, key: Tensor, value:
     if n_rep > 1:
         key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     plan = layout.plan(query.device)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
-    outs = []
+    q, k, v = (_take(t[0].transpose(0, 1), plan.idx) for t in (query, key, value))  # [N, H, D] -> [S, H, L, D]
     # index_select everywhere: its backward is index_add, where fancy indexing's would be a sorting index_put
-    if plan.r_idx is not None:  # [Sr, H, Lr, D], causal within each root
-        o = F.scaled_dot_product_attention(*(_take(t, plan.r_idx) for t in (q, k, v)), dropout_p=dropout, is_causal=True, scale=scaling)
-        outs.append(_rows(o, plan.r_sel))  # [n_r, H, D]
-    if plan.m_q is not None:  # queries [Sm, H, Lq, D] over keys [Sm, H, Lk, D]: shared prefix, then causal
-        o = F.scaled_dot_product_attention(_take(q, plan.m_q), _take(k, plan.m_k), _take(v, plan.m_k),
-                                           attn_mask=plan.m_mask, dropout_p=dropout, scale=scaling)
-        outs.append(_rows(o, plan.m_sel))  # [n_m, H, D]
-    out = (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, plan.inverse)  # [N, H, D]
-    return out[None], None  # [1, N, H, D]
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    return _rows(o, plan.sel)[None], None  # [1, N, H, D]
 
 
 def _take(t: Tensor, idx: Tensor) -> Tensor:
