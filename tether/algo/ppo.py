@@ -81,7 +81,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig(SamplingConfig):
-    backend: str = doc("hf", "sampler: hf (model.generate with the KV cache) or vllm")
+    backend: str = doc("hf", "sampler: hf (the policy module itself, static KV cache, each distinct prompt encoded once) or vllm")
     reuse_logprobs: Literal["auto", "off"] = doc("auto", "auto: take the old-policy logprobs and entropy from the sampler when they are exact (the hf sampler, float32, no top-p/top-k/min_new_tokens), skipping a forward pass; off: always recompute")
 
 

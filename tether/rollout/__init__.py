@@ -1,4 +1,4 @@
-"""Rollouts: the sampling seam. `HFRollout` (model.generate with the KV cache) is the default;
+"""Rollouts: the sampling seam. `HFRollout` (a decoding loop over a Hugging Face model with a static KV cache) is the default;
 a vLLM rollout (tether.dist.vllm_rollout) implements the same protocol."""
 
 import importlib

@@ -122,7 +122,8 @@ class HFRollout:
         B, P = ids.shape
         R = sampling.max_new_tokens
         cache = StaticCache(config=model.config, max_cache_len=P + R)
-        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes kwargs on
+        cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # renamed in transformers 5
         seq = torch.cat([ids, torch.full((B, R), self.pad, dtype=ids.dtype, device=ids.device)], 1)  # [B, P+R]
         attn = torch.cat([mask, torch.zeros((B, R), dtype=mask.dtype, device=mask.device)], 1)  # [B, P+R]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P] positions from the first real token, as generate
