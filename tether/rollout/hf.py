@@ -8,7 +8,7 @@ of a small model's sampling time on a CPU (64 x 32 tokens, 4x256 GPT-2: 0.90 s -
 - a token is drawn by inverse-CDF sampling (one uniform number per row) instead of `torch.multinomial`,
   which draws an exponential per vocabulary entry (64 x 4,096 per step).
 Greedy decoding gives `generate`'s tokens exactly (tested); sampling draws from the same distribution, not
-the same tokens. Models that do not declare static-cache support use `model.generate`.
+the same tokens. Models that do not declare static-cache support, and FSDP-sharded ones, use `model.generate`.
 """
 
 from __future__ import annotations
@@ -85,12 +85,14 @@ class HFRollout:
         )
 
     def _own_loop(self) -> bool:
-        """The model declares static-cache support (transformers' `_can_compile_fullgraph`)."""
+        """The model declares static-cache support (transformers' `_can_compile_fullgraph`) and is not sharded:
+        under FSDP, `generate` runs through the sharded root unit with every rank in lock-step (synced_gpus),
+        which this loop (it stops when its own rows are done) does not do."""
         try:
             from transformers import StaticCache  # noqa: F401
         except ImportError:
             return False
-        return bool(getattr(self.model, "_can_compile_fullgraph", False))
+        return bool(getattr(self.model, "_can_compile_fullgraph", False)) and not getattr(self.model, "_is_fsdp_managed_module", False)
 
     def _processors(self, sampling: SamplingConfig, prompt_length: int):
         """transformers' logits processors in `generate`'s order: min_new_tokens, then the sampling warpers."""
