@@ -139,3 +139,29 @@ def test_second_pretrain_is_cached(quick_run):
     res = train(cfg)
     assert res["cached"] and res["model"] == pre["model"]
     assert time.perf_counter() - t < 5
+
+
+def test_cut_responses_are_scored_with_the_eos_their_training_records_had(tiny_gpt2):
+    """The RM is trained on text records (EOS appended to every response): a response cut at max_new_tokens
+    is scored with that EOS too, and an RM score of a cut row equals the score of the same text + EOS."""
+    import torch
+
+    from tether.demo import _as_trained
+    from tether.models import load_scalar_model, load_tokenizer, sequence_scores
+    from tether.types import RolloutBatch
+
+    tok = load_tokenizer(tiny_gpt2)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # row 0 ended with EOS after 2 tokens; row 1 was cut after 3 (prompt [7, 8], left-padded in row 1)
+    seqs = torch.tensor([[7, 8, 40, eos, pad], [pad, 9, 41, 42, 43]])
+    attn = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    ro = RolloutBatch(sequences=seqs, attention_mask=attn, response_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), logprobs=torch.zeros(2, 3),
+                      prompt_length=2, finished=torch.tensor([True, False]))
+    s, a = _as_trained(ro, eos, pad)
+    assert s.tolist() == [[7, 8, 40, eos, pad, pad], [pad, 9, 41, 42, 43, eos]]
+    assert a.tolist() == [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]]
+    rm = load_scalar_model(tiny_gpt2, pad_token_id=pad).eval()
+    with torch.no_grad():
+        scores = sequence_scores(rm, s, a)
+        alone = sequence_scores(rm, torch.tensor([[9, 41, 42, 43, eos]]), torch.ones(1, 5, dtype=torch.long))
+    assert torch.allclose(scores[1], alone[0], atol=1e-5)
