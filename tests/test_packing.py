@@ -176,3 +176,40 @@ def test_on_off_overrides_are_not_read_as_booleans():
     assert load_config(PPOConfig, None, ["engine.padding_free=on", "reward.fn=m:f"]).engine.padding_free == "on"
     with pytest.raises(ConfigError, match="'engine.padding_free': must be one of auto, on, off; got 'sometimes'"):
         load_config(PPOConfig, None, ["engine.padding_free=sometimes", "reward.fn=m:f"])
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_last_mlp_runs_on_the_used_positions_only(arch, request):
+    """A reward model's packed pass runs its last layer's MLP on the pooled tokens only (the other layers on
+    every packed token), a LM pass on the scoring positions only; the MLP's own forward comes back after."""
+    from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
+    from tether.packing import _last_mlp, enable_packing, pack_padded
+
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    ids, mask, targets, groups = _pairs(len(tok), tok.pad_token_id)
+    pb = pack_padded(ids, mask, groups)
+    n = pb.n
+    for model in (load_scalar_model(path, pad_token_id=tok.pad_token_id), load_causal_lm(path)):
+        enable_packing(model)
+        body = model.base_model
+        last = _last_mlp(body)
+        first = next(m.mlp for m in body.modules() if type(m).__name__ in body._no_split_modules)
+        assert last is not None and first is not last
+        rows = {}
+        # the MLPs' first projection (GPT-2 c_fc, Llama gate_proj) sees the rows the MLP computes on
+        hooks = [next(m.children()).register_forward_hook(lambda mod, a, out, k=k: rows.__setitem__(k, a[0].shape[1]))
+                 for k, m in (("first", first), ("last", last))]
+        if hasattr(model, "score"):
+            sequence_scores(model, ids, mask, groups=groups)
+            used = len(ids)  # one pooled token per row
+        else:
+            causal_logprobs(model, ids, mask, targets=targets, groups=groups)
+            # position t-1 predicts target t; a pair's shared prompt's last token predicts both first response tokens
+            scored = (targets[:, 1:] != 0) & (pb.index[:, 1:] >= 0)
+            used = pb.index[:, :-1][scored].unique().numel()
+            assert used < int(scored.sum())
+        for h in hooks:
+            h.remove()
+        assert rows == {"first": n, "last": used} and used < n
+        assert "forward" not in vars(last)

@@ -198,7 +198,8 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     if packing_enabled(model):
         pb = pack_padded(input_ids, attention_mask, groups)
-        h = packed_hidden(backbone(model), pb)[pb.index[rows, last]]  # [B, H]
+        pooled = pb.index[rows, last]  # [B] packed positions of the scored tokens
+        h = packed_hidden(backbone(model), pb, used=pooled)[pooled]  # [B, H]
     else:
         hidden = backbone(model)(**_inputs(input_ids, attention_mask, None), use_cache=False).last_hidden_state
         h = hidden[rows, last]  # [B, H]
@@ -262,13 +263,14 @@ def causal_logprobs(
 
 def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature, with_entropy, targets, groups):
     pb = pack_padded(input_ids, attention_mask, groups)
-    hidden = packed_hidden(backbone(model), pb)  # [N, H]
     K = num_response if num_response > 0 else input_ids.shape[1] - 1  # scored columns: the last K
     pred = pb.index[:, -K - 1 : -1]  # [B, K] packed position of the token that predicts each scored one
     sel = (pb.index[:, -K:] >= 0) & (pred >= 0)  # real token with a real predecessor
     if targets is not None and num_response == 0:
         sel = sel & (targets[:, -K:] != 0)
-    return _head_at(model, hidden[pred[sel]], input_ids[:, -K:][sel], sel, temperature, with_entropy, num_response == 0)
+    used = pred[sel]  # [n] a shared prompt's last token predicts every sample's first token: repeats allowed
+    hidden = packed_hidden(backbone(model), pb, used=torch.unique(used))  # [N, H], meaningful at `used`
+    return _head_at(model, hidden[used], input_ids[:, -K:][sel], sel, temperature, with_entropy, num_response == 0)
 
 
 def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, with_entropy: bool, full: bool) -> tuple[Tensor, Tensor | None]:
