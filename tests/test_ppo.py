@@ -200,6 +200,21 @@ def test_reused_sampler_logprobs_equal_a_recomputed_pass(tiny_gpt2, tmp_path):
     assert read_metrics(tmp_path / "topk" / "run")[0]["rollout/logprobs_reused"] == 0.0
 
 
+def test_fused_value_pass_equals_a_separate_pass(tiny_gpt2, tmp_path):
+    """A whole-batch minibatch: the critic's first step gives the old values (no separate no-grad pass), and
+    every loss, value statistic and reward over 3 iterations x 2 epochs equals the separate pass's run."""
+    common = ["max_steps=3", "ppo.epochs=2", "batch_size=8", "ppo.minibatch_size=0"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "fused", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "pass", *common, "critic.fuse_value_pass=off"))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "minibatches", "max_steps=1", "batch_size=8"))  # minibatch 4 of 8: a pass
+    a, b = read_metrics(tmp_path / "fused" / "run"), read_metrics(tmp_path / "pass" / "run")
+    assert [r["value/fused_pass"] for r in a] == [1.0] * 3 and [r["value/fused_pass"] for r in b] == [0.0] * 3
+    assert read_metrics(tmp_path / "minibatches" / "run")[0]["value/fused_pass"] == 0.0
+    for key in ("loss/value", "value/explained_variance", "value/mean", "loss/policy", "policy/approx_kl", "objective/kl", "rewards/raw_mean"):
+        for ra, rb in zip(a, b):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+
+
 # ----------------------------------------------------------------------------------------------
 # Group baselines, reward models, config errors
 

@@ -137,7 +137,8 @@ class Experience(Batch):
     response_mask: Tensor  # [B, R] float
     logprobs: Tensor  # [B, R] old-policy logprobs (trainer's forward at rollout time)
     ref_logprobs: Tensor  # [B, R]
-    values: Tensor  # [B, R] old value estimates (zeros when there is no critic)
-    advantages: Tensor  # [B, R]
-    returns: Tensor  # [B, R]
+    values: Tensor | None  # [B, R] old value estimates (zeros when there is no critic; None until the critic's first step computes them)
+    advantages: Tensor | None  # [B, R] (None with values)
+    returns: Tensor | None  # [B, R] (None with values)
     prompt_length: int = 0  # P
+    rewards: Tensor | None = None  # [B, R] KL-shaped per-token rewards (GAE's input)

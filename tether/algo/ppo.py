@@ -47,6 +47,7 @@ from tether.algo.common import disable_dropout, sampler_and_step, start_run, tot
 from tether.checkpoint import save_model_folder
 from tether.config import ConfigError, RunConfig, check, cli_main, doc, sub, to_dict
 from tether.engine import make_engine
+from tether.engine.local import LocalEngine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.packing import prompt_groups
@@ -109,6 +110,7 @@ class KLConfig:
 class CriticConfig:
     init: Literal["auto", "reward_model", "policy"] = doc("auto", "value model initialised from the reward model (Ouyang et al. 2022) or the policy; auto = reward model when there is one")
     lr: float = doc(0.0, "critic learning rate (0 = optim.lr)")
+    fuse_value_pass: Literal["auto", "off"] = doc("auto", "auto: when a critic step covers the whole rollout batch (ppo.minibatch_size 0 or >= the batch) and the critic is in this process, take the old values from that step's forward instead of a separate no-grad pass (same numbers, one pass fewer); off: always a separate pass")
 
     def validate(self, p: str) -> None:
         check(self.lr >= 0, f"{p}lr", "must be >= 0")
@@ -236,8 +238,12 @@ def _values(model, b, R: int) -> Tensor:
 
 
 @torch.no_grad()
-def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Scorer, cfg: PPOConfig, kl_coef: float) -> tuple[Experience, dict[str, float], RolloutBatch, Tensor]:
-    """Rollout, score, forward passes, KL-shaped rewards and advantages. -> (experience, metrics, rollout, scores)."""
+def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Scorer, cfg: PPOConfig, kl_coef: float,
+                    fuse_values: bool = False) -> tuple[Experience, dict[str, float], RolloutBatch, Tensor]:
+    """Rollout, score, forward passes, KL-shaped rewards and advantages. -> (experience, metrics, rollout, scores).
+
+    fuse_values: skip the critic's pass; the experience then has values, advantages and returns None, and
+    `ppo_update` computes them in the critic's first training step (`fused_value_step`)."""
     timing: dict[str, float] = {}
     t = time.perf_counter()
     ro = rollout.generate(prompts, cfg.rollout)
@@ -263,9 +269,10 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         logprobs, entropy = policy.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=True, groups=_groups(b)))
     ref_logprobs, _ = ref.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=_groups(b)))
     logprobs, entropy, ref_logprobs = logprobs.cpu() * mask, entropy.cpu(), ref_logprobs.cpu() * mask
-    if critic is not None:
+    fuse_values = fuse_values and critic is not None
+    if critic is not None and not fuse_values:
         values = critic.forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask
-    else:
+    elif critic is None:
         values = torch.zeros_like(logprobs)
     timing["timing/forward"] = time.perf_counter() - t
 
@@ -273,13 +280,15 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     kl = kl_estimate(logprobs, ref_logprobs, cfg.kl.kind) * mask  # [B, R]
     rewards, non_score = kl_shaped_rewards(scores, kl, mask, kl_coef)
     kind = cfg.advantage_kind
-    if kind.needs_critic:
-        advantages, returns = gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    if fuse_values:
+        values = advantages = returns = None  # from the critic's first training step
+    elif kind.needs_critic:
+        advantages, returns = critic_advantages(rewards, values, mask, cfg)
     else:  # a group baseline on the whole-sequence KL-shaped return
         advantages = group_advantages(rewards.sum(-1), cfg.samples_per_prompt, kind)[:, None] * mask
         returns = torch.zeros_like(advantages)
-    if cfg.ppo.whiten_advantages:
-        advantages = whiten_advantages(advantages, mask)
+        if cfg.ppo.whiten_advantages:
+            advantages = whiten_advantages(advantages, mask)
 
     lengths = mask.sum(-1)
     k1 = kl_estimate(logprobs, ref_logprobs, KLEstimator.K1) * mask
@@ -301,14 +310,50 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     } | timing
     if not reuse:  # sampler vs trainer logprobs of the same tokens (0 up to rounding for the hf sampler)
         metrics["rollout/logprob_drift"] = float(masked_mean((ro.logprobs.cpu() - logprobs).abs(), mask))
-    if critic is not None:
-        metrics["value/explained_variance"] = float(explained_variance(values, returns, mask))
-        metrics["value/mean"] = float(masked_mean(values, mask))
+    if values is not None and critic is not None:
+        metrics |= value_metrics(values, returns, mask)
     exp = Experience(
         sequences=ro.sequences, attention_mask=ro.attention_mask, response_mask=mask, logprobs=logprobs,
         ref_logprobs=ref_logprobs, values=values, advantages=advantages, returns=returns, prompt_length=ro.prompt_length,
+        rewards=rewards,
     )
     return exp, metrics, ro, raw
+
+
+def critic_advantages(rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
+    """GAE(gamma, lambda) advantages (whitened when ppo.whiten_advantages) and returns. [B, R] each."""
+    advantages, returns = gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    if cfg.ppo.whiten_advantages:
+        advantages = whiten_advantages(advantages, mask)
+    return advantages, returns
+
+
+def value_metrics(values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, float]:
+    return {"value/explained_variance": float(explained_variance(values, returns, mask)), "value/mean": float(masked_mean(values, mask))}
+
+
+def fused_value_step(exp: Experience, critic, cfg: PPOConfig) -> tuple[Experience, dict[str, float]]:
+    """The critic's first step over the whole batch, whose forward also gives the old values: before any
+    update they are exactly what make_experience's no-grad pass would have computed. GAE is per row, so
+    each micro-batch gets its returns from its own values; the value clip is inactive (values == old).
+    -> (experience with values, advantages and returns, the step's metrics)."""
+    num_tokens = critic.global_sum(float(exp.response_mask.sum()))
+    old: list[Tensor] = []  # per micro-batch, in order (Batch.split keeps the order)
+
+    def loss_fn(model, mb: Experience):
+        R = mb.response_mask.shape[1]
+        values = _values(model, mb, R)
+        v_old = values.detach().float() * mb.response_mask
+        _, returns = gae(mb.rewards, v_old, mb.response_mask, cfg.ppo.gamma, cfg.ppo.lam)
+        old.append(v_old.cpu())
+        loss, metrics = value_loss(values, v_old, returns, mb.response_mask, num_tokens, cfg.ppo.value_clip)
+        return cfg.ppo.vf_coef * loss, metrics
+
+    m = critic.train_step(exp, loss_fn)
+    values = torch.cat(old)
+    advantages, returns = critic_advantages(exp.rewards, values, exp.response_mask, cfg)
+    exp = dataclasses.replace(exp, values=values, advantages=advantages, returns=returns)
+    return exp, m | value_metrics(values, returns, exp.response_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,13 +392,20 @@ def value_loss_fn(cfg: PPOConfig, num_tokens: float):
     return loss_fn
 
 
-def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) -> dict[str, float]:
+def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) -> tuple[dict[str, float], Experience]:
     """ppo.epochs passes over shuffled minibatches; early stop on approx KL; stops at a non-finite step.
 
-    The shuffle is seeded by (seed, iteration), so a resumed run draws the same minibatches.
+    The shuffle is seeded by (seed, iteration), so a resumed run draws the same minibatches. An experience
+    without values (make_experience(fuse_values=True)) gets them from the critic's first step, which then
+    stands for the critic's step of the first (whole-batch) minibatch. -> (metrics, the experience).
     """
     n = len(exp)
     mbs = cfg.ppo.minibatch_size or n
+    fused: dict[str, float] | None = None
+    if exp.values is None:
+        if mbs < n:
+            raise ValueError("an experience without values needs a whole-batch minibatch (ppo.minibatch_size 0 or >= the batch)")
+        exp, fused = fused_value_step(exp, critic, cfg)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
     poison = FAULT_HOOK is not None and FAULT_HOOK(iteration)
     parts: list[dict[str, float]] = []
@@ -366,7 +418,7 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) 
             m = policy.train_step(mb, policy_loss_fn(cfg, num_tokens, poison))
             m = {f"{k}_policy" if k.startswith("optim/") else k: v for k, v in m.items()}
             if critic is not None:
-                mv = critic.train_step(mb, value_loss_fn(cfg, num_tokens))
+                mv = fused if fused is not None and epoch == 0 else critic.train_step(mb, value_loss_fn(cfg, num_tokens))
                 m |= {f"{k}_value" if k.startswith("optim/") else k: v for k, v in mv.items()}
             parts.append(m)
             if any(k.startswith("optim/skipped") and v > 0 for k, v in m.items()) or not all(math.isfinite(v) for v in m.values()):
@@ -380,7 +432,11 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) 
     keys = {k for p in parts for k in p}
     out = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
     out |= {"ppo/epochs": epoch + 1, "ppo/minibatch_steps": len(parts), "ppo/early_stop": float(early), "guard/nonfinite": float(bad)}
-    return out
+    if critic is not None:
+        out["value/fused_pass"] = float(fused is not None)
+    if fused is not None:
+        out |= {k: fused[k] for k in ("value/explained_variance", "value/mean")}
+    return out, exp
 
 
 @torch.no_grad()
@@ -448,6 +504,9 @@ def train(cfg: PPOConfig) -> dict:
         critic = make_engine(critic_model, cfg.engine, critic_optim, total_steps=optim_steps)
     rollout = rollout_class(cfg.rollout.backend)(policy.unwrapped_model(), tok, policy.device, getattr(policy, "autocast_dtype", None))
 
+    # the critic's first step stands for its old-value pass when it covers the whole batch in this process
+    fuse_values = (critic is not None and cfg.critic.fuse_value_pass == "auto" and isinstance(critic, LocalEngine)
+                   and (cfg.ppo.minibatch_size == 0 or cfg.ppo.minibatch_size >= rows))
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.coef)
     engines = {"policy": policy} | ({"value": critic} if critic is not None else {})
     sampler, step, state = sampler_and_step(cfg, ckpt, engines, len(prompt_ids))
@@ -465,12 +524,13 @@ def train(cfg: PPOConfig) -> dict:
         # 1-4. rollout, score, forward passes, advantages
         idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]  # G copies, contiguous
         batch = collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx])
-        exp, metrics, ro, raw = make_experience(batch, rollout, policy, ref, critic, scorer, cfg, kl_ctl.value)
+        exp, metrics, ro, raw = make_experience(batch, rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values)
 
         # 5. update, 6. guarded
         t = time.perf_counter()
         snap = {name: e.snapshot() for name, e in engines.items()} if cfg.ppo.rollback else None
-        metrics |= ppo_update(exp, policy, critic, cfg, step)
+        update, exp = ppo_update(exp, policy, critic, cfg, step)
+        metrics |= update
         bad = metrics["guard/nonfinite"] > 0
         if cfg.kl.max > 0 and not bad:
             metrics["guard/kl_after_update"] = kl_after_update(policy, exp, cfg)
