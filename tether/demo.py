@@ -308,7 +308,7 @@ def _as_trained(ro, eos: int, pad: int):
     import torch
 
     cut = ~ro.finished if ro.finished is not None else torch.zeros(len(ro.sequences), dtype=torch.bool)
-    extra = torch.where(cut, torch.full_like(cut, eos, dtype=torch.long), torch.full_like(cut, pad, dtype=torch.long))
+    extra = torch.where(cut, eos, pad)  # [B] long
     return torch.cat([ro.sequences, extra[:, None]], 1), torch.cat([ro.attention_mask, cut.long()[:, None]], 1)
 
 

@@ -269,19 +269,20 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         logprobs, entropy = policy.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=True, groups=_groups(b)))
     ref_logprobs, _ = ref.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=_groups(b)))
     logprobs, entropy, ref_logprobs = logprobs.cpu() * mask, entropy.cpu(), ref_logprobs.cpu() * mask
-    fuse_values = fuse_values and critic is not None
-    if critic is not None and not fuse_values:
-        values = critic.forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask
-    elif critic is None:
+    if critic is None:
         values = torch.zeros_like(logprobs)
+    elif fuse_values:
+        values = None  # with advantages and returns, from the critic's first training step
+    else:
+        values = critic.forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask
     timing["timing/forward"] = time.perf_counter() - t
 
     # Per-token KL penalty in the reward (Ziegler et al. 2019, eq. 2), score on the last token.
     kl = kl_estimate(logprobs, ref_logprobs, cfg.kl.kind) * mask  # [B, R]
     rewards, non_score = kl_shaped_rewards(scores, kl, mask, kl_coef)
     kind = cfg.advantage_kind
-    if fuse_values:
-        values = advantages = returns = None  # from the critic's first training step
+    if values is None:
+        advantages = returns = None
     elif kind.needs_critic:
         advantages, returns = critic_advantages(rewards, values, mask, cfg)
     else:  # a group baseline on the whole-sequence KL-shaped return
@@ -310,7 +311,7 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     } | timing
     if not reuse:  # sampler vs trainer logprobs of the same tokens (0 up to rounding for the hf sampler)
         metrics["rollout/logprob_drift"] = float(masked_mean((ro.logprobs.cpu() - logprobs).abs(), mask))
-    if values is not None and critic is not None:
+    if critic is not None and values is not None:
         metrics |= value_metrics(values, returns, mask)
     exp = Experience(
         sequences=ro.sequences, attention_mask=ro.attention_mask, response_mask=mask, logprobs=logprobs,
@@ -432,10 +433,8 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) 
     keys = {k for p in parts for k in p}
     out = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
     out |= {"ppo/epochs": epoch + 1, "ppo/minibatch_steps": len(parts), "ppo/early_stop": float(early), "guard/nonfinite": float(bad)}
-    if critic is not None:
+    if critic is not None:  # the fused step's value/* metrics came in with the first minibatch's
         out["value/fused_pass"] = float(fused is not None)
-    if fused is not None:
-        out |= {k: fused[k] for k in ("value/explained_variance", "value/mean")}
     return out, exp
 
 

@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from tether.models import position_ids_from_mask
 from tether.rollout.base import SamplingConfig
 from tether.types import PromptBatch, RolloutBatch
 
@@ -128,7 +129,7 @@ class HFRollout:
         cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # renamed in transformers 5
         seq = torch.cat([ids, torch.full((B, R), self.pad, dtype=ids.dtype, device=ids.device)], 1)  # [B, P+R]
         attn = torch.cat([mask, torch.zeros((B, R), dtype=mask.dtype, device=mask.device)], 1)  # [B, P+R]
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P] positions from the first real token, as generate
+        pos = position_ids_from_mask(mask)  # [B, P] positions from the first real token, as generate
         logprobs = torch.zeros((B, R), device=ids.device)
         entropy = torch.zeros((B, R), device=ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
