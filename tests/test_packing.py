@@ -179,11 +179,13 @@ def test_on_off_overrides_are_not_read_as_booleans():
 
 
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
-def test_last_mlp_runs_on_the_used_positions_only(arch, request):
-    """A reward model's packed pass runs its last layer's MLP on the pooled tokens only (the other layers on
-    every packed token), a LM pass on the scoring positions only; the MLP's own forward comes back after."""
+def test_last_layer_runs_on_the_used_positions_only(arch, request):
+    """A reward model's packed pass runs its last layer's MLP, attention queries and attention output
+    projection on the pooled tokens only (the other layers on every packed token); a LM pass, which scores
+    most tokens, its last MLP on the scoring positions only; the modules' own forwards come back after."""
+    from tether import packing
     from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
-    from tether.packing import _last_mlp, enable_packing, pack_padded
+    from tether.packing import _attention_module, _last_block, enable_packing, pack_padded
 
     path = request.getfixturevalue(arch)
     tok = load_tokenizer(path)
@@ -193,23 +195,77 @@ def test_last_mlp_runs_on_the_used_positions_only(arch, request):
     for model in (load_scalar_model(path, pad_token_id=tok.pad_token_id), load_causal_lm(path)):
         enable_packing(model)
         body = model.base_model
-        last = _last_mlp(body)
-        first = next(m.mlp for m in body.modules() if type(m).__name__ in body._no_split_modules)
-        assert last is not None and first is not last
+        block = _last_block(body)
+        first = next(m for m in body.modules() if type(m).__name__ in body._no_split_modules)
+        assert block is not None and first is not block
+        out_proj = {"gpt2": "c_proj", "llama": "o_proj"}[model.config.model_type]
+        watched = {"first mlp": next(first.mlp.children()), "last mlp": next(block.mlp.children()),
+                   "first out": getattr(_attention_module(first), out_proj), "last out": getattr(_attention_module(block), out_proj)}
+        if model.config.model_type == "llama":
+            watched["last q"] = block.self_attn.q_proj
         rows = {}
-        # the MLPs' first projection (GPT-2 c_fc, Llama gate_proj) sees the rows the MLP computes on
-        hooks = [next(m.children()).register_forward_hook(lambda mod, a, out, k=k: rows.__setitem__(k, a[0].shape[1]))
-                 for k, m in (("first", first), ("last", last))]
-        if hasattr(model, "score"):
-            sequence_scores(model, ids, mask, groups=groups)
-            used = len(ids)  # one pooled token per row
-        else:
-            causal_logprobs(model, ids, mask, targets=targets, groups=groups)
-            # position t-1 predicts target t; a pair's shared prompt's last token predicts both first response tokens
-            scored = (targets[:, 1:] != 0) & (pb.index[:, 1:] >= 0)
-            used = pb.index[:, :-1][scored].unique().numel()
-            assert used < int(scored.sum())
-        for h in hooks:
-            h.remove()
-        assert rows == {"first": n, "last": used} and used < n
-        assert "forward" not in vars(last)
+
+        def seen(k, a, out):  # the MLPs' first projections (GPT-2 c_fc, Llama gate_proj): their input rows;
+            # the projections computed on some rows only (zeros elsewhere): their non-zero output rows
+            rows[k] = a[0].shape[1] if "mlp" in k else int(out[0].abs().sum(-1).ne(0).sum())
+
+        hooks = [m.register_forward_hook(lambda mod, a, out, k=k: seen(k, a, out)) for k, m in watched.items()]
+        queries = []
+        real = packing._query_attention
+        packing._query_attention = lambda qp, q, *a: queries.append(qp.rows.numel()) or real(qp, q, *a)
+        try:
+            if hasattr(model, "score"):
+                sequence_scores(model, ids, mask, groups=groups)
+                used = len(ids)  # one pooled token per row
+                expect = {"first mlp": n, "last mlp": used, "first out": n, "last out": used, "last q": used}
+                assert queries == [used]  # one restricted attention: the last layer's
+            else:
+                causal_logprobs(model, ids, mask, targets=targets, groups=groups)
+                # position t-1 predicts target t; a pair's shared prompt's last token predicts both first response tokens
+                scored = (targets[:, 1:] != 0) & (pb.index[:, 1:] >= 0)
+                used = pb.index[:, :-1][scored].unique().numel()
+                assert used < int(scored.sum()) and 4 * used > n
+                expect = {"first mlp": n, "last mlp": used, "first out": n, "last out": n, "last q": n}
+                assert queries == []  # most tokens are scored: the attention stays whole
+        finally:
+            packing._query_attention = real
+            for h in hooks:
+                h.remove()
+        assert rows == {k: v for k, v in expect.items() if k in watched} and used < n
+        assert all("forward" not in vars(m) for m in watched.values())
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_restricted_last_layer_equals_the_whole_pass_at_any_used_positions(arch, request):
+    """Used positions anywhere in the segments (several in one segment, none in others, a member's first
+    token right after its shared prefix): their final hidden states and the gradients through them equal
+    the unrestricted packed pass's."""
+    from tether import packing
+    from tether.models import load_scalar_model, load_tokenizer
+    from tether.packing import enable_packing, pack_padded, packed_hidden
+
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    ids, mask, _, groups = _pairs(len(tok), tok.pad_token_id)
+    pb = pack_padded(ids, mask, groups)
+    member_first = pb.segments[1][0]  # the first own token of a row that shares its group's prompt
+    used = torch.tensor(sorted({0, 2, 3, member_first, pb.n - 1}))
+    assert 4 * used.numel() <= pb.n and pb.segments[1][3] > pb.segments[1][2]
+    out = {}
+    for restricted in (False, True):
+        torch.manual_seed(0)
+        rm = load_scalar_model(path, pad_token_id=tok.pad_token_id)
+        enable_packing(rm)
+        calls = []
+        real = packing._query_attention
+        packing._query_attention = lambda qp, *a: calls.append(qp.mask.shape) or real(qp, *a)
+        try:
+            h = packed_hidden(rm.base_model, pb, used=used if restricted else None)[used]
+        finally:
+            packing._query_attention = real
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        out[restricted] = (h.detach(), torch.cat([p.grad.flatten() for p in rm.parameters() if p.grad is not None]))
+        assert len(calls) == int(restricted)
+    assert calls[0][2] >= 2  # one segment holds several used queries
+    torch.testing.assert_close(out[True][0], out[False][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-4)

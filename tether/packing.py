@@ -67,6 +67,39 @@ class _Plan:
         assert sel.numel() == n
         return _Plan(idx.to(device), sel.to(device))
 
+    def queries(self, rows: Tensor) -> "_Queries":
+        """The attention batch for the queries at packed positions `rows` only."""
+        L = self.idx.shape[1]
+        flat = self.sel.index_select(0, rows).tolist()
+        by: dict[int, list[tuple[int, int]]] = {}
+        for i, f in enumerate(flat):
+            by.setdefault(f // L, []).append((f % L, i))
+        segs = sorted(by)
+        lq = max(len(v) for v in by.values())
+        cols = [[c for c, _ in by[s]] + [by[s][-1][0]] * (lq - len(by[s])) for s in segs]
+        sel = [0] * len(flat)
+        for r, s in enumerate(segs):
+            for j, (_, i) in enumerate(by[s]):
+                sel[i] = r * lq + j
+        dev = self.idx.device
+        kidx = self.idx.index_select(0, torch.tensor(segs, device=dev))
+        c = torch.tensor(cols, device=dev)
+        mask = torch.arange(L, device=dev) <= c[:, :, None]  # [S', Lq, L]: causal within the segment
+        return _Queries(kidx, kidx.gather(1, c), mask[:, None], torch.tensor(sel, device=dev), rows)
+
+
+@dataclass
+class _Queries:
+    """Some queries of a _Plan: kidx [S', L] keys of the segments holding one, qidx [S', Lq] the queries'
+    packed positions (padded by repeating), mask [S', 1, Lq, L], sel [U] each query's flat position in
+    S' x Lq, rows [U] their packed positions."""
+
+    kidx: Tensor
+    qidx: Tensor
+    mask: Tensor
+    sel: Tensor
+    rows: Tensor
+
 
 @dataclass
 class PackedBatch:
@@ -83,6 +116,7 @@ class PackedBatch:
     index: Tensor
     segments: list[tuple[int, int, int, int]]
     calls: int = 0
+    queries: tuple | None = None  # (attention module, used positions): that module's queries are restricted
     _plans: dict = field(default_factory=dict)
 
     @property
@@ -192,7 +226,8 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
         if layout is None:
             out, w = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
         else:
-            out, w = _segment_attention(layout, query, key, value, dropout, scaling, kwargs)
+            rows = layout.queries[1] if layout.queries is not None and layout.queries[0] is module else None
+            out, w = _segment_attention(layout, query, key, value, dropout, scaling, kwargs, rows)
     return out.to(dtype), w
 
 
@@ -205,7 +240,7 @@ def _upcast(query: Tensor, attention_mask) -> bool:
             and (attention_mask is None or attention_mask.dtype == torch.bool))
 
 
-def _segment_attention(layout: "PackedBatch", query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling, kwargs: dict):
+def _segment_attention(layout: "PackedBatch", query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling, kwargs: dict, rows: Tensor | None = None):
     from transformers.integrations.sdpa_attention import repeat_kv
 
     if query.shape[0] != 1 or query.shape[2] != layout.n or key.shape[2] != layout.n:
@@ -218,10 +253,22 @@ def _segment_attention(layout: "PackedBatch", query: Tensor, key: Tensor, value:
     if n_rep > 1:
         key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     plan = layout.plan(query.device)
+    if rows is not None:
+        return _query_attention(plan.queries(rows), query, key, value, dropout, scaling, layout.n), None
     q, k, v = (_take(t[0].transpose(0, 1), plan.idx) for t in (query, key, value))  # [N, H, D] -> [S, H, L, D]
     # index_select everywhere: its backward is index_add, where fancy indexing's would be a sorting index_put
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
     return _rows(o, plan.sel)[None], None  # [1, N, H, D]
+
+
+def _query_attention(qp: "_Queries", query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling, n: int) -> Tensor:
+    """Attention outputs at the used positions only (zeros elsewhere): [1, N, H, D]. Only the segments that
+    hold a used position take part; each of its used queries sees the keys the causal mask gives it."""
+    q = _take(query[0].transpose(0, 1), qp.qidx)  # [S', H, Lq, D]
+    k, v = (_take(t[0].transpose(0, 1), qp.kidx) for t in (key, value))  # [S', H, L, D]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=qp.mask, dropout_p=dropout, scale=scaling)
+    out = _rows(o, qp.sel)  # [U, H, D] in the order of `rows`
+    return out.new_zeros(n, *out.shape[1:]).index_copy(0, qp.rows, out)[None]
 
 
 def _take(t: Tensor, idx: Tensor) -> Tensor:
@@ -308,47 +355,90 @@ def active(layout: PackedBatch):
 def packed_hidden(body: nn.Module, layout: PackedBatch, used: Tensor | None = None) -> Tensor:
     """Last hidden states of a packed forward of the backbone `body`: [N, H].
 
-    used [n] (optional): the packed positions whose final hidden state the caller reads (a reward model's
-    pooled tokens, the tokens a LM head scores). The last decoder layer's MLP then runs on those rows only,
-    and the other rows of the result are not meaningful. Exact: a position's last-layer MLP output reaches
-    nothing but that position's final hidden state. An RM step on the benchmark runs the last MLP on 16 rows
-    instead of ~1,300 (its MLP is two thirds of a GPT-2 layer's linear FLOPs)."""
+    used [n] (optional, distinct): the packed positions whose final hidden state the caller reads (a reward
+    model's pooled tokens, the tokens a LM head scores). The last decoder layer then computes its MLP on
+    those rows only, and, when they are few (at most a quarter of the tokens, as pooled tokens are), also its
+    attention's queries, attention core and output projection: every other position of the last layer only
+    provides keys and values. The other rows of the result are not meaningful. Exact: in the last layer a
+    position's query, attention output and MLP reach nothing but that position's own final hidden state.
+    An RM step on the benchmark runs the last MLP on 16 rows instead of ~1,300 (its MLP is two thirds of a
+    GPT-2 layer's linear FLOPs)."""
     layout.calls = 0
-    mlp = _last_mlp(body) if used is not None else None
-    with active(layout), (_mlp_on_rows(mlp, used) if mlp is not None else contextlib.nullcontext()):
+    layout.queries = None
+    with active(layout), contextlib.ExitStack() as stack:
+        if used is not None:
+            block = _last_block(body)
+            attn = _attention_module(block) if 4 * used.numel() <= layout.n else None
+            if attn is not None:
+                layout.queries = (attn, used)
+            for m in _row_local(block, attn):
+                stack.enter_context(_on_rows(m, used))
         hidden = body(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).last_hidden_state
+    layout.queries = None
     if layout.calls == 0:
         raise RuntimeError(f"{type(body).__name__}: attention did not go through transformers' attention interface, so a packed "
                            "forward would mix rows; set engine.padding_free=off")
     return hidden[0]
 
 
-def _last_mlp(body: nn.Module) -> nn.Module | None:
-    """The `mlp` of the backbone's last decoder layer (the model's `_no_split_modules` blocks), or None."""
+def _last_block(body: nn.Module) -> nn.Module | None:
+    """The backbone's last decoder layer (the last of the model's `_no_split_modules` blocks), or None."""
     blocks = set(getattr(body, "_no_split_modules", None) or [])
     last = None
     for m in body.modules():
         if type(m).__name__ in blocks:
             last = m
-    mlp = getattr(last, "mlp", None)
-    return mlp if isinstance(mlp, nn.Module) else None
+    return last
+
+
+def _child(module: nn.Module | None, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        m = getattr(module, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+def _attention_module(block: nn.Module | None) -> nn.Module | None:
+    """The block's self-attention module (the `module` transformers passes to the attention function), when
+    its output projection is a separate child that can run on some rows; else None."""
+    attn = _child(block, ("self_attn", "attn", "attention"))
+    return attn if _child(attn, _OUT_PROJ) is not None else None
+
+
+_OUT_PROJ = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+def _last_mlp(body: nn.Module) -> nn.Module | None:
+    """The `mlp` of the backbone's last decoder layer, or None."""
+    return _child(_last_block(body), ("mlp",))
+
+
+def _row_local(block: nn.Module | None, attn: nn.Module | None) -> list[nn.Module]:
+    """The last block's modules that act on each position alone and whose output at a position reaches only
+    that position's final hidden state: its MLP, and, with the attention restricted to the used queries, the
+    attention's output projection and (where it is separate from the keys' and values') query projection."""
+    mods = [_child(block, ("mlp",))]
+    if attn is not None:
+        mods += [_child(attn, _OUT_PROJ), _child(attn, ("q_proj",))]
+    return [m for m in mods if m is not None]
 
 
 @contextlib.contextmanager
-def _mlp_on_rows(mlp: nn.Module, rows: Tensor):
-    """mlp(x) for x [1, N, H] computed on x[:, rows] only (zeros elsewhere), for the duration of the block."""
-    full = mlp.forward
+def _on_rows(module: nn.Module, rows: Tensor):
+    """module(x) for x [1, N, H] computed on x[:, rows] only (zeros elsewhere), for the duration of the block."""
+    full = module.forward
 
     def forward(x, *args, **kwargs):
-        if x.dim() != 3 or x.shape[0] != 1:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[0] != 1:
             return full(x, *args, **kwargs)
         y = full(x.index_select(1, rows), *args, **kwargs)
         if not isinstance(y, Tensor):  # e.g. a mixture-of-experts block that also returns router logits
             return full(x, *args, **kwargs)
         return y.new_zeros(1, x.shape[1], y.shape[-1]).index_copy(1, rows, y)
 
-    mlp.forward = forward
+    module.forward = forward
     try:
         yield
     finally:
-        del mlp.forward  # back to the class's forward
+        del module.forward  # back to the class's forward
