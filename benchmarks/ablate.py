@@ -22,12 +22,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def variant(fused_adamw: bool, no_mask: bool, targets: bool, fused_gelu: bool, padding_free: bool = False, upcast: bool = True):
+def variant(fused_adamw: bool, no_mask: bool, targets: bool, fused_gelu: bool, padding_free: bool = False, upcast: bool = True, last_layer: bool = True):
     import tether.engine.local as local
     import tether.models as models
     import tether.packing as packing
 
-    saved = (local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head, packing._upcast)
+    saved = (local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head, packing._upcast, packing._last_block)
     if not fused_adamw:
         import torch
 
@@ -43,10 +43,12 @@ def variant(fused_adamw: bool, no_mask: bool, targets: bool, fused_gelu: bool, p
         models._plain_head = lambda m: False
     if not upcast:
         packing._upcast = lambda q, m: False
+    if not last_layer:  # the last layer computes every position (no row restriction)
+        packing._last_block = lambda body: None
     try:
         yield "on" if padding_free else "off"
     finally:
-        local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head, packing._upcast = saved
+        local.make_optimizer, models.is_right_padded, models.fuse_activations, models._plain_head, packing._upcast, packing._last_block = saved
 
 
 _NOW = dict(fused_adamw=True, no_mask=True, targets=True, fused_gelu=True)
@@ -56,7 +58,8 @@ VARIANTS = [
     ("+ no padding mask", dict(fused_adamw=True, no_mask=True, targets=False, fused_gelu=False), "fp32"),
     ("+ LM head on targets only", dict(fused_adamw=True, no_mask=True, targets=True, fused_gelu=False), "fp32"),
     ("+ fused GELU", dict(_NOW), "fp32"),
-    ("+ padding-free, shared prompt", dict(_NOW, padding_free=True), "fp32"),
+    ("+ padding-free, shared prompt", dict(_NOW, padding_free=True, last_layer=False), "fp32"),
+    ("+ last layer on read rows", dict(_NOW, padding_free=True), "fp32"),
     ("bf16 autocast, padded", dict(_NOW), "bf16"),
     ("bf16, padding-free, bf16 attn", dict(_NOW, padding_free=True, upcast=False), "bf16"),
     ("bf16, padding-free (= tether)", dict(_NOW, padding_free=True), "bf16"),
@@ -116,9 +119,11 @@ def measure(stage: str, d: Path, kw: dict, precision: str, batches, threads: int
 
 
 RL_VARIANTS = [
-    ("padded, old-policy pass", dict(padding_free="off", reuse_logprobs="off")),
-    ("+ padding-free, shared prompts", dict(padding_free="on", reuse_logprobs="off")),
-    ("+ sampler logprobs reused (= tether)", dict(padding_free="on", reuse_logprobs="auto")),
+    ("padded, old-policy pass", dict(padding_free="off", reuse_logprobs="off", own_loop=False, fuse_value_pass="off")),
+    ("+ padding-free, shared prompts", dict(padding_free="on", reuse_logprobs="off", own_loop=False, fuse_value_pass="off")),
+    ("+ sampler logprobs reused", dict(padding_free="on", reuse_logprobs="auto", own_loop=False, fuse_value_pass="off")),
+    ("+ own decoding loop", dict(padding_free="on", reuse_logprobs="auto", own_loop=True, fuse_value_pass="off")),
+    ("+ values from the critic's step (= tether)", dict(padding_free="on", reuse_logprobs="auto", own_loop=True, fuse_value_pass="auto")),
 ]
 RL_PHASES = ("timing/rollout", "timing/score", "timing/forward", "timing/update")
 
@@ -131,8 +136,17 @@ def measure_rl(stage: str, d: Path, kw: dict, iterations: int, work: Path) -> di
     from benchmarks.workload import Workload
     from tether.track import read_metrics
 
+    from tether.rollout.hf import HFRollout
+
+    kw = dict(kw)
+    own = HFRollout._own_loop
+    if not kw.pop("own_loop", True):  # transformers' model.generate instead of tether's decoding loop
+        HFRollout._own_loop = lambda self: False
     out = Path(tempfile.mkdtemp(dir=work))
-    run_rl(stage, dataclasses.replace(Workload(), rl_iterations=iterations), d, out, "fp32", **kw)
+    try:
+        run_rl(stage, dataclasses.replace(Workload(), rl_iterations=iterations), d, out, "fp32", **kw)
+    finally:
+        HFRollout._own_loop = own
     rows = read_metrics(out)[1:] or read_metrics(out)
     res = {k: statistics.median(r[k] for r in rows) for k in RL_PHASES}
     res["timing/iteration"] = statistics.median(r["timing/iteration"] for r in rows)
@@ -147,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="sft,rm,rl", help="sft, rm (one training step per variant), rl (tether RLOO and PPO iterations)")
     p.add_argument("--rl-iterations", type=int, default=4)
     p.add_argument("--dir", default="")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                   help="the bf16 variants (auto: only where the CPU has bf16 instructions; elsewhere torch emulates bf16, ~100x slower)")
     args = p.parse_args(argv)
     import torch
     import transformers
@@ -157,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     d = Path(args.dir or Path(tempfile.gettempdir()) / "tether-bench-workload")
     build(d, Workload())
+    from tether.models import cpu_has_bf16
+
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
+    if not bf16:
+        print("bf16 variants skipped" + (": this CPU has no bf16 instructions (--bf16 on runs them anyway)" if args.bf16 == "auto" else ""), file=sys.stderr)
     results: dict = {}
     stages = args.stages.split(",")
     rl: dict = {}
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for algo in ("rloo", "ppo"):
                 for name, kw in RL_VARIANTS if rnd % 2 == 0 else RL_VARIANTS[::-1]:
+                    if algo != "ppo" and name.startswith("+ values"):  # no critic
+                        continue
                     r = measure_rl(algo, d, kw, args.rl_iterations, work)
                     rl.setdefault((algo, name), []).append(r)
                     print(f"  rl {algo} round {rnd} {name}: {r['timing/iteration']:.3f}s per iteration", file=sys.stderr, flush=True)
@@ -174,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             order = VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]
             for name, kw, prec in order:
                 if stage == "rm" and name.startswith("+ LM head"):  # a reward model has no LM head
+                    continue
+                if prec == "bf16" and not bf16:
                     continue
                 c, w = measure(stage, d, kw, prec, batches, args.threads)
                 results.setdefault((stage, name), []).append((c, w))
@@ -193,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if rl:
         print(f"\nRL iteration (16 prompts x 4 samples, 32 new tokens, fp32), median seconds over {args.rounds} rounds x "
               f"{args.rl_iterations - 1} iterations (the first is warm-up)")
-        print(f"{'algo':5s}  {'variant':38s}  {'iteration':>9s}  {'vs padded':>9s}  {'rollout':>7s}  {'score':>6s}  {'forward':>7s}  {'update':>6s}")
+        print(f"{'algo':5s}  {'variant':42s}  {'iteration':>9s}  {'vs padded':>9s}  {'rollout':>7s}  {'score':>6s}  {'forward':>7s}  {'update':>6s}")
         for algo in ("rloo", "ppo"):
             base = None
             for name, _kw in RL_VARIANTS:
@@ -202,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 base = base or med["timing/iteration"]
-                print(f"{algo:5s}  {name:38s}  {med['timing/iteration']:9.3f}  {base / med['timing/iteration']:8.2f}x  "
+                print(f"{algo:5s}  {name:42s}  {med['timing/iteration']:9.3f}  {base / med['timing/iteration']:8.2f}x  "
                       + "  ".join(f"{med[k]:{w}.3f}" for k, w in zip(RL_PHASES, (7, 6, 7, 6))))
     return 0
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from benchmarks.workload import Workload
 
 
-def run_rl(stage: str, w: Workload, d: Path, out: Path, precision: str, padding_free: str = "auto", reuse_logprobs: str = "auto") -> dict:
+def run_rl(stage: str, w: Workload, d: Path, out: Path, precision: str, padding_free: str = "auto", reuse_logprobs: str = "auto", fuse_value_pass: str = "auto") -> dict:
     """16 prompts x 4 samples per iteration, 32 new tokens, one PPO epoch over one minibatch (as TRL's
     RLOO/GRPO with num_iterations=1 and the whole generation batch per step). Rollback snapshots and the
     missing-EOS penalty are off (TRL has neither); rewards from the shared reward model (mean 0, std 1)."""
-    from tether.algo.ppo import KLConfig, PPOConfig, PPOHyper, RewardConfig, RolloutConfig, train
+    from tether.algo.ppo import CriticConfig, KLConfig, PPOConfig, PPOHyper, RewardConfig, RolloutConfig, train
     from tether.config import DataConfig, EngineConfig, OptimConfig, TrackConfig
 
     cfg = PPOConfig(
@@ -25,5 +25,6 @@ def run_rl(stage: str, w: Workload, d: Path, out: Path, precision: str, padding_
         rollout=RolloutConfig(max_new_tokens=w.rl_new_tokens, temperature=w.rl_temperature, top_p=1.0, top_k=0, reuse_logprobs=reuse_logprobs),
         kl=KLConfig(coef=w.rl_kl_coef),
         ppo=PPOHyper(epochs=1, minibatch_size=0, rollback=False),
+        critic=CriticConfig(fuse_value_pass=fuse_value_pass),
     )
     return train(cfg)
