@@ -382,13 +382,17 @@ def packed_hidden(body: nn.Module, layout: PackedBatch, used: Tensor | None = No
 
 
 def _last_block(body: nn.Module) -> nn.Module | None:
-    """The backbone's last decoder layer (the last of the model's `_no_split_modules` blocks), or None."""
-    blocks = set(getattr(body, "_no_split_modules", None) or [])
-    last = None
-    for m in body.modules():
-        if type(m).__name__ in blocks:
-            last = m
-    return last
+    """The backbone's last decoder layer (the last of the model's `_no_split_modules` blocks), or None.
+    Found once per model (a walk over every module) and kept on it."""
+    cached = body.__dict__.get("_tether_last_block")
+    if cached is None:
+        blocks = set(getattr(body, "_no_split_modules", None) or [])
+        last = None
+        for m in body.modules():
+            if type(m).__name__ in blocks:
+                last = m
+        cached = body.__dict__["_tether_last_block"] = (last,)  # a tuple: not registered as a submodule
+    return cached[0]
 
 
 def _child(module: nn.Module | None, names: tuple[str, ...]) -> nn.Module | None:
