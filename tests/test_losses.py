@@ -118,6 +118,17 @@ def test_token_logprobs_match_naive():
     assert torch.allclose(L.token_logprobs(logits, labels, chunk=4), naive, atol=1e-5)
     naive_t = torch.log_softmax(logits / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
     assert torch.allclose(L.token_logprobs(logits, labels, temperature=0.7), naive_t, atol=1e-5)
+    # the gradient too (through the chunks), and no label is silently ignored (cross_entropy's -100)
+    x = logits.clone().requires_grad_()
+    w = torch.randn(3, 7, generator=g)
+    (L.token_logprobs(x, labels, temperature=0.7, chunk=4) * w).sum().backward()
+    ref = logits.clone().requires_grad_()
+    (torch.log_softmax(ref / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1) * w).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    bad = labels.clone()
+    bad[1, 2] = -100
+    with pytest.raises(IndexError, match="out of bounds"):
+        L.token_logprobs(logits, bad)
     p = torch.softmax(logits, -1)
     ent = -(p * p.log()).sum(-1)
     assert torch.allclose(L.entropy_from_logits(logits, chunk=5), ent, atol=1e-5)
