@@ -134,9 +134,8 @@ def measure_rl(stage: str, d: Path, kw: dict, iterations: int, work: Path) -> di
 
     from benchmarks.rl_tether import run_rl
     from benchmarks.workload import Workload
-    from tether.track import read_metrics
-
     from tether.rollout.hf import HFRollout
+    from tether.track import read_metrics
 
     kw = dict(kw)
     own = HFRollout._own_loop

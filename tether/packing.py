@@ -364,17 +364,16 @@ def packed_hidden(body: nn.Module, layout: PackedBatch, used: Tensor | None = No
     An RM step on the benchmark runs the last MLP on 16 rows instead of ~1,300 (its MLP is two thirds of a
     GPT-2 layer's linear FLOPs)."""
     layout.calls = 0
-    layout.queries = None
     with active(layout), contextlib.ExitStack() as stack:
         if used is not None:
             block = _last_block(body)
             attn = _attention_module(block) if 4 * used.numel() <= layout.n else None
             if attn is not None:
                 layout.queries = (attn, used)
+                stack.callback(setattr, layout, "queries", None)  # also when the forward raises
             for m in _row_local(block, attn):
                 stack.enter_context(_on_rows(m, used))
         hidden = body(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).last_hidden_state
-    layout.queries = None
     if layout.calls == 0:
         raise RuntimeError(f"{type(body).__name__}: attention did not go through transformers' attention interface, so a packed "
                            "forward would mix rows; set engine.padding_free=off")
@@ -411,11 +410,6 @@ def _attention_module(block: nn.Module | None) -> nn.Module | None:
 
 
 _OUT_PROJ = ("o_proj", "c_proj", "out_proj", "dense")
-
-
-def _last_mlp(body: nn.Module) -> nn.Module | None:
-    """The `mlp` of the backbone's last decoder layer, or None."""
-    return _child(_last_block(body), ("mlp",))
 
 
 def _row_local(block: nn.Module | None, attn: nn.Module | None) -> list[nn.Module]:
