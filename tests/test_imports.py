@@ -10,7 +10,7 @@ import pytest
 import tether
 
 OPTIONAL = ("ray", "vllm", "deepspeed", "peft")
-# modules that need an optional extra to import at all (none of tether.dist does at module level)
+# modules that need an optional extra to import at all (none of tether.backends does at module level)
 NEEDS = {"tether.feedback": ("fastapi", "sqlalchemy"), "benchmarks": ("trl",)}
 
 
@@ -36,7 +36,7 @@ def test_module_imports(name):
 def test_core_imports_no_optional_backend():
     code = (
         "import sys, importlib, pkgutil\n"
-        "import tether, tether.engine, tether.models, tether.rollout, tether.checkpoint, tether.track, tether.dist, tether.cli\n"
+        "import tether, tether.engine, tether.models, tether.rollout, tether.checkpoint, tether.track, tether.ranks, tether.backends, tether.cli\n"
         "import tether.algo\n"
         "for m in pkgutil.iter_modules(tether.algo.__path__, 'tether.algo.'):\n"
         "    importlib.import_module(m.name)\n"
@@ -46,3 +46,39 @@ def test_core_imports_no_optional_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "", f"the core imported {out.stdout.strip()}"
+
+
+# Algorithms see only the two seams: a backend is picked from the tables in tether.engine / tether.rollout.
+BACKEND_MODULES = ("tether.engine.local", "tether.rollout.hf", "tether.backends", "ray", "vllm", "peft", "deepspeed")
+
+
+def _imports(path):
+    """Every module a file imports, function-local imports included."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+def test_algorithms_name_no_backend():
+    from pathlib import Path
+
+    algo = Path(tether.__file__).parent / "algo"
+    bad = sorted(
+        f"{p.name} imports {m}"
+        for p in algo.glob("*.py")
+        for m in set(_imports(p))
+        if any(m == b or m.startswith(b + ".") for b in BACKEND_MODULES)
+    )
+    assert not bad, "; ".join(bad)
+
+
+def test_the_import_check_sees_local_imports(tmp_path):
+    # the check above must see an import inside a function, or it proves nothing
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from tether.backends.lora import x\n    import ray\n")
+    assert {"tether.backends.lora", "ray"} <= set(_imports(f))

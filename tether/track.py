@@ -27,7 +27,7 @@ def _clean(v: Any) -> Any:
 
 class Tracker:
     def __init__(self, out: str | Path, cfg=None, run_config: dict | None = None, total: int = 0, desc: str = "train", resume: bool = False):
-        from tether.dist import is_main
+        from tether.ranks import is_main
 
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -55,25 +55,6 @@ class Batch:
         if micro_batch_size <= 0 or micro_batch_size >= n:
             return [self]
         return [self.select(list(range(s, min(s + micro_batch_size, n)))) for s in range(0, n, micro_batch_size)]
-
-    @classmethod
-    def cat(cls: type[B_], batches: list[B_]) -> B_:
-        """Concatenate along B. Tensors with a different T are right-padded with zeros first."""
-        first = batches[0]
-        kw: dict[str, Any] = {}
-        for f in dataclasses.fields(first):
-            vals = [getattr(b, f.name) for b in batches]
-            v0 = vals[0]
-            if isinstance(v0, Tensor):
-                if v0.dim() >= 2 and len({v.shape[1] for v in vals}) > 1:
-                    width = max(v.shape[1] for v in vals)
-                    vals = [torch.nn.functional.pad(v, (0, width - v.shape[1]) if v.dim() == 2 else (0, 0, 0, width - v.shape[1])) for v in vals]
-                kw[f.name] = torch.cat(vals, 0)
-            elif isinstance(v0, list):
-                kw[f.name] = [x for v in vals for x in v]
-            else:
-                kw[f.name] = v0
-        return cls(**kw)
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_trainable_parameter_count(tiny_gpt2):
 
 def test_reference_is_base_and_merge_matches(tiny_gpt2, tmp_path):
     from tether.checkpoint import save_model_folder
-    from tether.dist.lora import AdapterDisabledEngine
+    from tether.backends.lora import AdapterDisabledEngine
 
     base = load_causal_lm(tiny_gpt2)
     policy = make_engine(load_causal_lm(tiny_gpt2), _cfg(), OptimConfig(lr=5e-2))

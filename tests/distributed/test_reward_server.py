@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from tether.dist.reward_server import RewardScorer, http_reward, make_server
+from tether.backends.reward_server import RewardScorer, http_reward, make_server
 
 
 def test_http_reward_matches_local_scores(tiny_gpt2):

@@ -92,17 +92,3 @@ def write_summary(out: Path, summary: dict) -> None:
 
 def is_finished(out: str | Path) -> bool:
     return (Path(out) / SUMMARY_FILE).exists() and (Path(out) / "final" / "config.json").exists()
-
-
-def disable_dropout(model) -> None:
-    """RL and preference losses compare log-probabilities across passes; dropout would make the
-    same weights give different numbers (TRL and OpenRLHF disable it too)."""
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    cfg = getattr(model, "config", None)
-    for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout", "summary_first_dropout"):
-        if cfg is not None and isinstance(getattr(cfg, name, None), float):
-            setattr(cfg, name, 0.0)

@@ -43,16 +43,14 @@ from tether.advantages import (
     kl_shaped_rewards,
     whiten_advantages,
 )
-from tether.algo.common import disable_dropout, sampler_and_step, start_run, total_steps, write_summary
+from tether.algo.common import sampler_and_step, start_run, total_steps, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import ConfigError, RunConfig, check, cli_main, doc, sub, to_dict
 from tether.engine import make_engine
-from tether.engine.local import LocalEngine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
-from tether.models import causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
+from tether.models import disable_dropout, eos_ids, causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.packing import prompt_groups
 from tether.rollout import SamplingConfig, rollout_class
-from tether.rollout.hf import eos_ids
 from tether.track import Tracker
 from tether.types import Experience, PromptBatch, RolloutBatch
 
@@ -504,7 +502,7 @@ def train(cfg: PPOConfig) -> dict:
     rollout = rollout_class(cfg.rollout.backend)(policy.unwrapped_model(), tok, policy.device, getattr(policy, "autocast_dtype", None))
 
     # the critic's first step stands for its old-value pass when it covers the whole batch in this process
-    fuse_values = (critic is not None and cfg.critic.fuse_value_pass == "auto" and isinstance(critic, LocalEngine)
+    fuse_values = (critic is not None and cfg.critic.fuse_value_pass == "auto" and critic.in_process
                    and (cfg.ppo.minibatch_size == 0 or cfg.ppo.minibatch_size >= rows))
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.coef)
     engines = {"policy": policy} | ({"value": critic} if critic is not None else {})
@@ -571,7 +569,7 @@ def train(cfg: PPOConfig) -> dict:
 
 
 def _log_samples(tracker: Tracker, out, step: int, ro: RolloutBatch, raw: Tensor, n: int) -> None:
-    from tether.dist import is_main
+    from tether.ranks import is_main
 
     if not is_main():  # under torchrun, rank 0 writes for everyone
         return

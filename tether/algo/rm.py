@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tether.algo.common import disable_dropout, load_tokenized, sampler_and_step, should, start_run, write_summary
+from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
 from tether.config import RunConfig, check, cli_main, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import bradley_terry_loss
-from tether.models import load_scalar_model, save_reward_stats, sequence_scores
+from tether.models import disable_dropout, load_scalar_model, save_reward_stats, sequence_scores
 from tether.track import Tracker
 
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: maximise log p(completion | prompt) on demonstrations.
 
     tether sft model=DIR data.train=demos.jsonl data.eval_fraction=0.05 out=runs/sft max_steps=200
-    tether sft --config configs/sft.yaml optim.lr=2e-5
+    tether sft model=DIR data.train=demos.jsonl engine.lora.r=8 optim.lr=2e-5
 
 The loss is on completion (assistant) tokens only; prompts are masked. Reported: train loss, eval
 loss and perplexity on held-out data, tokens/s.

@@ -48,7 +48,7 @@ class BatchSampler:
         idx = self._perm[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         # Under torchrun each rank takes its slice of the global batch (identity in one process).
-        from tether.dist import shard_indices
+        from tether.ranks import shard_indices
 
         return shard_indices(idx)
 

@@ -13,10 +13,10 @@ from tether.engine.base import Engine, LossFn
 
 BACKENDS = {
     "local": "tether.engine.local:LocalEngine",
-    "ddp": "tether.dist.ddp:DDPEngine",
-    "fsdp": "tether.dist.ddp:FSDPEngine",
+    "ddp": "tether.backends.ddp:DDPEngine",
+    "fsdp": "tether.backends.ddp:FSDPEngine",
     # Each engine becomes a Ray actor (a LocalEngine inside) behind a proxy with the same methods.
-    "ray": "tether.dist.ray_ppo:remote_engine",
+    "ray": "tether.backends.ray_ppo:remote_engine",
 }
 
 
@@ -31,11 +31,11 @@ def engine_class(backend: str):
 
 def make_engine(model, engine_cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True) -> Engine:
     """An engine for `model`. With `engine.lora.r > 0` trained models get LoRA adapters and a frozen
-    copy of a LoRA policy becomes the policy with adapters disabled (tether.dist.lora); on Ray the
+    copy of a LoRA policy becomes the policy with adapters disabled (tether.backends.lora); on Ray the
     actor that holds the model does both."""
     lora = getattr(engine_cfg, "lora", None)
     if lora is not None and lora.r > 0 and engine_cfg.backend != "ray":
-        from tether.dist.lora import make_lora_engine
+        from tether.backends.lora import make_lora_engine
 
         return make_lora_engine(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
     return engine_class(engine_cfg.backend)(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)

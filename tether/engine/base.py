@@ -25,6 +25,11 @@ class Engine(Protocol):
     def forward(self, batch: Batch, fn: Callable[[nn.Module, Any], Any]) -> Any:
         """No-grad pass of fn(model, micro_batch) over micro-batches; results concatenated on dim 0."""
 
+    @property
+    def in_process(self) -> bool:
+        """The model lives in this process, so a loss_fn may hand results back through a closure
+        (PPO's fused value pass relies on it). False for engines whose steps run elsewhere (Ray actors)."""
+
     def global_sum(self, value: float) -> float:
         """Sum a local number over data-parallel ranks (the identity in one process)."""
 

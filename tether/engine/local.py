@@ -94,6 +94,10 @@ class LocalEngine:
     def global_sum(self, value: float) -> float:
         return float(value)
 
+    @property
+    def in_process(self) -> bool:
+        return True
+
     # -- the protocol --------------------------------------------------------------------------
     def train_step(self, batch: Batch, loss_fn: Callable) -> dict[str, float]:
         assert self.optimizer is not None, "train_step on a frozen engine"

@@ -1,11 +1,11 @@
 """Rollouts: the sampling seam. `HFRollout` (a decoding loop over a Hugging Face model with a static KV cache) is the default;
-a vLLM rollout (tether.dist.vllm_rollout) implements the same protocol."""
+a vLLM rollout (tether.backends.vllm_rollout) implements the same protocol."""
 
 import importlib
 
 from tether.rollout.base import Rollout, SamplingConfig
 
-BACKENDS = {"hf": "tether.rollout.hf:HFRollout", "vllm": "tether.dist.vllm_rollout:VLLMRollout"}
+BACKENDS = {"hf": "tether.rollout.hf:HFRollout", "vllm": "tether.backends.vllm_rollout:VLLMRollout"}
 
 
 def rollout_class(name: str):
@@ -19,7 +19,7 @@ def rollout_class(name: str):
 
 def _placed(cls):
     """`cls(model, ...)`, except that a model living in another process (a Ray actor's stand-in,
-    tether.dist.ray_ppo.RemoteModel) builds the rollout as a worker next to it."""
+    tether.backends.ray_ppo.RemoteModel) builds the rollout as a worker next to it."""
 
     def make(model, *args, **kwargs):
         remote = getattr(model, "remote_rollout", None)

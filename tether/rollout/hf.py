@@ -20,19 +20,9 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from tether.models import position_ids_from_mask
+from tether.models import eos_ids, position_ids_from_mask
 from tether.rollout.base import SamplingConfig
 from tether.types import PromptBatch, RolloutBatch
-
-
-def eos_ids(tokenizer, model=None) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and gen.eos_token_id is not None:
-        ids.update([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else gen.eos_token_id)
-    return sorted(ids)
 
 
 def response_mask_from_tokens(responses: Tensor, eos: list[int], stop_at_eos: bool = True) -> tuple[Tensor, Tensor]:

@@ -20,5 +20,5 @@ class VLLMRollout:
     def __init__(self, *args, **kwargs):
         raise NotImplementedError(
             "rollout.backend=vllm is not available yet: the vLLM rollout needs a CUDA machine to be built and "
-            "verified (see tether/dist/vllm_rollout.py). Use rollout.backend=hf."
+            "verified (see tether/backends/vllm_rollout.py). Use rollout.backend=hf."
         )

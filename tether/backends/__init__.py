@@ -6,52 +6,14 @@
     reward_server.py  a reward model behind HTTP, and a client usable as a reward function
     vllm_rollout.py   generation in vLLM (CUDA only; unverified on CPU machines)
 
-This file imports only torch: the rank helpers below are used by the core (sampler, tracker,
-checkpoints) so that a run under torchrun shards its batches and writes files from rank 0 only.
-Outside torchrun (no process group) every helper is the single-process identity.
+Nothing in the core imports these modules except through the backend tables (tether.engine,
+tether.rollout). The rank helpers live in tether.ranks. This file keeps the FSDP2 full-state-dict
+helpers, which import only torch.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if _initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if _initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    if _initialized() and world_size() > 1:
-        torch.distributed.barrier()
-
-
-def shard_indices(indices: list[int], what: str = "batch_size") -> list[int]:
-    """This rank's contiguous slice of a global batch of indices (the whole list in one process).
-
-    world_size x local batch = global batch, so `batch_size` means the same thing at any scale.
-    """
-    w = world_size()
-    if w == 1:
-        return indices
-    if len(indices) % w:
-        from tether.config import ConfigError
-
-        raise ConfigError(f"config key '{what}': a global batch of {len(indices)} does not split over {w} data-parallel processes")
-    k = len(indices) // w
-    r = rank()
-    return indices[r * k : (r + 1) * k]
 
 
 def _is_dtensor(t) -> bool:

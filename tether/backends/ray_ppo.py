@@ -88,7 +88,7 @@ def placement(rcfg, role: str) -> dict:
 
 
 def _role(model: nn.Module, trainable: bool) -> str:
-    from tether.dist.lora import _is_scalar
+    from tether.backends.lora import _is_scalar
 
     if _is_scalar(model):
         return "value" if trainable else "reward_model"
@@ -153,14 +153,14 @@ class EngineWorker:
 
     def forward(self, batch, fn, micro_batch_size=None, reference: bool = False):
         if reference:  # LoRA: the policy with adapters disabled is the reference
-            from tether.dist.lora import AdapterDisabledEngine
+            from tether.backends.lora import AdapterDisabledEngine
 
             self._policy = self._policy or AdapterDisabledEngine(self.engine)
             return _cpu(self._policy.forward(batch, fn, micro_batch_size))
         return _cpu(self.engine.forward(batch, fn, micro_batch_size))
 
     def rollout_state(self) -> dict:
-        from tether.dist.lora import merged_state_dict
+        from tether.backends.lora import merged_state_dict
 
         return {k: v.cpu() for k, v in merged_state_dict(self.engine.unwrapped_model()).items()}
 
@@ -186,7 +186,7 @@ class EngineWorker:
             m.save_pretrained(path, **kw)
 
     def has_adapter(self) -> bool:
-        from tether.dist.lora import peft_of
+        from tether.backends.lora import peft_of
 
         return peft_of(self.engine.unwrapped_model()) is not None
 
@@ -294,6 +294,10 @@ class RemoteEngine:
         self.device = torch.device("cpu")  # where results arrive on the controller
         self.autocast_dtype = None
         model.to("meta")  # the controller keeps no copy of the weights
+
+    @property
+    def in_process(self) -> bool:  # steps run in the actor: a loss_fn's closures never come back
+        return False
 
     @property
     def _info(self) -> dict:

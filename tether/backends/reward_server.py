@@ -1,7 +1,7 @@
 """A reward model behind HTTP, and a client that PPO calls like any Python reward function.
 
-    python -m tether.dist.reward_server --model runs/rm/final --port 8300            # serve
-    tether ppo ... reward.fn=tether.dist.reward_server:http_reward \\
+    python -m tether.backends.reward_server --model runs/rm/final --port 8300            # serve
+    tether ppo ... reward.fn=tether.backends.reward_server:http_reward \\
                    reward.kwargs='{url: "http://127.0.0.1:8300/score"}'              # call it
 
 POST /score  {"prompts": [...], "responses": [...]}  ->  {"scores": [...]}
@@ -90,13 +90,13 @@ def http_reward(prompts: list[str], responses: list[str], url: str = "http://127
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"reward server {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
     except urllib.error.URLError as e:
-        raise RuntimeError(f"reward server {url} unreachable: {e.reason} (start it with python -m tether.dist.reward_server)") from None
+        raise RuntimeError(f"reward server {url} unreachable: {e.reason} (start it with python -m tether.backends.reward_server)") from None
     except TimeoutError:
         raise RuntimeError(f"reward server {url} unreachable: no answer within {timeout:g}s") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tether.dist.reward_server", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tether.backends.reward_server", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="reward model folder (from tether rm)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8300)

@@ -136,10 +136,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if peft_model is None:
         return {k: v.detach() for k, v in model.state_dict().items()}
     return {k: v.detach() for k, v in merged_copy(peft_model).state_dict().items()}
-
-
-def merge_and_save(model: nn.Module, path, tokenizer=None) -> None:
-    """Write the merged model as a plain HF folder (loads with AutoModelFor... and no PEFT)."""
-    from tether.checkpoint import save_model_folder
-
-    save_model_folder(model, path, tokenizer)

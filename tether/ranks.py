@@ -1,0 +1,48 @@
+"""Which process this is: rank helpers for runs under torchrun.
+
+The core (sampler, tracker, checkpoints) uses them so that a run under torchrun shards its batches and
+writes files from rank 0 only. Outside torchrun (no process group) every helper is the single-process
+identity. Imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if _initialized() and world_size() > 1:
+        torch.distributed.barrier()
+
+
+def shard_indices(indices: list[int], what: str = "batch_size") -> list[int]:
+    """This rank's contiguous slice of a global batch of indices (the whole list in one process).
+
+    world_size x local batch = global batch, so `batch_size` means the same thing at any scale.
+    """
+    w = world_size()
+    if w == 1:
+        return indices
+    if len(indices) % w:
+        from tether.config import ConfigError
+
+        raise ConfigError(f"config key '{what}': a global batch of {len(indices)} does not split over {w} data-parallel processes")
+    k = len(indices) // w
+    r = rank()
+    return indices[r * k : (r + 1) * k]
