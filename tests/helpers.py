@@ -67,3 +67,36 @@ def write_jsonl(path: str | Path, records: list) -> Path:
     path = Path(path)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
+
+
+# A test backend (`engine.backend=nan_once`, registered by the test in tether.engine.BACKENDS): a local
+# engine whose language-model (not scalar-head) engine multiplies its loss by NaN on the optimizer step
+# numbered NanOnceEngine.at (1-based), to exercise PPO's rollback guard through the engine seam.
+def _nan_once_engine():
+    import torch
+
+    from tether.engine.local import LocalEngine
+
+    class NanOnceEngine(LocalEngine):
+        at = 0
+
+        def train_step(self, batch, loss_fn):
+            self.calls = getattr(self, "calls", 0) + 1
+            scalar = any(isinstance(getattr(self.model, n, None), torch.nn.Linear) for n in ("score", "classifier"))
+            if not scalar and self.calls == NanOnceEngine.at:
+                inner = loss_fn
+
+                def loss_fn(model, mb):
+                    loss, metrics = inner(model, mb)
+                    return loss * float("nan"), metrics
+
+            return super().train_step(batch, loss_fn)
+
+    return NanOnceEngine
+
+
+def __getattr__(name):  # the class is built on first use, so importing helpers does not import torch
+    if name == "NanOnceEngine":
+        globals()[name] = _nan_once_engine()
+        return globals()[name]
+    raise AttributeError(name)

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 def quick_run(tmp_path_factory):
     import os
 
-    from tether.algo.pretrain import shared_data_dir
+    from tether.data.corpora import shared_data_dir
     from tether.config import ConfigError
 
     try:
@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     old = os.environ.get("TETHER_CACHE")
     os.environ["TETHER_CACHE"] = str(root / "cache")
     try:
-        from tether.demo import main
+        from tether.demo.sentiment import main
 
         out = root / "run"
         assert main(["--quick", "--out", str(out), "--threads", "2"]) == 0
@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
 
 def test_every_stage_produced_its_outputs(quick_run):
     out = quick_run
-    from tether.demo import STAGES
+    from tether.demo.sentiment import STAGES
 
     for stage in STAGES:
         info = json.loads((out / stage / "stage.json").read_text())
@@ -129,7 +129,7 @@ def test_second_pretrain_is_cached(quick_run):
 
     from tether.algo.pretrain import PretrainConfig, train
     from tether.config import load_config
-    from tether.demo import QUICK, DemoConfig
+    from tether.demo.sentiment import QUICK, DemoConfig
 
     pre = json.loads((quick_run / "pretrain" / "summary.json").read_text())
     keys = [o.split(".", 1)[1] for o in QUICK if o.startswith("pretrain.")]
@@ -146,7 +146,7 @@ def test_cut_responses_are_scored_with_the_eos_their_training_records_had(tiny_g
     is scored with that EOS too, and an RM score of a cut row equals the score of the same text + EOS."""
     import torch
 
-    from tether.demo import _as_trained
+    from tether.demo.sentiment import _as_trained
     from tether.models import load_scalar_model, load_tokenizer, sequence_scores
     from tether.types import RolloutBatch
 

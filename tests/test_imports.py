@@ -82,3 +82,62 @@ def test_the_import_check_sees_local_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from tether.backends.lora import x\n    import ray\n")
     assert {"tether.backends.lora", "ray"} <= set(_imports(f))
+
+
+def _tether_graph():
+    """module -> the tether modules it imports (function-local imports included). `from pkg import name`
+    counts as importing pkg.name when that is a module, else pkg."""
+    from pathlib import Path
+
+    root = Path(tether.__file__).parent
+    files = {}
+    for p in root.rglob("*.py"):
+        if "migrations" in p.parts:
+            continue
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {}
+    for mod, p in files.items():
+        deps = set()
+        for m in _imports(p):
+            while m and m not in files:  # 'tether.x.name' -> 'tether.x'
+                m = m.rpartition(".")[0]
+            if m and m != mod and m.startswith("tether"):
+                deps.add(m)
+        graph[mod] = deps
+    return graph
+
+
+def _cycle(graph):
+    """One import cycle as a list of modules, or None (depth-first search with colours)."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            # a package's __init__ importing its own submodules is not a cycle back through the package
+            if d.startswith(m + "."):
+                continue
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)):
+                return c
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def test_no_import_cycle():
+    c = _cycle(_tether_graph())
+    assert c is None, "import cycle: " + " -> ".join(c)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -139,8 +139,13 @@ def test_adaptive_kl_controller_moves_and_resumes(tiny_gpt2, tmp_path):
 
 
 def test_rollback_on_injected_nan_and_run_continues(tiny_gpt2, tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "FAULT_HOOK", lambda it: it == 1)  # the second iteration's loss is NaN
-    ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=4", "ppo.epochs=1"))
+    import helpers
+    from tether import engine
+
+    monkeypatch.setitem(engine.BACKENDS, "nan_once", "helpers:NanOnceEngine")
+    # 16 prompts in minibatches of 4, one epoch: the policy's 5th step is the second iteration's first
+    monkeypatch.setattr(helpers.NanOnceEngine, "at", 5)
+    ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=4", "ppo.epochs=1", "engine.backend=nan_once"))
     rows = read_metrics(tmp_path / "run")
     assert [r["guard/rolled_back"] for r in rows] == [0.0, 1.0, 0.0, 0.0]
     assert rows[-1]["guard/rollbacks"] == 1

@@ -337,7 +337,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    from tether.checkpoint import atomic_write_text
+    from tether.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2) + "\n")
 

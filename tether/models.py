@@ -301,7 +301,7 @@ def _plain_head(model: nn.Module) -> bool:
 
 
 def save_reward_stats(path: str | Path, mean: float, std: float, extra: dict | None = None) -> None:
-    from tether.checkpoint import atomic_write_text
+    from tether.atomic import atomic_write_text
 
     atomic_write_text(Path(path) / RM_STATS_FILE, json.dumps({"mean": mean, "std": std, **(extra or {})}, indent=2))
 

@@ -61,10 +61,9 @@ def peft_of(model: nn.Module):
     return model.__dict__.get("_tether_peft")
 
 
-def make_lora_engine(model: nn.Module, engine_cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True):
-    from tether.engine import engine_class
-
-    cls = engine_class(engine_cfg.backend)
+def make_lora_engine(cls, model: nn.Module, engine_cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True):
+    """`cls` (the engine class of engine.backend) around `model` with LoRA adapters, or, for a frozen
+    copy of a LoRA policy, that policy with its adapters disabled."""
     name = str(getattr(getattr(model, "config", None), "_name_or_path", ""))
     if not trainable or optim_cfg is None:
         policy = _POLICIES.get(name) if name and not _is_scalar(model) else None
@@ -98,6 +97,10 @@ class AdapterDisabledEngine:
 
     def global_sum(self, value: float) -> float:
         return self.policy.global_sum(value)
+
+    @property
+    def in_process(self) -> bool:
+        return self.policy.in_process
 
     def named_parameters(self):
         return iter(())  # owns no weights of its own

@@ -37,7 +37,7 @@ def make_engine(model, engine_cfg, optim_cfg=None, total_steps: int = 0, trainab
     if lora is not None and lora.r > 0 and engine_cfg.backend != "ray":
         from tether.backends.lora import make_lora_engine
 
-        return make_lora_engine(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
+        return make_lora_engine(engine_class(engine_cfg.backend), model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
     return engine_class(engine_cfg.backend)(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
 
 

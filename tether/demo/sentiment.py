@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -37,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.algo.pretrain import PretrainConfig, is_held_out, read_reviews
+from tether.algo.pretrain import PretrainConfig
+from tether.data.corpora import is_held_out, read_reviews
 from tether.config import ConfigError, check, doc, load_config, save_config, sub
+from tether.demo.io import read_jsonl, write_json, write_jsonl
 from tether.judges.annotators import AnnotatorConfig
 
 STAGES = ("pretrain", "sft", "sample", "annotate", "rm", "ppo", "dpo", "bon", "eval", "report")
@@ -126,25 +127,6 @@ def _cpu_seconds() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from tether.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(obj, indent=2) + "\n")
 
 
 def _console():
@@ -532,7 +514,7 @@ class Demo:
             return models["m"]
 
         self.run_stage(8, "bon", lambda: self.bon(get_models()))
-        from tether.demo_report import evaluate, write_report
+        from tether.demo.report import evaluate, write_report
 
         self.run_stage(9, "eval", lambda: evaluate(self, get_models()))
         # total: this process plus the stages reused from an earlier run (--from), so that it is the cost of the whole run

@@ -65,7 +65,7 @@ def _policy_entry(name: str, kind: str, step: int, gen: dict, gold: list[float],
 
 def evaluate(demo, m) -> dict:
     """Sample every policy on the eval prompts and write eval/metrics.json."""
-    from tether.demo import read_jsonl, write_json, write_jsonl
+    from tether.demo.io import read_jsonl, write_json, write_jsonl
     from tether.judges import get_judge
     from tether.models import load_causal_lm
     from tether.track import console
@@ -372,7 +372,7 @@ def plots(demo, metrics: dict) -> list[tuple[str, str]]:
 
 
 def write_report(demo) -> dict:
-    from tether.demo import write_json
+    from tether.demo.io import write_json
 
     out = demo.out
     metrics = json.loads((demo.d("eval") / METRICS_FILE).read_text())
