@@ -6,8 +6,10 @@ never imports torch and `tether --help` is instant. A sub-command module exposes
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import Callable
 
 # name -> (module:function, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,6 +26,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("tether.models_cli:main", "model utilities (import-gguf, info)"),
     "bench": ("benchmarks.compare:main", "speed and memory comparison against TRL"),
 }
+
+
+def parse_cli(cls, argv: list[str], prog: str, description: str):
+    from tether.config import config_help, load_config
+
+    """`tether <stage> [--config cfg.yaml] [--resume] [key=value ...]` -> config."""
+    epilog = "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls))
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", "-c", help="YAML config file")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in `out`")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("resume=true")
+    return load_config(cls, args.config, overrides)
+
+
+def cli_main(cls, run: Callable, argv: list[str], prog: str, description: str) -> int:
+    """A stage's entry point: parse, print a one-line error for a bad config or bad data (exit 2), run."""
+    from tether.config import ConfigError
+    try:
+        cfg = parse_cli(cls, argv, prog, description)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    from tether.data import DataError
+
+    try:
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _usage() -> str:

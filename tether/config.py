@@ -10,7 +10,6 @@ Key names are the same in every stage: `model`, `out`, `seed`, `max_steps`, `dat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -359,38 +358,3 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
             d = json.dumps(default) if not isinstance(default, str) else (repr(default) if default == "" else default)
             lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {d}): {text}")
     return lines
-
-
-def parse_cli(cls: type[C], argv: list[str], prog: str, description: str) -> C:
-    """`tether <stage> [--config cfg.yaml] [--resume] [key=value ...]` -> config."""
-    epilog = "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls))
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", "-c", help="YAML config file")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in `out`")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("resume=true")
-    return load_config(cls, args.config, overrides)
-
-
-def cli_main(cls: type[C], run: typing.Callable[[C], Any], argv: list[str], prog: str, description: str) -> int:
-    """Shared entry point: parse, print a clear error for a bad config, run."""
-    import sys
-
-    try:
-        cfg = parse_cli(cls, argv, prog, description)
-    except ConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    from tether.data import DataError
-
-    try:
-        run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import atomic_torch_save, save_model_folder
-from tether.config import RunConfig, check, cli_main, doc, to_dict
+from tether.cli import cli_main
+from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import DPOLoss, dpo_loss
 from tether.models import disable_dropout, causal_logprobs, load_causal_lm

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import ConfigError, _build, check, cli_main, doc
+from tether.cli import cli_main
+from tether.config import ConfigError, _build, check, doc
 
 # stage -> (module, config class)
 STAGES = {

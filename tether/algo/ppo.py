@@ -28,7 +28,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,7 +45,8 @@ from tether.advantages import (
 )
 from tether.algo.common import sampler_and_step, start_run, total_steps, write_summary
 from tether.checkpoint import save_model_folder
-from tether.config import ConfigError, RunConfig, check, cli_main, doc, sub, to_dict
+from tether.cli import cli_main
+from tether.config import ConfigError, RunConfig, check, doc, sub, to_dict
 from tether.engine import make_engine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import disable_dropout, eos_ids, causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
@@ -53,11 +54,6 @@ from tether.packing import prompt_groups
 from tether.rollout import SamplingConfig, rollout_class
 from tether.track import Tracker
 from tether.types import Experience, PromptBatch, RolloutBatch
-
-# Test hook: a function of the iteration number; when it returns True that iteration's policy loss
-# is multiplied by NaN (exercises the rollback guard). Never set by a config.
-FAULT_HOOK: Callable[[int], bool] | None = None
-
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -140,6 +136,10 @@ class PPOHyper:
 
 @dataclass(frozen=True)
 class PPOConfig(RunConfig):
+    # the run-wide keys, in PPO's terms
+    max_steps: int = doc(0, "PPO iterations, each a rollout, scoring and ppo.epochs update passes (0 = run `epochs` passes over the prompts)")
+    epochs: float = doc(1.0, "passes over the prompt set when max_steps is 0 (ppo.epochs is the passes over each rollout batch)")
+    batch_size: int = doc(8, "prompts per iteration, each sampled samples_per_prompt times (ppo.minibatch_size splits them per optimizer step)")
     ref_model: str = doc("", "frozen reference model folder (empty = the initial policy, `model`)")
     reward: RewardConfig = sub(RewardConfig, "the reward: a reward model or a Python function")
     rollout: RolloutConfig = sub(RolloutConfig, "sampling: max_new_tokens, temperature, top_p, backend ...")
@@ -359,7 +359,7 @@ def fused_value_step(exp: Experience, critic, cfg: PPOConfig) -> tuple[Experienc
 # The update
 
 
-def policy_loss_fn(cfg: PPOConfig, num_tokens: float, poison: bool = False):
+def policy_loss_fn(cfg: PPOConfig, num_tokens: float):
     """Clipped surrogate (+ entropy bonus) on a micro-batch of Experience, normalised by num_tokens."""
     temp = cfg.rollout.temperature or 1.0
     coef = cfg.ppo.entropy_coef
@@ -372,8 +372,6 @@ def policy_loss_fn(cfg: PPOConfig, num_tokens: float, poison: bool = False):
             bonus, m = entropy_bonus(ent, mb.response_mask, num_tokens, coef)
             loss = loss + bonus
             metrics |= {"policy/entropy_update": m["policy/entropy"]}
-        if poison:
-            loss = loss * float("nan")
         return loss, metrics
 
     return loss_fn
@@ -406,7 +404,6 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) 
             raise ValueError("an experience without values needs a whole-batch minibatch (ppo.minibatch_size 0 or >= the batch)")
         exp, fused = fused_value_step(exp, critic, cfg)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
-    poison = FAULT_HOOK is not None and FAULT_HOOK(iteration)
     parts: list[dict[str, float]] = []
     early, bad = False, False
     for epoch in range(cfg.ppo.epochs):
@@ -414,7 +411,7 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int) 
         for s in range(0, n, mbs):
             mb = exp.select(perm[s : s + mbs])
             num_tokens = policy.global_sum(float(mb.response_mask.sum()))
-            m = policy.train_step(mb, policy_loss_fn(cfg, num_tokens, poison))
+            m = policy.train_step(mb, policy_loss_fn(cfg, num_tokens))
             m = {f"{k}_policy" if k.startswith("optim/") else k: v for k, v in m.items()}
             if critic is not None:
                 mv = fused if fused is not None and epoch == 0 else critic.train_step(mb, value_loss_fn(cfg, num_tokens))

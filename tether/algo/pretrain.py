@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import EngineConfig, OptimConfig, TrackConfig, check, cli_main, doc, sub, to_dict
+from tether.cli import cli_main
+from tether.config import EngineConfig, OptimConfig, TrackConfig, check, doc, sub, to_dict
 from tether.data.corpora import CORPORA, cache_dir, corpus_fingerprint, is_held_out, read_reviews
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]

@@ -17,7 +17,8 @@ import torch
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
-from tether.config import RunConfig, cli_main, to_dict
+from tether.cli import cli_main
+from tether.config import RunConfig, to_dict
 from tether.engine import make_engine
 from tether.losses import sft_loss
 from tether.models import causal_logprobs, load_causal_lm
