@@ -230,3 +230,28 @@ def test_list_overrides_parse_their_items():
     assert load_config(C, None, ["ns=[3, 5]"]).ns == [3, 5]
     with pytest.raises(ConfigError, match="config key 'ns': expected an integer, got 'x'"):
         load_config(C, None, ["ns=1,x"])
+
+
+def test_rm_keep_best_restores_the_best_evaluation(tiny_gpt2, tmp_path):
+    # a learning rate high enough that held-out accuracy does not rise monotonically: the best
+    # evaluation is not the last one, and the final folder must hold that step's weights
+    train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(64, 1))
+    held = write_jsonl(tmp_path / "held.jsonl", marker_pairs(40, 2))
+    rc = cli(["rm", f"model={tiny_gpt2}", f"data.train={train}", f"data.eval={held}", f"out={tmp_path/'rm'}",
+              "max_steps=8", "batch_size=8", "optim.lr=5e-2", "optim.schedule=constant", "eval_every=1",
+              "save_every=1", "keep_checkpoints=8", "keep_best=true", "track.progress=false"])
+    assert rc == 0
+    rows = [r for r in read_metrics(tmp_path / "rm") if "eval/accuracy" in r]
+    best = max(rows, key=lambda r: (r["eval/accuracy"], -r["eval/loss"]))
+    assert best["step"] != rows[-1]["step"], "the run's last evaluation was its best: raise the learning rate"
+    from safetensors.torch import load_file
+
+    # the files themselves: a checkpoint folder has no tether_reward.json, so load_scalar_model would
+    # give it a fresh head
+    final = load_file(tmp_path / "rm" / "final" / "model.safetensors")
+    ckpt = tmp_path / "rm" / "checkpoints"
+    at_best = load_file(ckpt / f"step_{best['step']}" / "model_reward_model" / "model.safetensors")
+    last = load_file(ckpt / f"step_{rows[-1]['step']}" / "model_reward_model" / "model.safetensors")
+    assert final.keys() == at_best.keys()
+    assert all(torch.equal(final[k], at_best[k]) for k in final)
+    assert not all(torch.equal(final[k], last[k]) for k in final)

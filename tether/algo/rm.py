@@ -12,6 +12,7 @@ AutoModelForSequenceClassification (num_labels=1).
 from __future__ import annotations
 
 import time
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import save_model_folder
-from tether.config import RunConfig, check, cli_main, doc, to_dict
+from tether.cli import cli_main
+from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import bradley_terry_loss
 from tether.models import disable_dropout, load_scalar_model, save_reward_stats, sequence_scores
@@ -96,7 +98,7 @@ def train(cfg: RMConfig) -> dict:
     tracker.event(f"rm: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, {report.truncated} truncated")
 
     metrics: dict[str, float] = {}
-    best: tuple[float, float, int, dict] | None = None  # (accuracy, -loss, step, weights)
+    best: tuple[float, float, int, Any] | None = None  # (accuracy, -loss, step, the engine's snapshot)
     while step < steps:
         t0 = time.perf_counter()
         batch = collate_pairs([train_items[i] for i in sampler.next()], pad)
@@ -111,14 +113,13 @@ def train(cfg: RMConfig) -> dict:
             if cfg.keep_best:
                 key = (metrics["eval/accuracy"], -metrics["eval/loss"])
                 if best is None or key > best[:2]:
-                    sd = engine.unwrapped_model().state_dict()
-                    best = (*key, step, {k: v.detach().clone() for k, v in sd.items()})
+                    best = (*key, step, engine.snapshot())
         tracker.log(step, metrics, force=step == steps)
         if should(cfg.save_every, step, steps):
             ckpt.save(step, {"reward_model": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
 
     if best is not None and best[2] != step:
-        engine.unwrapped_model().load_state_dict(best[3])
+        engine.restore(best[3])
         tracker.event(f"rm: keeping the weights of step {best[2]} (held-out accuracy {best[0]:.4f}), not of step {step}")
     best_step = best[2] if best is not None else step
     best = None
