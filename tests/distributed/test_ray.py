@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("ray")
 
@@ -78,3 +79,28 @@ def test_ray_ppo_matches_local_and_resumes_after_a_killed_worker(tmp_path):
     dw = max(float((wl[k] - wr[k]).abs().max()) for k in wl)
     print(f"ray vs local: max |dmetric| {diff:.2e}, max |dweight| {dw:.2e}")
     assert diff < 1e-5 and dw < 1e-5
+
+
+def test_ray_rm_keep_best_keeps_the_best_weights(tmp_path):
+    # keep_best went through the unwrapped module's state_dict, which the Ray engine's stand-in has not
+    # (AttributeError: 'RemoteModel' object has no attribute 'state_dict'); it now uses the engine's
+    # snapshot/restore, which the actor serves
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_stages import marker_pairs
+    from tiny import write_jsonl
+
+    model = tiny_model(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(64, 1))
+    held = write_jsonl(tmp_path / "held.jsonl", marker_pairs(40, 2))
+    out = tmp_path / "rm"
+    _, p = run_stage("rm", [f"model={model}", f"data.train={train}", f"data.eval={held}", f"out={out}", "max_steps=8",
+                            "batch_size=8", "optim.lr=5e-2", "optim.schedule=constant", "eval_every=1", "save_every=1",
+                            "keep_checkpoints=8", "keep_best=true", "track.progress=false", "engine.backend=ray",
+                            "engine.ray.num_cpus=2"])
+    rows = [r for r in metrics(out) if "eval/accuracy" in r]
+    best = max(rows, key=lambda r: (r["eval/accuracy"], -r["eval/loss"]))
+    assert best["step"] != rows[-1]["step"], "the last evaluation was the best: raise the learning rate"
+    assert f"keeping the weights of step {best['step']}" in p.stdout + p.stderr
+    final = weights(out / "final")
+    at_best = weights(out / "checkpoints" / f"step_{best['step']}" / "model_reward_model")
+    assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
