@@ -12,8 +12,8 @@ AutoModelForSequenceClassification (num_labels=1).
 from __future__ import annotations
 
 import time
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,7 @@ def train(cfg: RMConfig) -> dict:
             if cfg.keep_best:
                 key = (metrics["eval/accuracy"], -metrics["eval/loss"])
                 if best is None or key > best[:2]:
-                    best = (*key, step, engine.snapshot())
+                    best = (*key, step, engine.snapshot(with_optimizer=False))
         tracker.log(step, metrics, force=step == steps)
         if should(cfg.save_every, step, steps):
             ckpt.save(step, {"reward_model": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))

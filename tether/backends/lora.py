@@ -114,7 +114,7 @@ class AdapterDisabledEngine:
     def load_optimizer_state(self, state: dict) -> None:
         pass
 
-    def snapshot(self) -> dict:
+    def snapshot(self, with_optimizer: bool = True) -> dict:
         return {}
 
     def restore(self, snap: dict) -> None:

@@ -190,9 +190,9 @@ class EngineWorker:
 
         return peft_of(self.engine.unwrapped_model()) is not None
 
-    def snapshot(self) -> int:
+    def snapshot(self, with_optimizer: bool = True) -> int:
         i = next(self._ids)
-        self._snaps = {i: self.engine.snapshot()}  # keep only the latest
+        self._snaps = {i: self.engine.snapshot(with_optimizer)}  # keep only the latest
         return i
 
     def restore(self, token: int) -> None:
@@ -330,8 +330,8 @@ class RemoteEngine:
     def load_optimizer_state(self, state: dict) -> None:
         _call(self.role, self.actor.load_optimizer_state.remote(state))
 
-    def snapshot(self) -> int:
-        return _call(self.role, self.actor.snapshot.remote())
+    def snapshot(self, with_optimizer: bool = True) -> int:
+        return _call(self.role, self.actor.snapshot.remote(with_optimizer))
 
     def restore(self, token: int) -> None:
         _call(self.role, self.actor.restore.remote(token))
@@ -358,7 +358,7 @@ class RemoteReference(RemoteEngine):
     def optimizer_state(self):
         return None
 
-    def snapshot(self):
+    def snapshot(self, with_optimizer: bool = True):
         return 0
 
     def restore(self, token) -> None:

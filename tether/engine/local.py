@@ -160,11 +160,12 @@ class LocalEngine:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
-    def snapshot(self) -> dict:
-        """A copy of weights and optimizer state, for rolling back a bad update."""
+    def snapshot(self, with_optimizer: bool = True) -> dict:
+        """A copy of the weights (and the optimizer state), for rolling back a bad update or keeping the
+        best evaluation's weights (which needs no optimizer copy: 2x the weights under AdamW)."""
         return {
             "model": {k: v.detach().clone() for k, v in self.unwrapped_model().state_dict().items()},
-            "optim": copy.deepcopy(self.optimizer_state()),
+            "optim": copy.deepcopy(self.optimizer_state()) if with_optimizer else None,
         }
 
     def restore(self, snap: dict) -> None:
