@@ -578,3 +578,17 @@ def test_multi_turn_pair_keeps_earlier_turns_in_prompt(chat):
     assert "hello dog" in tok.decode(item.prompt_ids)
     assert "hello dog" not in tok.decode(item.chosen_ids) and "yes it is great" in tok.decode(item.chosen_ids)
     assert "no it is bad" in tok.decode(item.rejected_ids) and "hello" not in tok.decode(item.rejected_ids)
+
+
+def test_pair_batch_stacked_puts_rejected_under_chosen_right_padded():
+    import torch
+
+    from tether.types import PairBatch
+
+    c = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    r = torch.tensor([[7, 8, 9, 10, 11], [12, 13, 14, 15, 16]])
+    b = PairBatch(c, torch.ones_like(c), torch.full(c.shape, 0.5), r, torch.ones_like(r), torch.full(r.shape, 2.0))
+    ids, attn, loss = b.stacked()
+    assert ids.tolist() == [[1, 2, 3, 0, 0], [4, 5, 6, 0, 0], r[0].tolist(), r[1].tolist()]
+    assert attn.tolist() == [[1, 1, 1, 0, 0]] * 2 + [[1] * 5] * 2
+    assert loss.tolist() == [[0.5, 0.5, 0.5, 0, 0]] * 2 + [[2.0] * 5] * 2 and loss.dtype == torch.float

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
 from tether.checkpoint import atomic_torch_save, save_model_folder
@@ -54,11 +53,7 @@ def pair_logps(model, batch, length_normalised: bool = False) -> tuple[torch.Ten
 
     Summed over response tokens, or averaged when length_normalised (IPO).
     """
-    Tc, Tr = batch.chosen_input_ids.shape[1], batch.rejected_input_ids.shape[1]
-    T = max(Tc, Tr)
-    ids = torch.cat([F.pad(batch.chosen_input_ids, (0, T - Tc)), F.pad(batch.rejected_input_ids, (0, T - Tr))])  # [2B, T]
-    attn = torch.cat([F.pad(batch.chosen_attention_mask, (0, T - Tc)), F.pad(batch.rejected_attention_mask, (0, T - Tr))])
-    mask = torch.cat([F.pad(batch.chosen_loss_mask, (0, T - Tc)), F.pad(batch.rejected_loss_mask, (0, T - Tr))])
+    ids, attn, mask = batch.stacked()  # [2B, T]
     # targets: the LM head runs on response tokens only; [2B, T], column t = log p(x_t | x_<t)
     B = batch.chosen_input_ids.shape[0]
     lp, _ = causal_logprobs(model, ids, attn, targets=mask, groups=list(range(B)) * 2)  # packed: a pair's prompt once

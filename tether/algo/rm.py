@@ -43,10 +43,7 @@ class RMConfig(RunConfig):
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of chosen and rejected in one [2B, T] forward pass -> ([B], [B])."""
-    Tc, Tr = batch.chosen_input_ids.shape[1], batch.rejected_input_ids.shape[1]
-    T = max(Tc, Tr)
-    ids = torch.cat([F.pad(batch.chosen_input_ids, (0, T - Tc)), F.pad(batch.rejected_input_ids, (0, T - Tr))])
-    mask = torch.cat([F.pad(batch.chosen_attention_mask, (0, T - Tc)), F.pad(batch.rejected_attention_mask, (0, T - Tr))])
+    ids, mask, _ = batch.stacked()  # [2B, T]
     B = batch.chosen_input_ids.shape[0]
     scores = sequence_scores(model, ids, mask, groups=list(range(B)) * 2)  # packed: a pair's prompt is computed once
     return scores[:B], scores[B:]
