@@ -51,7 +51,7 @@ from tether.engine import make_engine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import disable_dropout, eos_ids, causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.packing import prompt_groups
-from tether.rollout import SamplingConfig, rollout_class
+from tether.rollout import SamplingConfig, make_rollout
 from tether.track import Tracker
 from tether.types import Experience, PromptBatch, RolloutBatch
 
@@ -496,7 +496,7 @@ def train(cfg: PPOConfig) -> dict:
         disable_dropout(critic_model)
         critic_optim = dataclasses.replace(cfg.optim, lr=cfg.critic.lr or cfg.optim.lr)
         critic = make_engine(critic_model, cfg.engine, critic_optim, total_steps=optim_steps)
-    rollout = rollout_class(cfg.rollout.backend)(policy.unwrapped_model(), tok, policy.device, getattr(policy, "autocast_dtype", None))
+    rollout = make_rollout(cfg.rollout.backend, policy, tok)
 
     # the critic's first step stands for its old-value pass when it covers the whole batch in this process
     fuse_values = (critic is not None and cfg.critic.fuse_value_pass == "auto" and critic.in_process

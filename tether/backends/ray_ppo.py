@@ -5,8 +5,8 @@
 
 `engine.backend=ray` makes `make_engine` return `RemoteEngine`: a proxy with the Engine methods
 (train_step, forward, global_sum, named_parameters, unwrapped_model, optimizer_state, snapshot ...)
-whose work runs in an `EngineWorker` actor holding an ordinary local engine. `rollout_class(...)`
-given the policy's stand-in model (`RemoteModel`) starts a `RolloutWorker` actor next to it. So
+whose work runs in an `EngineWorker` actor holding an ordinary local engine. `make_rollout(...)`
+asks the policy engine for its sampler, and `RemoteEngine.rollout` starts a `RolloutWorker` actor. So
 tether/algo/ppo.py runs unchanged as the controller: it calls the same `make_experience` and
 `ppo_update`, and loss functions travel to the actors by cloudpickle.
 
@@ -259,9 +259,6 @@ class RemoteModel:
     def load_state_dict(self, sd: dict, strict: bool = False):
         return _call(self._engine.role, self._engine.actor.load_state_dict.remote(sd, strict))
 
-    def remote_rollout(self, cls, tokenizer, device=None, autocast_dtype=None):
-        return RemoteRollout(self._engine, cls, tokenizer)
-
 
 class _RemoteAdapter:
     """LoRA on a remote engine: `save_model_folder` asks the actor for the merged folder."""
@@ -298,6 +295,10 @@ class RemoteEngine:
     @property
     def in_process(self) -> bool:  # steps run in the actor: a loss_fn's closures never come back
         return False
+
+    def rollout(self, cls, tokenizer):
+        """A RolloutWorker actor on the rollout bundle, started from this engine's weights."""
+        return RemoteRollout(self, cls, tokenizer)
 
     @property
     def _info(self) -> dict:

@@ -30,6 +30,10 @@ class Engine(Protocol):
         """The model lives in this process, so a loss_fn may hand results back through a closure
         (PPO's fused value pass relies on it). False for engines whose steps run elsewhere (Ray actors)."""
 
+    def rollout(self, cls, tokenizer):
+        """A sampler `cls(model, tokenizer, device, autocast_dtype)` (a Rollout implementation) of this
+        engine's model, placed where the model lives."""
+
     def global_sum(self, value: float) -> float:
         """Sum a local number over data-parallel ranks (the identity in one process)."""
 

@@ -98,6 +98,9 @@ class LocalEngine:
     def in_process(self) -> bool:
         return True
 
+    def rollout(self, cls, tokenizer):
+        return cls(self.unwrapped_model(), tokenizer, self.device, self.autocast_dtype)
+
     # -- the protocol --------------------------------------------------------------------------
     def train_step(self, batch: Batch, loss_fn: Callable) -> dict[str, float]:
         assert self.optimizer is not None, "train_step on a frozen engine"

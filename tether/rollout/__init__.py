@@ -1,5 +1,6 @@
 """Rollouts: the sampling seam. `HFRollout` (a decoding loop over a Hugging Face model with a static KV cache) is the default;
-a vLLM rollout (tether.backends.vllm_rollout) implements the same protocol."""
+a vLLM rollout (tether.backends.vllm_rollout) implements the same protocol. A rollout is built from an engine
+(`make_rollout`), which decides where it runs."""
 
 import importlib
 
@@ -14,19 +15,13 @@ def rollout_class(name: str):
 
         raise ConfigError(f"config key 'rollout.backend': unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return _placed(getattr(importlib.import_module(module), cls))
+    return getattr(importlib.import_module(module), cls)
 
 
-def _placed(cls):
-    """`cls(model, ...)`, except that a model living in another process (a Ray actor's stand-in,
-    tether.backends.ray_ppo.RemoteModel) builds the rollout as a worker next to it."""
-
-    def make(model, *args, **kwargs):
-        remote = getattr(model, "remote_rollout", None)
-        return remote(cls, *args, **kwargs) if remote is not None else cls(model, *args, **kwargs)
-
-    make.cls = cls
-    return make
+def make_rollout(name: str, policy, tokenizer) -> Rollout:
+    """A `name` sampler of the policy engine's model. The engine places it (`Engine.rollout`): next to the
+    module in this process, or as an actor beside a remote engine's."""
+    return policy.rollout(rollout_class(name), tokenizer)
 
 
-__all__ = ["Rollout", "SamplingConfig", "rollout_class", "BACKENDS"]
+__all__ = ["Rollout", "SamplingConfig", "rollout_class", "make_rollout", "BACKENDS"]
