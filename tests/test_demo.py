@@ -146,8 +146,7 @@ def test_cut_responses_are_scored_with_the_eos_their_training_records_had(tiny_g
     is scored with that EOS too, and an RM score of a cut row equals the score of the same text + EOS."""
     import torch
 
-    from tether.demo.sentiment import _as_trained
-    from tether.models import load_scalar_model, load_tokenizer, sequence_scores
+    from tether.models import as_trained, load_scalar_model, load_tokenizer, sequence_scores
     from tether.types import RolloutBatch
 
     tok = load_tokenizer(tiny_gpt2)
@@ -157,7 +156,7 @@ def test_cut_responses_are_scored_with_the_eos_their_training_records_had(tiny_g
     attn = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
     ro = RolloutBatch(sequences=seqs, attention_mask=attn, response_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), logprobs=torch.zeros(2, 3),
                       prompt_length=2, finished=torch.tensor([True, False]))
-    s, a = _as_trained(ro, eos, pad)
+    s, a = as_trained(ro.sequences, ro.attention_mask, ro.finished, eos, pad)
     assert s.tolist() == [[7, 8, 40, eos, pad, pad], [pad, 9, 41, 42, 43, eos]]
     assert a.tolist() == [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]]
     rm = load_scalar_model(tiny_gpt2, pad_token_id=pad).eval()

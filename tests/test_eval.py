@@ -364,3 +364,47 @@ def test_sycophancy_conflict_experiment(tiny_gpt2, tmp_path):
     assert m[1]["mean_p_agree"] > m[0]["mean_p_agree"]
     assert (out / "conflict_curve.png").exists()
     shutil.rmtree(out / "conflict_runs")
+
+
+def test_an_eval_score_is_the_score_ppo_sees(tiny_gpt2, tmp_path):
+    """One scoring convention (models.as_trained): PPO's reward of a rollout, `tether eval`'s score of the
+    same (prompt, response) text and the reward server's are the same number, for a response that
+    reached EOS and for one cut at the length limit (scored with the EOS its training records had)."""
+    import torch
+
+    from tether.algo.ppo import RewardConfig, Scorer as PPOScorer
+    from tether.backends.reward_server import RewardScorer
+    from tether.checkpoint import save_model_folder
+    from tether.config import DataConfig, EngineConfig
+    from tether.data import PromptExample, collate_prompts, tokenize_prompts
+    from tether.engine import make_engine
+    from tether.eval.scoring import Scorer
+    from tether.models import eos_ids, load_scalar_model, load_tokenizer, save_reward_stats, sequence_scores
+    from tether.types import RolloutBatch
+
+    tok = load_tokenizer(tiny_gpt2)
+    rm_dir = tmp_path / "rm"
+    save_model_folder(load_scalar_model(tiny_gpt2, pad_token_id=tok.pad_token_id), rm_dir, tok)
+    save_reward_stats(rm_dir, 0.0, 1.0)
+    prompts = ["the movie was", "a film about the", "hello"]
+    responses = [" good and fun", " very boring", " world and the cat"]
+    finished = [True, False, False]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    batch = collate_prompts(tokenize_prompts([PromptExample(p, f"p{i}") for i, p in enumerate(prompts)], tok, DataConfig()), pad, prompts)
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + ([eos] if f else []) for r, f in zip(responses, finished)]
+    R = max(map(len, resp))
+    resp_ids = torch.tensor([r + [pad] * (R - len(r)) for r in resp])
+    resp_mask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in resp])
+    ro = RolloutBatch(sequences=torch.cat([batch.input_ids, resp_ids], 1), attention_mask=torch.cat([batch.attention_mask, resp_mask.long()], 1),
+                      response_mask=resp_mask, logprobs=torch.zeros(len(resp), R), prompt_length=batch.input_ids.shape[1],
+                      prompts=prompts, responses=responses, finished=torch.tensor(finished))
+
+    engine = make_engine(load_scalar_model(rm_dir, pad_token_id=pad), EngineConfig(), None, trainable=False)
+    ppo_scores = PPOScorer(RewardConfig(model=str(rm_dir)), engine, None, tok, None, eos_ids(tok)).raw(ro)
+    eval_scores = torch.tensor(Scorer.load(rm_dir).score_responses(prompts, responses))
+    server_scores = torch.tensor(RewardScorer(str(rm_dir))(prompts, responses))
+    assert torch.allclose(ppo_scores, eval_scores, atol=1e-5), (ppo_scores, eval_scores)
+    assert torch.allclose(server_scores, eval_scores, atol=1e-5), (server_scores, eval_scores)
+    # a cut response is not scored as its raw tokens: that reads an ending the RM never saw in training
+    raw_cut = engine.forward(ro, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask))
+    assert not torch.allclose(raw_cut[1:], eval_scores[1:], atol=1e-3)

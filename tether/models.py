@@ -337,3 +337,20 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     if gen is not None and gen.eos_token_id is not None:
         ids.update([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else gen.eos_token_id)
     return sorted(ids)
+
+
+def as_trained(sequences: Tensor, attention_mask: Tensor, finished: Tensor | None, eos: int, pad: int) -> tuple[Tensor, Tensor]:
+    """The one scoring convention (PPO's reward, `tether eval`, the demo): a reward model reads prompt,
+    response and one EOS, as the data pipeline wrote its training records (it appends EOS to every
+    response). A response that reached EOS already ends with it; one cut at the length limit (finished
+    False) gets it appended here. `finished` None means every row finished. Scored without the EOS, the
+    RM reads an ending it never saw in training. -> (sequences, attention_mask), each [B, T+1]."""
+    B, T = sequences.shape
+    cut = ~finished.to(sequences.device) if finished is not None else torch.zeros(B, dtype=torch.bool, device=sequences.device)
+    seqs = torch.cat([sequences, sequences.new_full((B, 1), pad)], 1)  # [B, T+1]
+    attn = torch.cat([attention_mask, attention_mask.new_zeros(B, 1)], 1)
+    rows = cut.nonzero().squeeze(1)
+    after = T - attention_mask[rows].flip(1).argmax(1)  # the column after each cut row's last real token
+    seqs[rows, after], attn[rows, after] = eos, 1
+    return seqs, attn
+

@@ -49,7 +49,7 @@ from tether.cli import cli_main
 from tether.config import ConfigError, RunConfig, check, doc, sub, to_dict
 from tether.engine import make_engine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
-from tether.models import disable_dropout, eos_ids, causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
+from tether.models import as_trained, disable_dropout, eos_ids, causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.packing import prompt_groups
 from tether.rollout import SamplingConfig, make_rollout
 from tether.track import Tracker
@@ -66,7 +66,7 @@ class RewardConfig:
     kwargs: dict = doc({}, "keyword arguments passed to reward.fn")
     normalize: bool = doc(True, "score = (r - mean) / std with the statistics saved by `tether rm` (Ziegler et al. 2019)")
     clip: float = doc(0.0, "clip the normalised score to [-clip, clip] (0 = off)")
-    missing_eos_penalty: float = doc(1.0, "subtract this from the score of a response that never reached EOS (Huang et al. 2024's 'EOS trick'; 0 = off)")
+    missing_eos_penalty: float = doc(1.0, "subtract this from the score of a response that never reached EOS (Huang et al. 2024's 'EOS trick'; 0 = off); the RM scores such a response with EOS appended, as it was trained (models.as_trained)")
 
     def validate(self, p: str) -> None:
         check(bool(self.model) != bool(self.fn), f"{p}model", "set exactly one of reward.model (a reward model folder) and reward.fn (module:function)")
@@ -191,15 +191,23 @@ class Scorer:
             ids = [[t for t, m in zip(row, mask) if m] for row, mask in zip(resp, ro.response_mask.tolist())]
             ids = [[t for t in row if t not in self.eos] for row in ids]
             return torch.tensor(call_reward_fn(self.fn, ro.prompts, ro.responses, ids, self.cfg.kwargs), dtype=torch.float)
-        batch = ro if self.rm_tok is None else self._retokenize(ro)
+        from tether.data import pad_id
+
+        if self.rm_tok is None:  # scored as the RM was trained: a cut response gets its EOS (models.as_trained)
+            seqs, attn = as_trained(ro.sequences, ro.attention_mask, ro.finished, self.tok.eos_token_id, pad_id(self.tok))
+            batch = dataclasses.replace(ro, sequences=seqs, attention_mask=attn)
+        else:
+            batch = self._retokenize(ro)
         return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, _groups(b))).float().cpu()
 
     def _retokenize(self, ro: RolloutBatch) -> RolloutBatch:
-        """The reward model has its own tokenizer: decode prompt+response and encode them again."""
+        """The reward model has its own tokenizer: decode prompt+response and encode them again, with the
+        RM's EOS after a cut response (the convention of models.as_trained)."""
         rows = []
-        for ids, mask in zip(ro.sequences.tolist(), ro.attention_mask.tolist()):
+        cut = (~ro.finished).tolist() if ro.finished is not None else [False] * len(ro.sequences)
+        for ids, mask, c in zip(ro.sequences.tolist(), ro.attention_mask.tolist(), cut):
             text = self.tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False)
-            rows.append(self.rm_tok(text, add_special_tokens=False)["input_ids"])
+            rows.append(self.rm_tok(text, add_special_tokens=False)["input_ids"] + ([self.rm_tok.eos_token_id] if c else []))
         width = max(len(r) for r in rows)
         pad = self.rm_tok.pad_token_id or 0
         seqs = torch.tensor([r + [pad] * (width - len(r)) for r in rows])

@@ -7,8 +7,9 @@
 POST /score  {"prompts": [...], "responses": [...]}  ->  {"scores": [...]}
 GET  /health ->  {"ok": true, "model": ...}
 
-The server scores the text `prompt + response` with the reward model (the last token's head), in
-batches, under no_grad; with --normalize it applies the (mean, std) saved by `tether rm`. Standard
+The server scores each (prompt, response) as `tether eval` and PPO do (tokenised like the reward model's
+training records, EOS after the response), in batches, under no_grad; with --normalize it applies the
+(mean, std) saved by `tether rm`. Standard
 library only (http.server), one request at a time: a small remote judge, not a serving system.
 """
 
@@ -22,29 +23,19 @@ from typing import Sequence
 
 
 class RewardScorer:
+    """(prompts, responses) -> rewards, with tether's one scoring convention: the text tokenised as the
+    reward model's training records were (chat template, EOS after the response; tether.eval.scoring)."""
+
     def __init__(self, model_dir: str, batch_size: int = 16, normalize: bool = False, device: str = "auto"):
-        import torch
+        from tether.eval.scoring import Scorer
 
-        from tether.models import load_reward_stats, load_scalar_model, load_tokenizer, resolve_device
-
-        self.torch = torch
-        self.tok = load_tokenizer(model_dir)
-        self.device = resolve_device(device)
-        self.model = load_scalar_model(model_dir, self.device, pad_token_id=self.tok.pad_token_id).eval()
-        self.stats = load_reward_stats(model_dir) if normalize else {"mean": 0.0, "std": 1.0}
-        self.batch_size, self.model_dir = batch_size, model_dir
+        self.scorer = Scorer.load(model_dir, device, batch_size)
+        self.stats = self.scorer.stats if normalize else {"mean": 0.0, "std": 1.0}
+        self.model_dir = model_dir
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        from tether.models import sequence_scores
-
-        out: list[float] = []
-        texts = [p + r for p, r in zip(prompts, responses)]
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[s : s + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            with self.torch.no_grad():
-                scores = sequence_scores(self.model, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-            out += ((scores.float().cpu() - self.stats["mean"]) / self.stats["std"]).tolist()
-        return out
+        scores = self.scorer.score_responses(list(prompts), list(responses))
+        return [(s - self.stats["mean"]) / self.stats["std"] for s in scores]
 
 
 def make_server(scorer: RewardScorer, host: str = "127.0.0.1", port: int = 8300) -> ThreadingHTTPServer:

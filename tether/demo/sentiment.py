@@ -241,7 +241,7 @@ class Models:
         import torch
 
         from tether.data import collate_prompts, pad_id
-        from tether.models import causal_logprobs, sequence_scores
+        from tether.models import as_trained, causal_logprobs, sequence_scores
         from tether.rollout.base import SamplingConfig
         from tether.rollout.hf import HFRollout
 
@@ -267,7 +267,7 @@ class Models:
             out["finished"] += ro.finished.tolist() if ro.finished is not None else [False] * len(chunk)
             with torch.no_grad(), self.autocast():
                 if self.rm is not None:
-                    out["proxy"] += sequence_scores(self.rm, *_as_trained(ro, self.tok.eos_token_id, pad)).float().tolist()
+                    out["proxy"] += sequence_scores(self.rm, *as_trained(ro.sequences, ro.attention_mask, ro.finished, self.tok.eos_token_id, pad)).float().tolist()
                 if want_logprobs:
                     out["logp"] += (ro.logprobs * ro.response_mask).sum(-1).tolist()
                     if model is self.sft:
@@ -279,19 +279,6 @@ class Models:
         pos = {r: n for n, r in enumerate(order)}
         perm = [pos[r] for r in sorted(order)]
         return {key: [v[n] for n in perm] if v else [] for key, v in out.items()}
-
-
-def _as_trained(ro, eos: int, pad: int):
-    """Rollout rows as the reward model saw responses in training: its preference records are text, and the
-    data pipeline appends EOS to every response, so a response cut at max_new_tokens gets its EOS here too.
-    Scored without it, the RM reads an ending it never saw: in one demo run (23% of SFT samples cut), its
-    accuracy vs gold on pairs with a cut response was 0.61 against 0.79 on pairs of finished ones.
-    -> (sequences, attention_mask) [B, T+1]."""
-    import torch
-
-    cut = ~ro.finished if ro.finished is not None else torch.zeros(len(ro.sequences), dtype=torch.bool)
-    extra = torch.where(cut, eos, pad)  # [B] long
-    return torch.cat([ro.sequences, extra[:, None]], 1), torch.cat([ro.attention_mask, cut.long()[:, None]], 1)
 
 
 # ----------------------------------------------------------------------------------------------
