@@ -340,11 +340,9 @@ def eos_ids(tokenizer, model=None) -> list[int]:
 
 
 def as_trained(sequences: Tensor, attention_mask: Tensor, finished: Tensor | None, eos: int, pad: int) -> tuple[Tensor, Tensor]:
-    """The one scoring convention (PPO's reward, `tether eval`, the demo): a reward model reads prompt,
-    response and one EOS, as the data pipeline wrote its training records (it appends EOS to every
-    response). A response that reached EOS already ends with it; one cut at the length limit (finished
-    False) gets it appended here. `finished` None means every row finished. Scored without the EOS, the
-    RM reads an ending it never saw in training. -> (sequences, attention_mask), each [B, T+1]."""
+    """The one scoring convention (PPO, `tether eval`, the demo): a reward model reads prompt, response and
+    one EOS, as its training records were written; a response cut at the length limit (finished False;
+    None = all finished) gets its EOS here, after its last real token. -> (sequences, attention_mask) [B, T+1]."""
     B, T = sequences.shape
     cut = ~finished.to(sequences.device) if finished is not None else torch.zeros(B, dtype=torch.bool, device=sequences.device)
     seqs = torch.cat([sequences, sequences.new_full((B, 1), pad)], 1)  # [B, T+1]

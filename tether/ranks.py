@@ -1,9 +1,5 @@
-"""Which process this is: rank helpers for runs under torchrun.
-
-The core (sampler, tracker, checkpoints) uses them so that a run under torchrun shards its batches and
-writes files from rank 0 only. Outside torchrun (no process group) every helper is the single-process
-identity. Imports only torch.
-"""
+"""Rank helpers: under torchrun the core shards its batches and writes files from rank 0 only; outside
+it (no process group) each helper is the single-process identity."""
 
 from __future__ import annotations
 

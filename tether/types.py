@@ -84,15 +84,13 @@ class PairBatch(Batch):
     ref_rejected_logps: Tensor | None = None
 
     def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Chosen rows over rejected rows as one batch, right-padded to T = max(Tc, Tr): a pair's two
-        responses in one forward pass. -> (input_ids, attention_mask, loss_mask), each [2B, T]."""
+        """Chosen rows over rejected rows, right-padded to T = max(Tc, Tr), for one forward pass.
+        -> (input_ids, attention_mask, loss_mask), each [2B, T]."""
         T = max(self.chosen_input_ids.shape[1], self.rejected_input_ids.shape[1])
-
-        def both(c: Tensor, r: Tensor) -> Tensor:
-            return torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1])), torch.nn.functional.pad(r, (0, T - r.shape[1]))])
-
-        return (both(self.chosen_input_ids, self.rejected_input_ids), both(self.chosen_attention_mask, self.rejected_attention_mask),
-                both(self.chosen_loss_mask, self.rejected_loss_mask))
+        pad = torch.nn.functional.pad
+        return tuple(torch.cat([pad(c, (0, T - c.shape[1])), pad(r, (0, T - r.shape[1]))]) for c, r in (
+            (self.chosen_input_ids, self.rejected_input_ids), (self.chosen_attention_mask, self.rejected_attention_mask),
+            (self.chosen_loss_mask, self.rejected_loss_mask)))
 
 
 @dataclass

@@ -201,8 +201,7 @@ class Scorer:
         return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, _groups(b))).float().cpu()
 
     def _retokenize(self, ro: RolloutBatch) -> RolloutBatch:
-        """The reward model has its own tokenizer: decode prompt+response and encode them again, with the
-        RM's EOS after a cut response (the convention of models.as_trained)."""
+        """The RM has its own tokenizer: decode and encode again, its EOS after a cut response (as_trained)."""
         rows = []
         cut = (~ro.finished).tolist() if ro.finished is not None else [False] * len(ro.sequences)
         for ids, mask, c in zip(ro.sequences.tolist(), ro.attention_mask.tolist(), cut):

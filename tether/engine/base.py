@@ -31,8 +31,7 @@ class Engine(Protocol):
         (PPO's fused value pass relies on it). False for engines whose steps run elsewhere (Ray actors)."""
 
     def rollout(self, cls, tokenizer):
-        """A sampler `cls(model, tokenizer, device, autocast_dtype)` (a Rollout implementation) of this
-        engine's model, placed where the model lives."""
+        """A sampler (Rollout class `cls`) of this engine's model, placed where the model lives."""
 
     def global_sum(self, value: float) -> float:
         """Sum a local number over data-parallel ranks (the identity in one process)."""

@@ -19,8 +19,7 @@ def rollout_class(name: str):
 
 
 def make_rollout(name: str, policy, tokenizer) -> Rollout:
-    """A `name` sampler of the policy engine's model. The engine places it (`Engine.rollout`): next to the
-    module in this process, or as an actor beside a remote engine's."""
+    """A `name` sampler of the policy engine's model, placed by the engine (`Engine.rollout`)."""
     return policy.rollout(rollout_class(name), tokenizer)
 
 
