@@ -73,8 +73,7 @@ def write_jsonl(path: str | Path, records: list) -> Path:
 # engine whose language-model (not scalar-head) engine multiplies its loss by NaN on the optimizer step
 # numbered NanOnceEngine.at (1-based), to exercise PPO's rollback guard through the engine seam.
 def _nan_once_engine():
-    import torch
-
+    from tether.backends.lora import _is_scalar
     from tether.engine.local import LocalEngine
 
     class NanOnceEngine(LocalEngine):
@@ -82,8 +81,7 @@ def _nan_once_engine():
 
         def train_step(self, batch, loss_fn):
             self.calls = getattr(self, "calls", 0) + 1
-            scalar = any(isinstance(getattr(self.model, n, None), torch.nn.Linear) for n in ("score", "classifier"))
-            if not scalar and self.calls == NanOnceEngine.at:
+            if not _is_scalar(self.model) and self.calls == NanOnceEngine.at:
                 inner = loss_fn
 
                 def loss_fn(model, mb):

@@ -29,9 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def parse_cli(cls, argv: list[str], prog: str, description: str):
+    """`tether <stage> [--config cfg.yaml] [--resume] [key=value ...]` -> config."""
     from tether.config import config_help, load_config
 
-    """`tether <stage> [--config cfg.yaml] [--resume] [key=value ...]` -> config."""
     epilog = "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls))
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,6 +49,7 @@ def parse_cli(cls, argv: list[str], prog: str, description: str):
 def cli_main(cls, run: Callable, argv: list[str], prog: str, description: str) -> int:
     """A stage's entry point: parse, print a one-line error for a bad config or bad data (exit 2), run."""
     from tether.config import ConfigError
+
     try:
         cfg = parse_cli(cls, argv, prog, description)
     except ConfigError as e:

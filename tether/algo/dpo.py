@@ -24,7 +24,7 @@ from tether.cli import cli_main
 from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine
 from tether.losses import DPOLoss, dpo_loss
-from tether.models import disable_dropout, causal_logprobs, load_causal_lm
+from tether.models import causal_logprobs, disable_dropout, load_causal_lm
 from tether.track import Tracker
 
 REF_CACHE = "ref_logps.pt"

@@ -49,7 +49,7 @@ from tether.cli import cli_main
 from tether.config import ConfigError, RunConfig, check, doc, sub, to_dict
 from tether.engine import make_engine
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
-from tether.models import as_trained, disable_dropout, eos_ids, causal_logprobs, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
+from tether.models import as_trained, causal_logprobs, disable_dropout, eos_ids, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.packing import prompt_groups
 from tether.rollout import SamplingConfig, make_rollout
 from tether.track import Tracker

@@ -5,7 +5,7 @@
 
 How the algorithm files stay unchanged:
 - Batches: `BatchSampler` gives each rank its contiguous slice of every global batch
-  (tether.backends.shard_indices), so world_size x local batch = `batch_size`.
+  (tether.ranks.shard_indices), so world_size x local batch = `batch_size`.
 - Normalisers: a stage sums its normaliser with `engine.global_sum` (all-reduce) and its loss_fn
   divides by it, so each rank's loss is its *share* of the global loss. DDP and FSDP average
   gradients over ranks; multiplying the loss by world_size before backward turns that average
@@ -13,7 +13,7 @@ How the algorithm files stay unchanged:
 - The loss code sees the plain Hugging Face model: `loss_fn(model, mb)` is run *inside* the
   wrapper's forward (`_Apply`), so DDP's reducer and FSDP's all-gather hooks fire even when the
   loss calls `model.generate`-free helpers such as `backbone(model)` or `score_head(model)`.
-- Files: the tracker, checkpoints and final folders are written by rank 0 only (tether.backends.is_main),
+- Files: the tracker, checkpoints and final folders are written by rank 0 only (tether.ranks.is_main),
   after the collective that gathers FSDP shards; other ranks wait at a barrier.
 
 Process group: gloo on CPU, nccl on CUDA (`LOCAL_RANK` picks the GPU). It is destroyed at exit.

@@ -9,8 +9,8 @@ GET  /health ->  {"ok": true, "model": ...}
 
 The server scores each (prompt, response) as `tether eval` and PPO do (tokenised like the reward model's
 training records, EOS after the response), in batches, under no_grad; with --normalize it applies the
-(mean, std) saved by `tether rm`. Standard
-library only (http.server), one request at a time: a small remote judge, not a serving system.
+(mean, std) saved by `tether rm`. Standard library only (http.server), one request at a time: a small
+remote judge, not a serving system.
 """
 
 from __future__ import annotations
