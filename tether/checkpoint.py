@@ -76,29 +76,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_model_folder(model, path: Path, tokenizer=None) -> None:
-    """An HF folder (config + safetensors [+ tokenizer]), written atomically.
-
-    Under torchrun every rank calls this (gathering FSDP shards is a collective); rank 0 writes.
-    A LoRA model is saved merged, as a plain HF folder, with its adapter in `adapter/`.
-    """
-    from tether.backends import full_state_dict
+def save_model_folder(model, path: Path, tokenizer=None, state_dict: dict | None = None, extra=None) -> None:
+    """`model.save_pretrained` (config + safetensors [+ tokenizer]) to a temporary folder, fsynced, then
+    renamed into place. Engines call it from `save_model`; under torchrun rank 0 writes and the others
+    wait. `state_dict` replaces the module's own (gathered FSDP shards); `extra(folder)` adds files."""
     from tether.ranks import barrier, is_main
 
     path = Path(path)
-    state_dict = full_state_dict(model)
-    adapter = model.__dict__.get("_tether_peft")
-    if adapter is not None:
-        from tether.backends.lora import merged_copy
-
-        model, state_dict = merged_copy(adapter, state_dict), None
     if is_main():
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        if adapter is not None:
-            adapter.save_pretrained(str(tmp / "adapter"))
+        if extra is not None:
+            extra(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _fsync_tree(tmp)
@@ -134,29 +125,25 @@ class Checkpointer:
         config: dict[str, Any],
         tokenizer=None,
     ) -> Path:
-        """engines: name -> object with `model`, `optimizer_state()`; state: JSON-able loop state.
-
-        Under torchrun every rank calls this: the state is gathered on all ranks (FSDP shards are
-        a collective), rank 0 writes, and the others wait at a barrier until the folder is complete.
-        """
-        from tether.backends import full_state_dict
+        """engines: name -> Engine; state: JSON-able loop state. Under torchrun every rank calls this (an
+        engine's save is a collective), rank 0 writes, the others wait at a barrier until it is complete."""
         from tether.ranks import barrier, is_main
 
-        gathered = {name: (full_state_dict(e.unwrapped_model()), e.optimizer_state()) for name, e in engines.items()}
         final = self.root / f"step_{step}"
+        tmp = self.root / f"step_{step}.tmp-{os.getpid()}"
+        if is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        for name, engine in engines.items():
+            engine.save_model(tmp / f"model_{name}", merged=False)
+            opt = engine.optimizer_state()
+            if opt is not None and is_main():
+                torch.save(opt, tmp / f"optim_{name}.pt")
         if not is_main():
             barrier()
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob("*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.root / f"step_{step}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        for name, engine in engines.items():
-            sd, opt = gathered[name]
-            engine.unwrapped_model().save_pretrained(str(tmp / f"model_{name}"), safe_serialization=True, state_dict=sd)
-            if opt is not None:
-                torch.save(opt, tmp / f"optim_{name}.pt")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         torch.save(rng_state(), tmp / "rng.pt")
@@ -187,24 +174,15 @@ class Checkpointer:
         """Restore weights, optimizer/scheduler and RNG; returns the loop state saved with them."""
         from safetensors.torch import load_file
 
-        from tether.backends import load_full_state_dict
-
         path = path or self.latest()
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root}")
         for name, engine in engines.items():
             folder = path / f"model_{name}"
-            shards = sorted(folder.glob("*.safetensors"))
-            sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                sd.update(load_file(str(shard)))
-            model = engine.unwrapped_model()
-            missing, unexpected = load_full_state_dict(model, sd, strict=False)
-            # Tied weights (e.g. lm_head = wte) are saved once; anything else missing is an error.
-            tied = set(getattr(model, "_tied_weights_keys", None) or [])
-            real_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
-            if real_missing or unexpected:
-                raise RuntimeError(f"checkpoint {folder} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+            try:
+                engine.load_state_dict({k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()})
+            except RuntimeError as e:
+                raise RuntimeError(f"checkpoint {folder} does not match the model: {e}") from None
             opt_file = path / f"optim_{name}.pt"
             if opt_file.exists():
                 engine.load_optimizer_state(torch.load(opt_file, weights_only=False))

@@ -204,14 +204,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin in (tuple, list):
         if isinstance(value, str):  # "1,2,4" from the command line: parse each item like a YAML scalar
@@ -272,15 +269,10 @@ def _build(cls: type[C], values: dict[str, Any], prefix: str) -> C:
         else:
             kw[key] = _coerce(value, tp, full)
     obj = cls(**kw)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate(prefix)
-    # Validate nested sections that were left at their defaults, too.
-    for name, f in fields.items():
+    getattr(obj, "validate", lambda p: None)(prefix)
+    for name in fields:  # nested sections left at their defaults are validated too
         if _is_config(hints[name]) and name not in values:
-            v = getattr(getattr(obj, name), "validate", None)
-            if v is not None:
-                v(f"{prefix}{name}.")
+            getattr(getattr(obj, name), "validate", lambda p: None)(f"{prefix}{name}.")
     return obj
 
 

@@ -57,15 +57,16 @@ def test_trainable_parameter_count(tiny_gpt2):
 
 
 def test_reference_is_base_and_merge_matches(tiny_gpt2, tmp_path):
-    from tether.checkpoint import save_model_folder
     from tether.backends.lora import AdapterDisabledEngine
+    from tether.engine import make_reference
 
     base = load_causal_lm(tiny_gpt2)
     policy = make_engine(load_causal_lm(tiny_gpt2), _cfg(), OptimConfig(lr=5e-2))
-    ref_model = load_causal_lm(tiny_gpt2)
-    ref = make_engine(ref_model, _cfg(), None, trainable=False)
+    ref = make_reference(policy, _cfg(), tiny_gpt2, tiny_gpt2)
     assert isinstance(ref, AdapterDisabledEngine)  # no second copy of the base weights
-    assert all(p.device.type == "meta" for p in ref_model.parameters())  # the duplicate was released
+    # shared_reference=false, or a reference from another folder: a frozen copy loaded from disk
+    separate = make_reference(policy, _cfg(shared_reference=False), tiny_gpt2, tiny_gpt2)
+    assert not isinstance(separate, AdapterDisabledEngine) and not any(p.requires_grad for _, p in separate.named_parameters())
     b = _batch()
     lp = lambda m, mb: causal_logprobs(m, mb.input_ids, mb.attention_mask)[0]  # noqa: E731
     # step 0: B = 0, so policy == reference == base, and KL is exactly 0
@@ -73,14 +74,15 @@ def test_reference_is_base_and_merge_matches(tiny_gpt2, tmp_path):
     _train(policy, b)
     base_lp = lp(base.eval(), b)
     assert torch.allclose(ref.forward(b, lp), base_lp, atol=1e-6)  # the reference still is the base
+    assert torch.allclose(separate.forward(b, lp), base_lp, atol=1e-6)
     assert (policy.forward(b, lp) - base_lp).abs().max() > 1e-3  # while the policy has moved
     # merge-and-save: a plain HF folder whose logits equal the adapter model's
-    save_model_folder(policy.unwrapped_model(), tmp_path / "merged")
+    policy.save_model(tmp_path / "merged")
     merged = load_causal_lm(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
     assert (tmp_path / "merged" / "adapter" / "adapter_config.json").exists()
-    policy.unwrapped_model().eval()
-    assert torch.allclose(_logits(merged.eval(), b), _logits(policy.unwrapped_model(), b), atol=1e-5)
+    policy.model.eval()
+    assert torch.allclose(_logits(merged.eval(), b), _logits(policy.model, b), atol=1e-5)
 
 
 def test_lora_critic_values_and_checkpoint_roundtrip(tiny_gpt2, tmp_path):

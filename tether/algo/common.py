@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tether.checkpoint import Checkpointer, atomic_write_text, seed_everything
-from tether.config import ConfigError, save_config, to_dict
+from tether.config import ConfigError, save_config
 from tether.track import console
 
 SUMMARY_FILE = "summary.json"
@@ -20,10 +20,8 @@ def start_run(cfg, stage: str) -> tuple[Path, Checkpointer]:
         raise ConfigError("config key 'model': required (a local Hugging Face model folder)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = to_dict(cfg)
-    console.print(f"[bold]tether {stage}[/bold] -> {out}")
-    console.print(json.dumps(resolved, indent=None, separators=(", ", "=")), highlight=False, soft_wrap=True)
     save_config(cfg, out / "config.json")
+    console.print(f"[bold]tether {stage}[/bold] -> {out} (resolved config: {out / 'config.json'})")
     seed_everything(cfg.seed)
     return out, Checkpointer(out, keep=cfg.keep_checkpoints)
 

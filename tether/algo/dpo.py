@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
-from tether.checkpoint import atomic_torch_save, save_model_folder
+from tether.checkpoint import atomic_torch_save
 from tether.cli import cli_main
 from tether.config import RunConfig, check, doc, to_dict
-from tether.engine import make_engine
+from tether.engine import make_engine, make_reference
 from tether.losses import DPOLoss, dpo_loss
 from tether.models import causal_logprobs, disable_dropout, load_causal_lm
 from tether.track import Tracker
@@ -144,11 +144,11 @@ def train(cfg: DPOConfig) -> dict:
         ref_train, ref_eval = cached["train"], cached["eval"]
         missing = [i for i in visit if bool(torch.isnan(ref_train[i]).any())]
         if missing:  # resumed with more steps: the policy has moved, so top up from the reference on disk
-            fresh = make_engine(load_causal_lm(cfg.ref_model or cfg.model), cfg.engine, None, trainable=False)
+            fresh = make_reference(engine, cfg.engine, cfg.ref_model or cfg.model, cfg.model)
             ref_train[missing] = reference_logps(fresh, train_items, pad, cfg.eval_batch_size, cfg.kind.length_normalised, missing)[missing]
             del fresh  # the cache file keeps what the first run computed (a resume never rewrites it)
     else:
-        ref_engine = engine if not cfg.ref_model or cfg.ref_model == cfg.model else make_engine(load_causal_lm(cfg.ref_model), cfg.engine, None, trainable=False)
+        ref_engine = engine if not cfg.ref_model or cfg.ref_model == cfg.model else make_reference(engine, cfg.engine, cfg.ref_model, cfg.model)
         norm = cfg.kind.length_normalised
         ref_train = reference_logps(ref_engine, train_items, pad, cfg.eval_batch_size, norm, visit)
         ref_eval = reference_logps(ref_engine, eval_items, pad, cfg.eval_batch_size, norm)
@@ -177,7 +177,7 @@ def train(cfg: DPOConfig) -> dict:
         if should(cfg.save_every, step, steps):
             ckpt.save(step, {"policy": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
     tracker.close()
-    save_model_folder(engine.unwrapped_model(), out / "final", tok)
+    engine.save_model(out / "final", tok)
     summary = {"stage": "dpo", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rewards/"))}}
     write_summary(out, summary)
     return summary

@@ -44,10 +44,9 @@ from tether.advantages import (
     whiten_advantages,
 )
 from tether.algo.common import sampler_and_step, start_run, total_steps, write_summary
-from tether.checkpoint import save_model_folder
 from tether.cli import cli_main
 from tether.config import ConfigError, RunConfig, check, doc, sub, to_dict
-from tether.engine import make_engine
+from tether.engine import make_engine, make_reference
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import as_trained, causal_logprobs, disable_dropout, eos_ids, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
 from tether.packing import prompt_groups
@@ -480,11 +479,9 @@ def train(cfg: PPOConfig) -> dict:
 
     # policy (trained), ref (frozen), critic (trained, unless a group baseline), reward (frozen model or fn)
     policy_model = load_causal_lm(cfg.model)
-    ref_model = load_causal_lm(cfg.ref_model or cfg.model)
-    for m in (policy_model, ref_model):
-        disable_dropout(m)
+    disable_dropout(policy_model)
     policy = make_engine(policy_model, cfg.engine, cfg.optim, total_steps=optim_steps)
-    ref = make_engine(ref_model, cfg.engine, None, trainable=False)
+    ref = make_reference(policy, cfg.engine, cfg.ref_model or cfg.model, cfg.model)
     reward_engine, reward_fn, rm_tok = None, None, None
     if cfg.reward.model:
         rm = load_scalar_model(cfg.reward.model, pad_token_id=pad)
@@ -558,9 +555,9 @@ def train(cfg: PPOConfig) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 or step == steps:
             ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "rollbacks": rollbacks, "first_reward": first_reward}, to_dict(cfg))
     tracker.close()
-    save_model_folder(policy.unwrapped_model(), out / "final", tok)
+    policy.save_model(out / "final", tok)
     if critic is not None:
-        save_model_folder(critic.unwrapped_model(), out / "value", tok)
+        critic.save_model(out / "value", tok)
         # marks the folder as a trained scalar model, so load_scalar_model keeps its head
         save_reward_stats(out / "value", 0.0, 1.0, {"kind": "critic"})
     summary = {

@@ -135,7 +135,7 @@ def train(cfg: PretrainConfig) -> dict:
     """Train (or fetch from the cache) and return {"model": folder, ...summary}."""
     import torch
 
-    from tether.checkpoint import atomic_write_text, save_model_folder, seed_everything
+    from tether.checkpoint import atomic_write_text, seed_everything
     from tether.config import save_config
     from tether.engine import make_engine
     from tether.losses import sft_loss
@@ -182,6 +182,9 @@ def train(cfg: PretrainConfig) -> dict:
     )
 
     model = build_model(cfg, tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.eos_token_id
     n_params = sum(p.numel() for p in model.parameters())
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=cfg.max_steps)
     tracker = Tracker(work, cfg.track, to_dict(cfg), cfg.max_steps, "pretrain")
@@ -216,11 +219,7 @@ def train(cfg: PretrainConfig) -> dict:
         tracker.log(step, metrics, force=step == cfg.max_steps)
     tracker.close()
 
-    model = engine.unwrapped_model()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.eos_token_id
-    save_model_folder(model, work / "model_tmp", tok)
+    engine.save_model(work / "model_tmp", tok)
     for f in (work / "model_tmp").iterdir():  # the HF folder is the cache entry itself
         os.replace(f, work / f.name)
     (work / "model_tmp").rmdir()

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
-from tether.checkpoint import save_model_folder
 from tether.cli import cli_main
 from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine
@@ -131,7 +130,7 @@ def train(cfg: RMConfig) -> dict:
     final = pair_metrics(rc, rr, "train") | (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval") if eval_items else {})
     tracker.log(step, final, force=True)
     tracker.close()
-    save_model_folder(engine.unwrapped_model(), out / "final", tok)
+    engine.save_model(out / "final", tok)
     save_reward_stats(out / "final", float(all_scores.mean()), float(all_scores.std().clamp(min=1e-6)), {"n": len(all_scores)})
     summary = {"stage": "rm", "steps": step, "best_step": best_step, **final}
     write_summary(out, summary)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from tether.algo.common import load_tokenized, sampler_and_step, should, start_run, write_summary
-from tether.checkpoint import save_model_folder
 from tether.cli import cli_main
 from tether.config import RunConfig, to_dict
 from tether.engine import make_engine
@@ -95,7 +94,7 @@ def train(cfg: SFTConfig) -> dict:
         if should(cfg.save_every, step, steps):
             ckpt.save(step, {"policy": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
     tracker.close()
-    save_model_folder(engine.unwrapped_model(), out / "final", tok)
+    engine.save_model(out / "final", tok)
     summary = {"stage": "sft", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/"))}}
     write_summary(out, summary)
     return summary

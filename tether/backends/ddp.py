@@ -181,6 +181,14 @@ class FSDPEngine(DDPEngine):
     def _apply(self, fn: Callable[[nn.Module, Any], Any], mb: Any) -> Any:
         return self.wrapper(fn, mb)  # all-gather hooks fire even in no-grad passes
 
+    def _gathered(self) -> dict | None:
+        return full_state_dict(self.model)  # a collective
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from tether.engine.local import check_keys
+
+        check_keys(self.model, *load_full_state_dict(self.model, state_dict, strict=False))
+
     def optimizer_state(self) -> dict | None:
         if self.optimizer is None:
             return None
@@ -196,6 +204,38 @@ class FSDPEngine(DDPEngine):
 
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """The full (unsharded) state dict of an FSDP2-sharded model, on every rank; None if not sharded.
+
+    A collective: every rank must call it. Tied weights stay one tensor (so `save_pretrained`
+    still de-duplicates them).
+    """
+    sd = model.state_dict(keep_vars=True)  # Parameters themselves, so tied weights share an id
+    if not any(_is_dtensor(v) for v in sd.values()):
+        return None
+    seen: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in sd.items():
+        if id(v) not in seen:
+            seen[id(v)] = (v.full_tensor() if _is_dtensor(v) else v).detach().cpu()
+        out[k] = seen[id(v)]
+    return out
+
+
+def load_full_state_dict(model: torch.nn.Module, sd: dict, strict: bool = False):
+    """Load a full state dict into a model that may be FSDP2-sharded. Returns (missing, unexpected)."""
+    if not any(_is_dtensor(v) for v in model.state_dict().values()):
+        return model.load_state_dict(sd, strict=strict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    result = set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+    return result.missing_keys, result.unexpected_keys
 
 
 def _with_device(cfg, device: torch.device, checkpointing: bool | None = None):

@@ -9,25 +9,20 @@ Chosen by config in `make_engine` (tether.engine), so the algorithm files do not
   the base model exactly). A reward model's or critic's scalar `score` head stays fully trainable.
   Engines and loss code see the ordinary Hugging Face module with LoRA layers injected into it (not
   the PeftModel wrapper), so `backbone(model)`, `score_head(model)` and `generate` work unchanged.
-- a *frozen* causal LM loaded from the same folder as a LoRA policy (the stage's reference) is
-  released (its weights are moved to the meta device) and replaced by `AdapterDisabledEngine`: the
-  policy's forward under `disable_adapter()`.
+- the reference of a LoRA policy (`tether.engine.make_reference`, when it would be loaded from the
+  policy's own folder) is `policy.without_adapters()`: the policy's forward under `disable_adapter()`.
 - checkpoints hold the whole module (base + adapters) so `--resume` restores exactly;
-  `save_model_folder` writes the merged weights as a plain HF folder plus the adapter in `adapter/`.
+  `engine.save_model` writes the merged weights as a plain HF folder plus the adapter in `adapter/`.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
+import functools
 from typing import Any, Callable
 
 import torch
 from torch import nn
-
-# name_or_path of the base model -> the LoRA policy engine trained from it (this process only)
-_POLICIES: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
-
 
 def _is_scalar(model: nn.Module) -> bool:
     return any(isinstance(getattr(model, n, None), nn.Linear) for n in ("score", "classifier"))
@@ -62,20 +57,32 @@ def peft_of(model: nn.Module):
 
 
 def make_lora_engine(cls, model: nn.Module, engine_cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True):
-    """`cls` (the engine class of engine.backend) around `model` with LoRA adapters, or, for a frozen
-    copy of a LoRA policy, that policy with its adapters disabled."""
-    name = str(getattr(getattr(model, "config", None), "_name_or_path", ""))
+    """`cls` (the engine class of engine.backend) around `model` with LoRA adapters; a frozen model
+    (a reward model, or a reference from another folder) gets none."""
     if not trainable or optim_cfg is None:
-        policy = _POLICIES.get(name) if name and not _is_scalar(model) else None
-        if engine_cfg.lora.shared_reference and policy is not None:
-            model.to("meta")  # the stage loaded a second copy of the base weights: release it
-            return AdapterDisabledEngine(policy)
         return cls(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
     apply_lora(model, engine_cfg.lora)
-    engine = cls(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
-    if name and not _is_scalar(model):
-        _POLICIES[name] = engine
-    return engine
+    return _with_lora(cls)(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
+
+
+class LoRA:
+    """Mixed into an engine class: saves merge the adapters, and the reference is this model with them off."""
+
+    def save_model(self, path, tokenizer=None, merged: bool = True) -> None:
+        if not merged:
+            return super().save_model(path, tokenizer, merged)
+        from tether.checkpoint import save_model_folder
+
+        adapter = peft_of(self.model)
+        save_model_folder(merged_copy(adapter, self._gathered()), path, tokenizer, extra=lambda d: adapter.save_pretrained(str(d / "adapter")))
+
+    def without_adapters(self) -> "AdapterDisabledEngine":
+        return AdapterDisabledEngine(self)
+
+
+@functools.cache
+def _with_lora(cls):
+    return type(f"LoRA{cls.__name__}", (LoRA, cls), {})
 
 
 class AdapterDisabledEngine:
@@ -83,10 +90,9 @@ class AdapterDisabledEngine:
 
     def __init__(self, policy):
         self.policy = policy
-        self.model = policy.unwrapped_model()
         self.device = policy.device
         self.autocast_dtype = getattr(policy, "autocast_dtype", None)
-        self.peft = peft_of(self.model)
+        self.peft = peft_of(policy.model)
 
     def forward(self, batch, fn: Callable[[nn.Module, Any], Any], micro_batch_size: int | None = None) -> Any:
         with self.peft.disable_adapter():
@@ -102,11 +108,11 @@ class AdapterDisabledEngine:
     def in_process(self) -> bool:
         return self.policy.in_process
 
+    def without_adapters(self) -> "AdapterDisabledEngine":
+        return self
+
     def named_parameters(self):
         return iter(())  # owns no weights of its own
-
-    def unwrapped_model(self) -> nn.Module:
-        return self.model
 
     def optimizer_state(self) -> None:
         return None
@@ -123,8 +129,6 @@ class AdapterDisabledEngine:
 
 def merged_copy(peft_model, state_dict: dict | None = None) -> nn.Module:
     """A plain HF model with W + (alpha/r) B A folded in (the training model is left untouched)."""
-    if hasattr(peft_model, "merged_model"):  # a stand-in for a model in a Ray actor
-        return peft_model.merged_model()
     clone = copy.deepcopy(peft_model)
     if state_dict is not None:  # FSDP: the gathered full weights of the LoRA-injected module
         clone.base_model.model.load_state_dict(state_dict)

@@ -4,7 +4,7 @@
     tether ppo --config configs/ppo_ray.yaml engine.ray.address=auto   # join a running cluster
 
 `engine.backend=ray` makes `make_engine` return `RemoteEngine`: a proxy with the Engine methods
-(train_step, forward, global_sum, named_parameters, unwrapped_model, optimizer_state, snapshot ...)
+(train_step, forward, global_sum, named_parameters, state_dict, save_model, snapshot ...)
 whose work runs in an `EngineWorker` actor holding an ordinary local engine. `make_rollout(...)`
 asks the policy engine for its sampler, and `RemoteEngine.rollout` starts a `RolloutWorker` actor. So
 tether/algo/ppo.py runs unchanged as the controller: it calls the same `make_experience` and
@@ -38,7 +38,7 @@ from torch import nn
 
 ROLES = ("policy", "ref", "reward_model", "value", "rollout")
 
-_state: dict[str, Any] = {"pg": None, "policies": {}}
+_state: dict[str, Any] = {"pg": None}
 
 
 class WorkerLost(RuntimeError):
@@ -144,25 +144,21 @@ class EngineWorker:
         return os.getpid()
 
     def info(self) -> dict:
-        m = self.engine.unwrapped_model()
-        tied = getattr(m, "_tied_weights_keys", None)
-        return {"tied": list(tied) if tied else [], "device": str(self.engine.device), "autocast": getattr(self.engine, "autocast_dtype", None)}
+        return {"device": str(self.engine.device), "autocast": getattr(self.engine, "autocast_dtype", None)}
 
     def train_step(self, batch, loss_fn):
         return self.engine.train_step(batch, loss_fn)
 
     def forward(self, batch, fn, micro_batch_size=None, reference: bool = False):
         if reference:  # LoRA: the policy with adapters disabled is the reference
-            from tether.backends.lora import AdapterDisabledEngine
-
-            self._policy = self._policy or AdapterDisabledEngine(self.engine)
+            self._policy = self._policy or self.engine.without_adapters()
             return _cpu(self._policy.forward(batch, fn, micro_batch_size))
         return _cpu(self.engine.forward(batch, fn, micro_batch_size))
 
     def rollout_state(self) -> dict:
         from tether.backends.lora import merged_state_dict
 
-        return {k: v.cpu() for k, v in merged_state_dict(self.engine.unwrapped_model()).items()}
+        return {k: v.cpu() for k, v in merged_state_dict(self.engine.model).items()}
 
     def named_parameters(self) -> list:
         return [(k, v.detach().cpu()) for k, v in self.engine.named_parameters()]
@@ -173,22 +169,17 @@ class EngineWorker:
     def load_optimizer_state(self, state):
         self.engine.load_optimizer_state(state)
 
-    def load_state_dict(self, sd, strict: bool = False):
-        return tuple(self.engine.unwrapped_model().load_state_dict(sd, strict=strict))
+    def state_dict(self) -> dict:
+        return _cpu(self.engine.state_dict())
 
-    def save_pretrained(self, path: str, merged: bool = False, **kw):
-        m = self.engine.unwrapped_model()
-        if merged:
-            from tether.checkpoint import save_model_folder
+    def load_state_dict(self, sd) -> None:
+        self.engine.load_state_dict(sd)
 
-            save_model_folder(m, path)  # merged weights + adapter/ when LoRA is on
-        else:
-            m.save_pretrained(path, **kw)
+    def save_model(self, path: str, tokenizer=None, merged: bool = True) -> None:
+        self.engine.save_model(path, tokenizer, merged)
 
     def has_adapter(self) -> bool:
-        from tether.backends.lora import peft_of
-
-        return peft_of(self.engine.unwrapped_model()) is not None
+        return self.engine.without_adapters() is not None
 
     def snapshot(self, with_optimizer: bool = True) -> int:
         i = next(self._ids)
@@ -242,37 +233,6 @@ class RemoteParameters:
         return iter(_call(self.role, self.actor.named_parameters.remote()))
 
 
-class RemoteModel:
-    """Stand-in for `engine.unwrapped_model()` of a remote engine: what the controller does with a
-    model (save, load a checkpoint, start a rollout next to it) happens in the actor."""
-
-    def __init__(self, engine: "RemoteEngine", merged: bool = False):
-        self._engine, self._merged = engine, merged
-        self._tied_weights_keys = engine._info["tied"]
-        if not merged and _call(engine.role, engine.actor.has_adapter.remote()):
-            self.__dict__["_tether_peft"] = _RemoteAdapter(engine)
-
-    def save_pretrained(self, path, **kw) -> None:
-        kw.pop("state_dict", None)
-        _call(self._engine.role, self._engine.actor.save_pretrained.remote(str(path), merged=self._merged, **kw))
-
-    def load_state_dict(self, sd: dict, strict: bool = False):
-        return _call(self._engine.role, self._engine.actor.load_state_dict.remote(sd, strict))
-
-
-class _RemoteAdapter:
-    """LoRA on a remote engine: `save_model_folder` asks the actor for the merged folder."""
-
-    def __init__(self, engine: "RemoteEngine"):
-        self.engine = engine
-
-    def merged_model(self) -> RemoteModel:
-        return RemoteModel(self.engine, merged=True)
-
-    def save_pretrained(self, path) -> None:
-        pass  # the actor's merged save already wrote adapter/ next to the weights
-
-
 class RemoteEngine:
     """The Engine protocol, served by an EngineWorker actor."""
 
@@ -322,8 +282,17 @@ class RemoteEngine:
     def named_parameters(self) -> RemoteParameters:
         return RemoteParameters(self.actor, self.role)
 
-    def unwrapped_model(self) -> RemoteModel:
-        return RemoteModel(self)
+    def state_dict(self) -> dict:
+        return _call(self.role, self.actor.state_dict.remote())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _call(self.role, self.actor.load_state_dict.remote(state_dict))
+
+    def save_model(self, path, tokenizer=None, merged: bool = True) -> None:
+        _call(self.role, self.actor.save_model.remote(str(path), tokenizer, merged))
+
+    def without_adapters(self) -> "RemoteReference | None":
+        return RemoteReference(self) if _call(self.role, self.actor.has_adapter.remote()) else None
 
     def optimizer_state(self) -> dict | None:
         return _call(self.role, self.actor.optimizer_state.remote())
@@ -344,7 +313,7 @@ class RemoteReference(RemoteEngine):
     def __init__(self, policy: RemoteEngine):
         self.cfg, self.role, self.trainable = policy.cfg, "ref", False
         self.actor, self.device, self.autocast_dtype = policy.actor, policy.device, None
-        self._info_v, self._ready = {"tied": []}, True
+        self._info_v, self._ready = {}, True
         self.model_ref = None
 
     def forward(self, batch, fn: Callable, micro_batch_size: int | None = None) -> Any:
@@ -364,6 +333,9 @@ class RemoteReference(RemoteEngine):
 
     def restore(self, token) -> None:
         pass
+
+    def without_adapters(self) -> "RemoteReference":
+        return self
 
 
 class RemoteRollout:
@@ -403,13 +375,4 @@ def _announce(role: str, pid: int) -> None:
 
 def remote_engine(model: nn.Module, engine_cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True):
     """`make_engine` for engine.backend=ray."""
-    role = _role(model, trainable and optim_cfg is not None)
-    name = str(getattr(getattr(model, "config", None), "_name_or_path", ""))
-    lora = getattr(engine_cfg, "lora", None)
-    if role == "ref" and lora is not None and lora.r > 0 and lora.shared_reference and name in _state["policies"]:
-        model.to("meta")
-        return RemoteReference(_state["policies"][name])
-    engine = RemoteEngine(model, engine_cfg, optim_cfg, total_steps, trainable, role)
-    if role == "policy":
-        _state["policies"][name] = engine
-    return engine
+    return RemoteEngine(model, engine_cfg, optim_cfg, total_steps, trainable, _role(model, trainable and optim_cfg is not None))

@@ -85,21 +85,29 @@ def parse_sft(rec: dict, loc: str) -> SFTExample:
                     "unrecognised record")
 
 
-def load_sft(spec: str, on_bad_record: str = "error") -> tuple[list[SFTExample], DataReport]:
-    report = DataReport()
-    sink = Sink(on_bad_record, report)
-    out: list[SFTExample] = []
-    for loc, rec, err in iter_records(spec):
-        report.n_read += 1
+def parsed(spec: str, sink: Sink, parse, **kw):
+    """(loc, parse(record, loc)) for each record of `spec`; a bad one goes to the sink (raise, or count)."""
+    for loc, rec, err in iter_records(spec, **kw):
+        sink.report.n_read += 1
         try:
             if err is not None:
                 raise err
-            out.append(parse_sft(rec, loc))
+            got = parse(rec, loc)
         except BadRecord as e:
             sink.bad(loc, e)
-    report.n_used = len(out)
+            continue
+        yield loc, got
+
+
+def _finish(out: list, sink: Sink, spec: str) -> tuple[list, DataReport]:
+    sink.report.n_used = len(out)
     sink.announce(spec)
-    return out, report
+    return out, sink.report
+
+
+def load_sft(spec: str, on_bad_record: str = "error") -> tuple[list[SFTExample], DataReport]:
+    sink = Sink(on_bad_record, DataReport())
+    return _finish([ex for _, ex in parsed(spec, sink, parse_sft)], sink, spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,28 +289,18 @@ def _rating_pairs(ratings: list[tuple], sink: Sink) -> list[PreferencePair]:
 
 
 def load_preferences(spec: str, on_bad_record: str = "error") -> tuple[list[PreferencePair], DataReport]:
-    report = DataReport(items="pairs")
-    sink = Sink(on_bad_record, report)
+    sink = Sink(on_bad_record, DataReport(items="pairs"))
     pairs: list[PreferencePair] = []
     ratings: list[tuple] = []
-    for loc, rec, err in iter_records(spec):
-        report.n_read += 1
-        try:
-            if err is not None:
-                raise err
-            got = parse_preference(rec, loc)
-            if isinstance(got, tuple):
-                ratings.append(got)
-            elif got:
-                pairs.extend(got)
-            else:
-                sink.drop("all ranked responses tied")
-        except BadRecord as e:
-            sink.bad(loc, e)
+    for _, got in parsed(spec, sink, parse_preference):
+        if isinstance(got, tuple):
+            ratings.append(got)
+        elif got:
+            pairs.extend(got)
+        else:
+            sink.drop("all ranked responses tied")
     pairs.extend(_rating_pairs(ratings, sink))
-    report.n_used = len(pairs)
-    sink.announce(spec)
-    return pairs, report
+    return _finish(pairs, sink, spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,19 +336,10 @@ def parse_prompt(rec: dict, loc: str) -> tuple[PromptExample, bool]:
 
 
 def load_prompts(spec: str, on_bad_record: str = "error") -> tuple[list[PromptExample], DataReport]:
-    report = DataReport(items="prompts")
-    sink = Sink(on_bad_record, report)
+    sink = Sink(on_bad_record, DataReport(items="prompts"))
     out: list[PromptExample] = []
     seen: set[str] = set()
-    for loc, rec, err in iter_records(spec, allow_txt=True):
-        report.n_read += 1
-        try:
-            if err is not None:
-                raise err
-            ex, derived = parse_prompt(rec, loc)
-        except BadRecord as e:
-            sink.bad(loc, e)
-            continue
+    for _, (ex, derived) in parsed(spec, sink, parse_prompt, allow_txt=True):
         if derived:  # many pairs share a prompt; RL should see each once
             key = ex.prompt if isinstance(ex.prompt, str) else json.dumps(ex.prompt, sort_keys=True)
             if key in seen:
@@ -358,9 +347,7 @@ def load_prompts(spec: str, on_bad_record: str = "error") -> tuple[list[PromptEx
                 continue
             seen.add(key)
         out.append(ex)
-    report.n_used = len(out)
-    sink.announce(spec)
-    return out, report
+    return _finish(out, sink, spec)
 
 
 # ----------------------------------------------------------------------------------------------

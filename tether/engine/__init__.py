@@ -30,9 +30,8 @@ def engine_class(backend: str):
 
 
 def make_engine(model, engine_cfg, optim_cfg=None, total_steps: int = 0, trainable: bool = True) -> Engine:
-    """An engine for `model`. With `engine.lora.r > 0` trained models get LoRA adapters and a frozen
-    copy of a LoRA policy becomes the policy with adapters disabled (tether.backends.lora); on Ray the
-    actor that holds the model does both."""
+    """An engine for `model`. With `engine.lora.r > 0` trained models get LoRA adapters
+    (tether.backends.lora); on Ray the actor that holds the model adds them."""
     lora = getattr(engine_cfg, "lora", None)
     if lora is not None and lora.r > 0 and engine_cfg.backend != "ray":
         from tether.backends.lora import make_lora_engine
@@ -41,4 +40,16 @@ def make_engine(model, engine_cfg, optim_cfg=None, total_steps: int = 0, trainab
     return engine_class(engine_cfg.backend)(model, engine_cfg, optim_cfg, total_steps=total_steps, trainable=trainable)
 
 
-__all__ = ["Engine", "LossFn", "make_engine", "engine_class", "BACKENDS"]
+def make_reference(policy: Engine, engine_cfg, folder, policy_folder) -> Engine:
+    """The frozen reference: the policy with its LoRA adapters off when `folder` is its starting point
+    (`policy_folder`) and lora.shared_reference is on (one copy of the base weights); else `folder` frozen."""
+    if str(folder) == str(policy_folder) and engine_cfg.lora.shared_reference:
+        ref = policy.without_adapters()
+        if ref is not None:
+            return ref
+    from tether.models import load_causal_lm
+
+    return make_engine(load_causal_lm(folder), engine_cfg, None, trainable=False)  # frozen: eval mode, no dropout
+
+
+__all__ = ["Engine", "LossFn", "make_engine", "make_reference", "engine_class", "BACKENDS"]

@@ -16,8 +16,7 @@ LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, Tensor]]]
 
 
 class Engine(Protocol):
-    model: nn.Module
-    device: torch.device
+    device: torch.device  # where results of `forward` arrive
 
     def train_step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
         """Forward+backward over micro-batches, one optimizer step; returns averaged metrics."""
@@ -36,9 +35,21 @@ class Engine(Protocol):
     def global_sum(self, value: float) -> float:
         """Sum a local number over data-parallel ranks (the identity in one process)."""
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+    def without_adapters(self) -> "Engine | None":
+        """This model with its LoRA adapters off, as a frozen engine (a LoRA policy's reference); None without."""
 
-    def unwrapped_model(self) -> nn.Module: ...
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """What a rollout's `update_weights` reads."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The full weights of the trained module (LoRA layers included). Under torchrun a collective."""
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load weights from `state_dict` (tied weights may be absent); RuntimeError names a mismatch."""
+
+    def save_model(self, path, tokenizer=None, merged: bool = True) -> None:
+        """An HF folder at `path`, atomically (under torchrun every rank calls it, rank 0 writes). With LoRA,
+        merged: W + BA and `adapter/`; merged=False: the module as trained (what checkpoints hold)."""
 
     def optimizer_state(self) -> dict | None: ...
 

@@ -99,7 +99,10 @@ class LocalEngine:
         return True
 
     def rollout(self, cls, tokenizer):
-        return cls(self.unwrapped_model(), tokenizer, self.device, self.autocast_dtype)
+        return cls(self.model, tokenizer, self.device, self.autocast_dtype)
+
+    def without_adapters(self) -> None:  # tether.backends.lora's mixin has adapters
+        return None
 
     # -- the protocol --------------------------------------------------------------------------
     def train_step(self, batch: Batch, loss_fn: Callable) -> dict[str, float]:
@@ -148,10 +151,21 @@ class LocalEngine:
         return _concat(outs)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return self.unwrapped_model().named_parameters()
+        return self.model.named_parameters()
 
-    def unwrapped_model(self) -> nn.Module:
-        return self.model
+    def _gathered(self) -> dict | None:  # the full weights where the module holds a shard (FSDP)
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._gathered() or {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        check_keys(self.model, *self.model.load_state_dict(state_dict, strict=False))
+
+    def save_model(self, path, tokenizer=None, merged: bool = True) -> None:
+        from tether.checkpoint import save_model_folder
+
+        save_model_folder(self.model, path, tokenizer, self._gathered())
 
     def optimizer_state(self) -> dict | None:
         if self.optimizer is None:
@@ -167,14 +181,22 @@ class LocalEngine:
         """A copy of the weights (and the optimizer state), for rolling back a bad update or keeping the
         best evaluation's weights (which needs no optimizer copy: 2x the weights under AdamW)."""
         return {
-            "model": {k: v.detach().clone() for k, v in self.unwrapped_model().state_dict().items()},
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optim": copy.deepcopy(self.optimizer_state()) if with_optimizer else None,
         }
 
     def restore(self, snap: dict) -> None:
-        self.unwrapped_model().load_state_dict(snap["model"])
+        self.model.load_state_dict(snap["model"])
         if snap["optim"] is not None:
             self.load_optimizer_state(snap["optim"])
+
+
+def check_keys(model: nn.Module, missing: list[str], unexpected: list[str]) -> None:
+    """Tied weights (lm_head = wte) are stored once; any other missing or unexpected key is an error."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _concat(outs: list[Any]) -> Any:
