@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import make_tokenizer, write_jsonl
+from tether.data.records import SKIP_HINT
 from tether.config import DataConfig
 from tether.data import (
     DataError,
@@ -107,9 +108,9 @@ def test_hf_dataset_on_disk(tmp_path):
     assert pairs[1].loc == f"{tmp_path}/ds[1]"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS)}).save_to_disk(str(tmp_path / "dd"))
     assert len(load_preferences(str(tmp_path / "dd"))[0]) == 2
-    bad = [PAIRS[0], {"prompt": "x", "chosen": "", "rejected": "y"}]
+    bad = [PAIRS[0], {"prompt": "x", "chosen": "", "rejected": " "}]
     datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(DataError, match=r"^" + str(tmp_path) + r"/bad\[1\]: field 'chosen' is empty$"):
+    with pytest.raises(DataError, match=r"^" + str(tmp_path) + r"/bad\[1\]: 'chosen' and 'rejected' are both empty responses \(data.on_bad_record=skip"):
         load_preferences(str(tmp_path / "bad"))
 
 
@@ -235,7 +236,8 @@ ROLE_MSG = "unknown role 'robot' in messages[1] (expected one of: system, user, 
 @pytest.mark.parametrize("loader,line,problem", [
     (load_preferences, '{"prompt": "a"', "invalid JSON (Expecting ',' delimiter at column 15)"),
     (load_preferences, '{"prompt": "a", "rejected": "b"}', "field 'chosen' is missing"),
-    (load_preferences, '{"prompt": "a", "chosen": "  ", "rejected": "b"}', "field 'chosen' is empty"),
+    (load_preferences, '{"prompt": "a", "chosen": "  ", "rejected": ""}', "'chosen' and 'rejected' are both empty responses"),
+    (load_preferences, '{"prompt": " ", "chosen": "a", "rejected": "b"}', "field 'prompt' is empty"),
     (load_preferences, '{"prompt": "a", "chosen": "b", "rejected": "b"}', "'chosen' and 'rejected' are identical"),
     (load_preferences, '{"prompt": "a", "chosen": 3, "rejected": "b"}', "field 'chosen' must be a string or a list of messages, got int"),
     (load_preferences, '{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}', "field 'margin' must be a finite number, got 'big'"),
@@ -260,8 +262,26 @@ def test_bad_record_messages(tmp_path, loader, line, problem):
     p = write_jsonl(tmp_path / "bad.jsonl", [good, line])
     with pytest.raises(DataError) as e:
         loader(str(p))
-    assert str(e.value) == f"{p}:2: {problem}"
+    assert str(e.value) == f"{p}:2: {problem}{SKIP_HINT}"
     assert isinstance(e.value, ValueError)
+
+
+def test_one_empty_reply_is_a_judgment_and_is_counted(tmp_path, tok):
+    # ~1 in 500 HH-RLHF records ends with an empty assistant reply on one side; tether rm / dpo stopped
+    # at it ("field 'chosen' has an empty response after the shared prompt")
+    hh = "\n\nHuman: how do I pick a lock?\n\nAssistant:"
+    p = write_jsonl(tmp_path / "hh.jsonl", [
+        PAIRS[0], {"chosen": hh, "rejected": hh + " Take a tension wrench and"}, {"prompt": "q", "chosen": "an answer", "rejected": ""},
+    ])
+    pairs, report = load_preferences(str(p))
+    assert [(x.prompt, x.chosen, x.rejected) for x in pairs[1:]] == [(hh, "", " Take a tension wrench and"), ("q", "an answer", "")]
+    assert report.noted == {"an empty response on one side": 2} and "kept 2 (an empty response on one side: 2)" in report.summary()
+    items = tokenize_pairs(pairs, tok, DataConfig(max_length=64))
+    assert items[1].chosen_ids == [tok.eos_token_id]  # the empty reply is just its end
+    with pytest.raises(DataError, match="are both empty responses"):
+        load_preferences(str(write_jsonl(tmp_path / "both.jsonl", [{"prompt": "q", "chosen": " ", "rejected": ""}])))
+    with pytest.raises(DataError, match="are identical"):  # two empty transcript replies
+        load_preferences(str(write_jsonl(tmp_path / "hh2.jsonl", [{"chosen": hh + " ", "rejected": hh}])))
 
 
 def test_not_utf8_and_json_array_index(tmp_path):
@@ -269,23 +289,23 @@ def test_not_utf8_and_json_array_index(tmp_path):
     p.write_bytes(json.dumps(PAIRS[0]).encode() + b"\n" + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(DataError) as e:
         load_preferences(str(p))
-    assert str(e.value) == f"{p}:2: not valid UTF-8 (byte 0xe9 at column 16: invalid continuation byte)"
+    assert str(e.value) == f"{p}:2: not valid UTF-8 (byte 0xe9 at column 16: invalid continuation byte){SKIP_HINT}"
     q = tmp_path / "arr.json"
     q.write_text(json.dumps([PAIRS[0], PAIRS[1], {"prompt": "a", "chosen": "b"}]))
     with pytest.raises(DataError) as e:
         load_preferences(str(q))
-    assert str(e.value) == f"{q}[2]: field 'rejected' is missing"
+    assert str(e.value) == f"{q}[2]: field 'rejected' is missing{SKIP_HINT}"
 
 
 def test_skip_mode_counts_by_reason(tmp_path, capsys):
     p = write_jsonl(tmp_path / "mixed.jsonl", [
-        PAIRS[0], "{bad json", {"prompt": "a", "chosen": "", "rejected": "b"}, {"prompt": "c", "chosen": "", "rejected": "d"},
+        PAIRS[0], "{bad json", {"prompt": "a", "chosen": "", "rejected": " "}, {"prompt": "c", "chosen": "", "rejected": ""},
         {"prompt": "a", "chosen": "same", "rejected": "same"}, PAIRS[1],
     ])
     pairs, report = load_preferences(str(p), on_bad_record="skip")
     assert len(pairs) == 2
-    assert report.skipped == {"invalid JSON": 1, "field 'chosen' is empty": 2, "'chosen' and 'rejected' are identical": 1}
-    assert report.summary() == ("6 records, 2 pairs used; skipped 4 (field 'chosen' is empty: 2, invalid JSON: 1, "
+    assert report.skipped == {"invalid JSON": 1, "both responses empty": 2, "'chosen' and 'rejected' are identical": 1}
+    assert report.summary() == ("6 records, 2 pairs used; skipped 4 (both responses empty: 2, invalid JSON: 1, "
                                 "'chosen' and 'rejected' are identical: 1)")
     assert report.first_skipped[0].startswith(f"{p}:2: invalid JSON (")
     assert "skipped 4 bad record(s)" in capsys.readouterr().err
@@ -299,14 +319,14 @@ def test_prompt_too_long_is_a_bad_record(tmp_path, tok):
     n = len(tok(long_prompt)["input_ids"])
     with pytest.raises(DataError) as e:
         tokenize_sft(ex, tok, cfg(max_length=256, max_prompt_length=32))
-    assert str(e.value) == f"f.jsonl:2: prompt is {n} tokens, longer than data.max_prompt_length=32"
+    assert str(e.value) == f"f.jsonl:2: prompt is {n} tokens, longer than data.max_prompt_length=32{SKIP_HINT}"
     report = DataReport(n_read=2, n_used=2)
     kept: list[int] = []
     items = tokenize_sft(ex, tok, cfg(max_length=256, max_prompt_length=32, on_bad_record="skip"), report, kept)
     assert len(items) == 1 and kept == [0]
     assert report.skipped == {"prompt longer than data.max_prompt_length": 1} and report.n_used == 1
     pairs = [PreferencePair(long_prompt, "a", "b", "p.jsonl:9")]
-    with pytest.raises(DataError, match=r"^p\.jsonl:9: prompt is \d+ tokens, longer than data\.max_prompt_length=32$"):
+    with pytest.raises(DataError, match=r"^p\.jsonl:9: prompt is \d+ tokens, longer than data\.max_prompt_length=32 \(data\.on_bad_record=skip"):
         tokenize_pairs(pairs, tok, cfg(max_length=256, max_prompt_length=32))
     with pytest.raises(DataError, match=r"^t\.txt:3: prompt is"):
         tokenize_prompts([PromptExample(long_prompt, "t.txt:3")], tok, cfg(max_length=256, max_prompt_length=32))

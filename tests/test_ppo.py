@@ -163,6 +163,23 @@ def test_kl_bound_rolls_back_to_previous_weights(tiny_gpt2, tmp_path):
         assert torch.equal(before[k], after[k]), k
 
 
+def test_guard_stops_a_run_that_keeps_rolling_back(tiny_gpt2, tmp_path, capsys):
+    # every update breaks kl.max: the run used to roll back 6 of 6 and exit 0 as if it had trained
+    cfg = _cfg(tiny_gpt2, tmp_path, "max_steps=6", "ppo.epochs=1", "kl.max=1e-9", "ppo.max_rollbacks=3")
+    argv = [f"{k}={v}" for k, v in [("model", cfg.model), ("data.train", cfg.data.train), ("out", cfg.out)]] + [
+        "reward.fn=tether.rewards:token_fraction", f"reward.kwargs={{tokens: {TARGET}}}", "batch_size=16", "rollout.max_new_tokens=8",
+        "ppo.minibatch_size=4", "engine.threads=1", "track.progress=false", "sample_every=0", "max_steps=6", "ppo.epochs=1",
+        "kl.max=1e-9", "ppo.max_rollbacks=3"]
+    assert ppo.main(argv) == 3
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tether ppo: 3 updates in a row were rolled back") and "ppo.max_rollbacks=0" in last, last
+    assert "Traceback" not in err
+    rows = read_metrics(tmp_path / "run")
+    assert [r["guard/rolled_back"] for r in rows] == [1.0, 1.0, 1.0]
+    assert not (tmp_path / "run" / "summary.json").exists()  # not a finished stage
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume
 

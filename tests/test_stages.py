@@ -191,6 +191,30 @@ def test_bad_record_stops_before_training(tiny_gpt2, tmp_path, capsys):
     assert not (tmp_path / "rm" / "final").exists()
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "generate"])
+def test_a_missing_model_folder_is_one_line(stage, tmp_path, capsys):
+    # was a 26-line traceback (exit 1)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c", "completion": "b"}])
+    args = (["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"] if stage == "generate" else
+            [stage, f"model={tmp_path / 'nope'}", f"data.train={data}", f"out={tmp_path / 'out'}", "reward.fn=tether.rewards:length"][: 4 + (stage == "ppo")])
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"tether {stage}: model folder {tmp_path / 'nope'} does not exist (give a local Hugging Face model folder, e.g. the `final/` of an earlier run)"
+    assert not any("Traceback" in line for line in err)
+    with pytest.raises(Exception, match="does not exist"):  # --verbose: the traceback, for a bug report
+        cli(args + ["--verbose"])
+
+
+@pytest.mark.parametrize("content", ["", json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}) + "\n"])
+def test_no_training_examples_is_one_line(content, tiny_gpt2, tmp_path, capsys):
+    # an empty file was a ZeroDivisionError in total_steps; all records skipped, "ValueError: no training examples"
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(content)
+    assert cli(["rm", f"model={tiny_gpt2}", f"data.train={data}", f"out={tmp_path / 'rm'}", "data.on_bad_record=skip"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"tether rm: {data}: no training examples left (") and "Traceback" not in "".join(err), err
+
+
 def test_hh_transcripts_train_without_conversion(tiny_gpt2, tmp_path):
     recs = [
         {"chosen": "\n\nHuman: is the movie good?\n\nAssistant: yes it is wonderful",

@@ -38,31 +38,46 @@ def parse_cli(cls, argv: list[str], prog: str, description: str):
     )
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in `out`")
+    parser.add_argument("--verbose", action="store_true", help="a Python traceback instead of the one-line error")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
+    global _verbose
+    _verbose = args.verbose
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=true")
     return load_config(cls, args.config, overrides)
 
 
-def cli_main(cls, run: Callable, argv: list[str], prog: str, description: str) -> int:
-    """A stage's entry point: parse, print a one-line error for a bad config or bad data (exit 2), run."""
+_verbose = False
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user can cause (a config key, a data record, a model folder): one line, exit 2."""
     from tether.config import ConfigError
+    from tether.data.records import DataError
+    from tether.models import ModelError
+
+    return ConfigError, DataError, ModelError
+
+
+def one_line(prog: str, run: Callable[[], object]) -> int:
+    """run(); a user error is `prog: message` on stderr, exit 2 (a traceback with --verbose); a run a
+    guard stopped (config.RunStopped) exits 3."""
+    from tether.config import RunStopped
 
     try:
-        cfg = parse_cli(cls, argv, prog, description)
-    except ConfigError as e:
+        return int(run() or 0)
+    except (*user_errors(), RunStopped) as e:
+        if _verbose:
+            raise
         print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    from tether.data import DataError
+        return 3 if isinstance(e, RunStopped) else 2
 
-    try:
-        run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def cli_main(cls, run: Callable, argv: list[str], prog: str, description: str) -> int:
+    """A stage's entry point: parse, run; a bad config, data record or model folder is one line (exit 2)."""
+    return one_line(prog, lambda: run(parse_cli(cls, argv, prog, description)) and 0)
 
 
 def _usage() -> str:

@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A config key or value is wrong. The message names the key."""
 
 
+class RunStopped(RuntimeError):
+    """A guard stopped a run that was not training (e.g. PPO rolled back too many updates in a row)."""
+
+
 def doc(default: Any, text: str, **kw: Any) -> Any:
     """A dataclass field with a default and a one-line doc shown by --help."""
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):

@@ -80,16 +80,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--raw", action="store_true", help="with --prompt: send the text as is, not as a user turn of the chat template")
+    parser.add_argument("--verbose", action="store_true", help="a Python traceback instead of the one-line error")
     args = parser.parse_args(argv)
+    import tether.cli
 
-    from tether.data import DataError, load_prompts
+    tether.cli._verbose = args.verbose
+    return tether.cli.one_line("tether generate", lambda: _run(args))
+
+
+def _run(args) -> int:
+    from tether.data import load_prompts
 
     if args.prompts:
-        try:
-            examples, report = load_prompts(args.prompts)
-        except DataError as e:
-            print(f"tether generate: {e}", file=sys.stderr)
-            return 2
+        examples, report = load_prompts(args.prompts)
         prompts = [e.prompt for e in examples]
     else:
         from tether.models import load_tokenizer

@@ -67,6 +67,8 @@ def _check_dir(path: str | Path) -> Path:
     p = Path(path)
     if not str(path):
         raise ModelError("no model given: set `model=<a local Hugging Face model folder>`")
+    if not p.is_dir():
+        raise ModelError(f"model folder {p} does not exist (give a local Hugging Face model folder, e.g. the `final/` of an earlier run)")
     if not (p / "config.json").exists():
         raise ModelError(f"model folder {p} has no config.json (expected a local Hugging Face model folder)")
     return p

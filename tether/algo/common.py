@@ -53,9 +53,17 @@ def load_tokenized(cfg, load: Callable, tokenize: Callable) -> tuple[Any, list, 
 
     tok = load_tokenizer(cfg.model)
     train, held_out, report = load_train_eval(load, cfg)
-    train_items = tokenize(train, tok, cfg.data, report)
+    train_items = require_examples(tokenize(train, tok, cfg.data, report), cfg, report)
     eval_items = tokenize(held_out, tok, cfg.data) if held_out else []
     return tok, train_items, eval_items, report, pad_id(tok), total_steps(cfg, len(train_items))
+
+
+def require_examples(items: list, cfg, report) -> list:
+    if not items:
+        from tether.data import DataError
+
+        raise DataError(f"{cfg.data.train}: no training examples left ({report.summary()}); check the file and data.on_bad_record")
+    return items
 
 
 def sampler_and_step(cfg, ckpt, engines: dict, n_train: int) -> tuple[Any, int, dict]:

@@ -43,9 +43,9 @@ from tether.advantages import (
     kl_shaped_rewards,
     whiten_advantages,
 )
-from tether.algo.common import sampler_and_step, start_run, total_steps, write_summary
+from tether.algo.common import require_examples, sampler_and_step, start_run, total_steps, write_summary
 from tether.cli import cli_main
-from tether.config import ConfigError, RunConfig, check, doc, sub, to_dict
+from tether.config import ConfigError, RunConfig, RunStopped, check, doc, sub, to_dict
 from tether.engine import make_engine, make_reference
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import as_trained, causal_logprobs, disable_dropout, eos_ids, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
@@ -122,6 +122,7 @@ class PPOHyper:
     whiten_advantages: bool = doc(True, "normalise advantages over the batch")
     target_approx_kl: float = doc(0.0, "stop the epoch loop when a minibatch's approx KL(old||new) exceeds this (0 = off)")
     rollback: bool = doc(True, "snapshot weights before each update and roll back a bad one (costs a copy of policy+critic+optimizer state)")
+    max_rollbacks: int = doc(3, "stop the run (exit 3) after this many rolled-back updates in a row (0 = never stop)")
 
     def validate(self, p: str) -> None:
         check(self.epochs > 0, f"{p}epochs", "must be positive")
@@ -131,6 +132,7 @@ class PPOHyper:
         check(0 <= self.gamma <= 1, f"{p}gamma", "must be in [0, 1]")
         check(0 <= self.lam <= 1, f"{p}lam", "must be in [0, 1]")
         check(self.target_approx_kl >= 0, f"{p}target_approx_kl", "must be >= 0")
+        check(self.max_rollbacks >= 0, f"{p}max_rollbacks", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -470,7 +472,7 @@ def train(cfg: PPOConfig) -> dict:
         raise ConfigError("config key 'data.train': required (a prompt file)")
     prompts, report = load_prompts(cfg.data.train, cfg.data.on_bad_record)
     kept: list[int] = []
-    prompt_ids = tokenize_prompts(prompts, tok, cfg.data, report, kept)
+    prompt_ids = require_examples(tokenize_prompts(prompts, tok, cfg.data, report, kept), cfg, report)
     texts = [prompt_text(prompts[i].prompt) for i in kept]
     pad = pad_id(tok)
     steps = total_steps(cfg, len(prompt_ids))
@@ -508,7 +510,7 @@ def train(cfg: PPOConfig) -> dict:
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.coef)
     engines = {"policy": policy} | ({"value": critic} if critic is not None else {})
     sampler, step, state = sampler_and_step(cfg, ckpt, engines, len(prompt_ids))
-    rollbacks, first_reward = state.get("rollbacks", 0), state.get("first_reward")
+    rollbacks, in_a_row, first_reward = state.get("rollbacks", 0), state.get("rollbacks_in_a_row", 0), state.get("first_reward")
     if state:
         kl_ctl.load_state_dict(state["kl_controller"])
         rollout.update_weights(policy.named_parameters())
@@ -533,11 +535,13 @@ def train(cfg: PPOConfig) -> dict:
         if cfg.kl.max > 0 and not bad:
             metrics["guard/kl_after_update"] = kl_after_update(policy, exp, cfg)
             bad = metrics["guard/kl_after_update"] > cfg.kl.max
+        why = "non-finite loss/gradient" if metrics["guard/nonfinite"] else "KL to reference above kl.max"
         if bad and snap is not None:
             for name, e in engines.items():
                 e.restore(snap[name])
             rollbacks += 1
-            tracker.event(f"ppo: iteration {step + 1}: update rolled back ({'non-finite loss/gradient' if metrics['guard/nonfinite'] else 'KL to reference above kl.max'})")
+            tracker.event(f"ppo: iteration {step + 1}: update rolled back ({why})")
+        in_a_row = in_a_row + 1 if bad and snap is not None else 0
         del snap
         rollout.update_weights(policy.named_parameters())
         metrics["timing/update"] = time.perf_counter() - t
@@ -553,7 +557,12 @@ def train(cfg: PPOConfig) -> dict:
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1 or step == steps):
             _log_samples(tracker, out, step, ro, raw, cfg.num_samples)
         if cfg.save_every and step % cfg.save_every == 0 or step == steps:
-            ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "rollbacks": rollbacks, "first_reward": first_reward}, to_dict(cfg))
+            ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "rollbacks": rollbacks,
+                                      "rollbacks_in_a_row": in_a_row, "first_reward": first_reward}, to_dict(cfg))
+        if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks:
+            tracker.close()
+            raise RunStopped(f"{in_a_row} updates in a row were rolled back ({why}), {rollbacks} in {step} iterations: the policy is not "
+                             f"training, so the run stopped. Lower optim.lr, raise kl.max, or set ppo.max_rollbacks=0 to go on regardless")
     tracker.close()
     policy.save_model(out / "final", tok)
     if critic is not None:

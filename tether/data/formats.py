@@ -147,11 +147,9 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
         raise BadRecord("'chosen' and 'rejected' share no prompt ending in '\\n\\nAssistant:' (give a 'prompt' field)",
                         "no shared prompt in transcripts")
     end = cut + len(ASSISTANT_MARK)
-    prompt, c, r = chosen[:end], chosen[end:], rejected[end:]
-    for name, v in (("chosen", c), ("rejected", r)):
-        if not v.strip():
-            raise BadRecord(f"field '{name}' has an empty response after the shared prompt", f"field '{name}' has an empty response")
-    return prompt, c, r
+    # One empty reply is a real judgment (saying nothing was preferred to a harmful answer, ~1 in 500
+    # HH-RLHF records); two empty replies compare nothing.
+    return chosen[:end], chosen[end:], rejected[end:]
 
 
 def _split_message_transcripts(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
@@ -180,6 +178,8 @@ def _extras(rec: dict) -> dict[str, Any]:
 
 
 def make_pair(prompt, chosen, rejected, loc: str, **extras) -> PreferencePair:
+    if all(isinstance(v, str) and not v.strip() for v in (chosen, rejected)):
+        raise BadRecord("'chosen' and 'rejected' are both empty responses", "both responses empty")
     if _same(chosen, rejected):
         raise BadRecord("'chosen' and 'rejected' are identical")
     if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
@@ -235,8 +235,8 @@ def parse_preference(rec: dict, loc: str) -> list[PreferencePair] | tuple[Any, .
     """Pairs from one record; a rating record returns (group key, prompt, response, rating, extras)."""
     extras = _extras(rec)
     if "chosen" in rec or "rejected" in rec:
-        chosen = text_or_messages(rec, "chosen")
-        rejected = text_or_messages(rec, "rejected")
+        chosen = text_or_messages(rec, "chosen", allow_empty=True)
+        rejected = text_or_messages(rec, "rejected", allow_empty=True)
         if rec.get("prompt") is not None:
             return [make_pair(text_or_messages(rec, "prompt"), chosen, rejected, loc, **extras)]
         if _same(chosen, rejected):
@@ -297,6 +297,9 @@ def load_preferences(spec: str, on_bad_record: str = "error") -> tuple[list[Pref
             ratings.append(got)
         elif got:
             pairs.extend(got)
+            n_empty = sum(isinstance(v, str) and not v.strip() for p in got for v in (p.chosen, p.rejected))
+            if n_empty:
+                sink.report.noted["an empty response on one side"] = sink.report.noted.get("an empty response on one side", 0) + n_empty
         else:
             sink.drop("all ranked responses tied")
     pairs.extend(_rating_pairs(ratings, sink))

@@ -73,19 +73,23 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)  # bad records (or items), reason -> count
     truncated: int = 0  # items whose response was cut to data.max_length
     dropped: dict[str, int] = field(default_factory=dict)  # valid records that yield nothing, reason -> count
+    noted: dict[str, int] = field(default_factory=dict)  # kept, but worth knowing (an empty response on one side)
     items: str = "examples"  # what n_used counts
     first_skipped: list[str] = field(default_factory=list)  # the first few "{loc}: {problem}" skipped
 
     def summary(self) -> str:
         unit = "" if self.items == "examples" else f" {self.items}"
         parts = [f"{self.n_read} records, {self.n_used}{unit} used"]
-        for name, d in (("skipped", self.skipped), ("dropped", self.dropped)):
+        for name, d in (("skipped", self.skipped), ("dropped", self.dropped), ("kept", self.noted)):
             if d:
                 why = ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
                 parts.append(f"{name} {sum(d.values())} ({why})")
         if self.truncated:
             parts.append(f"truncated {self.truncated}")
         return "; ".join(parts)
+
+
+SKIP_HINT = " (data.on_bad_record=skip skips such records and counts them)"
 
 
 class Sink:
@@ -101,7 +105,7 @@ class Sink:
     def bad(self, loc: str, err: BadRecord) -> None:
         msg = f"{loc}: {err.problem}"
         if self.mode == "error":
-            raise DataError(msg)
+            raise DataError(msg + SKIP_HINT)
         self.report.skipped[err.reason] = self.report.skipped.get(err.reason, 0) + 1
         if len(self.report.first_skipped) < 5:
             self.report.first_skipped.append(msg)
@@ -121,13 +125,13 @@ class Sink:
 # Field validation shared by the adapters
 
 
-def text_field(rec: dict, key: str) -> str:
+def text_field(rec: dict, key: str, allow_empty: bool = False) -> str:
     if key not in rec or rec[key] is None:
         raise BadRecord(f"field '{key}' is missing")
     v = rec[key]
     if not isinstance(v, str):
         raise BadRecord(f"field '{key}' must be a string, got {type(v).__name__}", f"field '{key}' has the wrong type")
-    if not v.strip():
+    if not v.strip() and not allow_empty:
         raise BadRecord(f"field '{key}' is empty")
     return v
 
@@ -157,12 +161,12 @@ def messages_field(v: object, key: str) -> Messages:
     return out
 
 
-def text_or_messages(rec: dict, key: str) -> str | Messages:
+def text_or_messages(rec: dict, key: str, allow_empty: bool = False) -> str | Messages:
     if key not in rec or rec[key] is None:
         raise BadRecord(f"field '{key}' is missing")
     v = rec[key]
     if isinstance(v, str):
-        return text_field(rec, key)
+        return text_field(rec, key, allow_empty)
     if isinstance(v, list):
         return messages_field(v, key)
     raise BadRecord(f"field '{key}' must be a string or a list of messages, got {type(v).__name__}", f"field '{key}' has the wrong type")
