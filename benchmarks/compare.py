@@ -4,7 +4,6 @@
     python -m benchmarks.compare                        # every stage, fp32 and bf16, 3 alternating repeats
     python -m benchmarks.compare --stages sft,rm --repeats 5 --precision fp32
     python -m benchmarks.compare --quick                # smoke test: few steps, one repeat (~2 min)
-    tether bench ...                                    # the same
 
 Each (library, stage, precision) run is a fresh subprocess (`benchmarks.run_tether` / `run_trl`), so peak
 RSS is per run and model load is outside the in-process wall clock. The two libraries' runs of a pair
@@ -190,7 +189,7 @@ def phases_text(runs: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tether bench", description=__doc__.strip().splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.strip().splitlines()[0])
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,rm,dpo,rl")
     p.add_argument("--repeats", type=int, default=None, help="alternating runs per library and stage (default 3; 1 with --quick)")
     p.add_argument("--precision", default="auto", help="comma-separated: fp32,bf16 (auto: fp32, and bf16 where the CPU has bf16 instructions)")

@@ -33,6 +33,16 @@ def test_module_imports(name):
     importlib.import_module(name)
 
 
+def test_every_command_is_in_the_installed_package():
+    # `tether bench` pointed at benchmarks.compare, which is not installed (ModuleNotFoundError)
+    from tether.cli import COMMANDS
+
+    for name, (target, _) in COMMANDS.items():
+        module = target.split(":")[0]
+        assert module.startswith("tether."), f"tether {name} runs {module}, outside the installed package"
+        assert importlib.util.find_spec(module) is not None, module
+
+
 def test_core_imports_no_optional_backend():
     code = (
         "import sys, importlib, pkgutil\n"

@@ -191,6 +191,21 @@ def test_bad_record_stops_before_training(tiny_gpt2, tmp_path, capsys):
     assert not (tmp_path / "rm" / "final").exists()
 
 
+def test_rm_writes_its_held_out_split_for_eval(tiny_gpt2, tmp_path, capsys):
+    # README evaluated the reward model on its own training file (90% of it trained on)
+    from tether.data import load_preferences
+
+    pairs = marker_pairs(40, 3) + [{"prompt": "p", "chosen": "a yes", "rejected": ""}]
+    train = write_jsonl(tmp_path / "train.jsonl", pairs)
+    out = tmp_path / "rm"
+    assert cli(["rm", f"model={tiny_gpt2}", f"data.train={train}", "data.eval_fraction=0.25", f"out={out}", "max_steps=2", "batch_size=4"]) == 0
+    held, _ = load_preferences(str(out / "held_out.jsonl"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(held) == summary["eval/pairs"] == 10
+    assert {(p.prompt, p.chosen, p.rejected) for p in held} <= {(r["prompt"], r["chosen"], r["rejected"]) for r in pairs}
+    assert cli(["eval", "rm", "--model", str(out / "final"), "--data", str(out / "held_out.jsonl"), "--out", str(tmp_path / "ev")]) == 0
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "generate"])
 def test_a_missing_model_folder_is_one_line(stage, tmp_path, capsys):
     # was a 26-line traceback (exit 1)

@@ -24,7 +24,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("tether.eval.cli:main", "reward-model, policy, sycophancy and preference-data reports"),
     "label": ("tether.feedback.cli:main", "the annotation web app: serve, import, generate, export"),
     "model": ("tether.models_cli:main", "model utilities (import-gguf, info)"),
-    "bench": ("benchmarks.compare:main", "speed and memory comparison against TRL"),
 }
 
 

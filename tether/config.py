@@ -50,8 +50,7 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Sections shared by the stages
+# -- Sections shared by the stages -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,7 @@ class RunConfig:
         check(self.epochs > 0, f"{p}epochs", f"must be positive, got {self.epochs}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading
+# -- Loading ---------------------------------------------------------------------------------------
 
 
 def _is_config(tp: Any) -> bool:

@@ -21,8 +21,7 @@ from torch import Tensor
 Metrics = dict[str, Tensor]
 
 
-# ----------------------------------------------------------------------------------------------
-# Masked reductions
+# -- Masked reductions -----------------------------------------------------------------------------
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -52,8 +51,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return out if shift_mean else out + mean
 
 
-# ----------------------------------------------------------------------------------------------
-# Log-probabilities
+# -- Log-probabilities -----------------------------------------------------------------------------
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk: int = 1024) -> Tensor:
@@ -92,8 +90,7 @@ def entropy_from_logits(logits: Tensor, chunk: int = 1024) -> Tensor:
     return out.view(B, T)
 
 
-# ----------------------------------------------------------------------------------------------
-# Supervised fine-tuning
+# -- Supervised fine-tuning ------------------------------------------------------------------------
 
 
 def sft_loss(token_logps: Tensor, loss_mask: Tensor, num_tokens: float) -> tuple[Tensor, Metrics]:
@@ -106,8 +103,7 @@ def sft_loss(token_logps: Tensor, loss_mask: Tensor, num_tokens: float) -> tuple
     return loss, {"loss/sft": loss.detach()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Reward model
+# -- Reward model ----------------------------------------------------------------------------------
 
 
 def bradley_terry_loss(
@@ -131,8 +127,7 @@ def bradley_terry_loss(
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# DPO family
+# -- DPO family ------------------------------------------------------------------------------------
 
 
 class DPOLoss(enum.Enum):
@@ -190,8 +185,7 @@ def dpo_loss(
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# KL estimators (Schulman 2020, "Approximating KL divergence"), per token
+# -- KL estimators (Schulman 2020, "Approximating KL divergence"), per token -----------------------
 
 
 class KLEstimator(enum.Enum):
@@ -215,8 +209,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = KLEs
     raise ValueError(kind)  # pragma: no cover
 
 
-# ----------------------------------------------------------------------------------------------
-# PPO
+# -- PPO -------------------------------------------------------------------------------------------
 
 
 def ppo_policy_loss(

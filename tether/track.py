@@ -38,9 +38,9 @@ class Tracker:
         self._file = open(self.path if self.main else os.devnull, "a", buffering=1)
         self.log_every = getattr(cfg, "log_every", 1) or 1
         self.t0 = time.perf_counter()
-        self.mlflow = None
-        if self.main and cfg is not None and getattr(cfg, "mlflow", False):
-            self._start_mlflow(cfg, run_config or {})
+        from tether.backends.tracking import make_sinks  # the optional trackers (MLflow) live with the backends
+
+        self.sinks = make_sinks(self.out, cfg, run_config or {}) if self.main and cfg is not None else []
         show = self.main and getattr(cfg, "progress", True) and total > 0 and sys.stderr.isatty() and not os.environ.get("CI")
         self.progress = None
         self._plain_every = max(1, total // 10) if total else 10
@@ -53,35 +53,13 @@ class Tracker:
             self.task = self.progress.add_task(desc, total=total, info="")
             self.progress.start()
 
-    def _start_mlflow(self, cfg, run_config: dict) -> None:
-        try:
-            import mlflow
-        except ImportError:
-            raise RuntimeError("track.mlflow=true needs MLflow: pip install 'tether[mlflow]'") from None
-        uri = cfg.mlflow_uri or f"sqlite:///{(self.out / 'mlflow.db').resolve()}"
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(cfg.experiment)
-        self.mlflow = mlflow
-        self.mlflow_run = mlflow.start_run(run_name=self.out.name)
-        flat: dict[str, Any] = {}
-
-        def walk(d: dict, p: str = "") -> None:
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{p}{k}.")
-                else:
-                    flat[f"{p}{k}"] = str(v)[:500]
-
-        walk(run_config)
-        mlflow.log_params(flat)
-
     def log(self, step: int, metrics: dict[str, Any], force: bool = False) -> None:
         record = {"step": step, "time": round(time.perf_counter() - self.t0, 3), **{k: _clean(v) for k, v in metrics.items()}}
         if force or step % self.log_every == 0:
             self._file.write(json.dumps(record) + "\n")
-            if self.mlflow is not None:
-                nums = {k.replace("/", "."): float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-                self.mlflow.log_metrics(nums, step=step)
+            nums = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            for sink in self.sinks:
+                sink.log(step, nums)
         self._show(step, metrics)
 
     def _show(self, step: int, metrics: dict[str, Any]) -> None:
@@ -105,9 +83,9 @@ class Tracker:
             self.progress.stop()
             self.progress = None
         self._file.close()
-        if self.mlflow is not None:
-            self.mlflow.end_run()
-            self.mlflow = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _fmt(v: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ from tether.config import ConfigError, save_config
 from tether.track import console
 
 SUMMARY_FILE = "summary.json"
+HELD_OUT = "held_out.jsonl"  # data.eval_fraction's split, written into the run folder
 
 
 def start_run(cfg, stage: str) -> tuple[Path, Checkpointer]:
@@ -38,6 +40,10 @@ def load_train_eval(loader: Callable, cfg) -> tuple[list, list, Any]:
         console.print(f"eval data: {eval_report.summary()}", highlight=False)
     elif cfg.data.eval_fraction > 0:
         train, held_out = split_eval(train, cfg.data.eval_fraction, cfg.seed)
+        # the held-out records as a file the loaders read: `tether eval` on what the model never saw
+        rows = ({k: v for k, v in dataclasses.asdict(x).items() if k != "loc" and v is not None} for x in held_out)
+        atomic_write_text(Path(cfg.out) / HELD_OUT, "".join(json.dumps(r) + "\n" for r in rows))
+        console.print(f"held-out split ({len(held_out)} records) -> {Path(cfg.out) / HELD_OUT}", highlight=False)
     else:
         held_out = []
     console.print(f"train data: {report.summary()}", highlight=False)

@@ -54,8 +54,7 @@ from tether.rollout import SamplingConfig, make_rollout
 from tether.track import Tracker
 from tether.types import Experience, PromptBatch, RolloutBatch
 
-# ----------------------------------------------------------------------------------------------
-# Config
+# -- Config ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,7 @@ class PPOConfig(RunConfig):
         return self.critic.init == "reward_model" or (self.critic.init == "auto" and bool(self.reward.model))
 
 
-# ----------------------------------------------------------------------------------------------
-# Scoring
+# -- Scoring ---------------------------------------------------------------------------------------
 
 
 class Scorer:
@@ -229,8 +227,7 @@ class Scorer:
         }
 
 
-# ----------------------------------------------------------------------------------------------
-# One iteration's experience
+# -- One iteration's experience --------------------------------------------------------------------
 
 
 def _groups(b) -> list:
@@ -363,8 +360,7 @@ def fused_value_step(exp: Experience, critic, cfg: PPOConfig) -> tuple[Experienc
     return exp, m | value_metrics(values, returns, exp.response_mask)
 
 
-# ----------------------------------------------------------------------------------------------
-# The update
+# -- The update ------------------------------------------------------------------------------------
 
 
 def policy_loss_fn(cfg: PPOConfig, num_tokens: float):
@@ -451,8 +447,7 @@ def kl_after_update(policy, exp: Experience, cfg: PPOConfig) -> float:
     return float(k3.sum(-1).mean())
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
+# -- The loop --------------------------------------------------------------------------------------
 
 
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:

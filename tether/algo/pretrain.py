@@ -31,8 +31,7 @@ from tether.config import EngineConfig, OptimConfig, TrackConfig, check, doc, su
 from tether.data.corpora import CORPORA, cache_dir, corpus_fingerprint, is_held_out, read_reviews
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
-# ----------------------------------------------------------------------------------------------
-# Config
+# -- Config ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,7 @@ def cache_key(cfg: PretrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and model
+# -- Tokenizer and model ---------------------------------------------------------------------------
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -127,8 +125,7 @@ def _blocks(ids: list[list[int]], eos: int, context: int):
     return torch.tensor(flat[: n * context], dtype=torch.long).view(n, context)  # [N, context]
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
+# -- Training --------------------------------------------------------------------------------------
 
 
 def train(cfg: PretrainConfig) -> dict:

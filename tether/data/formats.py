@@ -62,8 +62,7 @@ def _keys(rec: dict) -> str:
     return "[" + ", ".join(sorted(map(str, rec))) + "]"
 
 
-# ----------------------------------------------------------------------------------------------
-# SFT
+# -- SFT -------------------------------------------------------------------------------------------
 
 
 def parse_sft(rec: dict, loc: str) -> SFTExample:
@@ -110,8 +109,7 @@ def load_sft(spec: str, on_bad_record: str = "error") -> tuple[list[SFTExample],
     return _finish([ex for _, ex in parsed(spec, sink, parse_sft)], sink, spec)
 
 
-# ----------------------------------------------------------------------------------------------
-# Preferences
+# -- Preferences -----------------------------------------------------------------------------------
 
 
 def _as_messages(prompt, chosen, rejected, names=("prompt", "chosen", "rejected")) -> tuple[Messages, Messages, Messages]:
@@ -306,8 +304,7 @@ def load_preferences(spec: str, on_bad_record: str = "error") -> tuple[list[Pref
     return _finish(pairs, sink, spec)
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts
+# -- Prompts ---------------------------------------------------------------------------------------
 
 
 def parse_prompt(rec: dict, loc: str) -> tuple[PromptExample, bool]:
@@ -353,8 +350,7 @@ def load_prompts(spec: str, on_bad_record: str = "error") -> tuple[list[PromptEx
     return _finish(out, sink, spec)
 
 
-# ----------------------------------------------------------------------------------------------
-# Eval split
+# -- Eval split ------------------------------------------------------------------------------------
 
 
 def _group_key(item: Any) -> Any:

@@ -121,8 +121,7 @@ class Sink:
             print(f"tether.data: {what}: skipped {self.n_skipped} bad record(s); {self.report.summary()}; first: {first}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# Field validation shared by the adapters
+# -- Field validation shared by the adapters -------------------------------------------------------
 
 
 def text_field(rec: dict, key: str, allow_empty: bool = False) -> str:

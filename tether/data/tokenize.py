@@ -71,8 +71,7 @@ def use_template(tokenizer, chat_template: str = "auto") -> bool:
     return has
 
 
-# ----------------------------------------------------------------------------------------------
-# Rendering conversations into (text, is_target) pieces
+# -- Rendering conversations into (text, is_target) pieces -----------------------------------------
 
 
 def _plain_pieces(messages: Messages, add_generation_prompt: bool) -> list[Piece]:
@@ -183,8 +182,7 @@ def prompt_text(prompt: str | Messages) -> str:
     return "".join(t for t, _ in _plain_pieces(prompt, False)).strip("\n")
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenise with length checks
+# -- Tokenise with length checks -------------------------------------------------------------------
 
 
 def _check_prompt(n: int, cfg) -> None:
@@ -296,8 +294,7 @@ def tokenize_prompts(prompts: list[PromptExample], tokenizer, cfg, report: DataR
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Collate
+# -- Collate ---------------------------------------------------------------------------------------
 
 
 def _right_pad(seqs: list[list[int]], value: int, dtype=torch.long) -> torch.Tensor:
