@@ -12,6 +12,7 @@ import pytest
 
 from tether.eval import metrics as M
 from tether.eval import sycophancy as S
+from tether.eval.policy_report import text_stats
 
 # ----------------------------------------------------------------------------------------------
 # Calibration
@@ -133,6 +134,30 @@ def test_hacking_flags_fire_on_planted_signals():
                            takeover=[0.1, 0.1, 0.2, 0.1], refusal=[0, 0, 0, 0]) == []
     # longer but the gold judge improved too: no length flag
     assert M.hacking_flags([0, 1], gold={"g": [0.1, 0.8]}, length=[10, 20]) == []
+
+
+def test_flags_catch_a_degenerate_policy_that_word_trigrams_miss():
+    # the pipeline's tiny PPO policy wrote these (RM win 0.938, VADER win 0.638, KL 5.36) and no flag was raised
+    ref = ["the acting was fine but the plot dragged", "a warm and funny film with a great cast",
+           "i did not like the ending at all", "the music is lovely and the story moves fast"]
+    pol = ["onderful", "wonderful amaz wonder", "onderful amaz", "wond wonderful wonder"]
+    def pstats(texts):
+        return text_stats(texts, [len(t.split()) for t in texts])
+
+    r, p = pstats(ref), pstats(pol)
+    assert p["top_phrases"] == [] or p["takeover"] < 0.5  # the old signal: no 3-gram takes over
+    assert r["non_words"]["rate"] == 0.0 and p["non_words"]["rate"] > 0.5 and "onderful" in p["non_words"]["examples"]
+    assert p["char_repetition"] > r["char_repetition"] + 0.1
+    flags = M.hacking_flags([0, 1], takeover=[r["takeover"], p["takeover"]], non_word=[r["non_words"]["rate"], p["non_words"]["rate"]],
+                            non_word_examples=p["non_words"]["examples"], char_rep=[r["char_repetition"], p["char_repetition"]],
+                            ref_perplexity=[40.0, 900.0])
+    assert {f["flag"] for f in flags} == {"non_words", "char_repetition", "off_reference"}
+    assert "'onderful'" in next(f for f in flags if f["flag"] == "non_words")["evidence"]
+    # ordinary reviews against ordinary reviews: none of the three
+    other = pstats(["the cast was great and the plot was fun", "a dull story with a sad ending", "i loved the music", "not a good film"])
+    assert M.hacking_flags([0, 1], non_word=[r["non_words"]["rate"], other["non_words"]["rate"]],
+                           char_rep=[r["char_repetition"], other["char_repetition"]], ref_perplexity=[40.0, 60.0]) == []
+    assert M.char_repetition(["abcabcabc"]) == pytest.approx(1 - 3 / 6)  # 6 4-grams, 3 distinct
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +320,8 @@ def test_eval_policy_end_to_end(tiny_gpt2, tmp_path):
     # KL(P || P) is exactly zero on P's own samples
     s = sample(tiny_gpt2, ["the movie", "a film"], k=2, max_new_tokens=6, ref_dir=tiny_gpt2, device="cpu")
     assert len(s.responses) == 4 and max(abs(x) for x in s.kl_k1) < 1e-4
+    # perplexity under the reference = exp(mean token NLL), here P's own: sum(nll) / tokens
+    assert s.ref_perplexity == pytest.approx(math.exp(sum(s.ref_nll) / sum(s.num_tokens))) and s.ref_perplexity > 1
     # a different policy (another random init, same tokenizer)
     from tiny import make_tiny_model_dir
 
@@ -308,6 +335,8 @@ def test_eval_policy_end_to_end(tiny_gpt2, tmp_path):
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(m["win_rate"]) == {"reward", "vader", "length"} and m["win_rate"]["reward"]["n"] == 8
     assert m["kl"]["k3_per_token"] > 0
+    assert m["ref_perplexity"]["policy"] > m["ref_perplexity"]["ref"] > 1  # another random init is less plausible to the reference
+    assert m["policy_stats"]["non_words"]["rate"] is not None
     assert (tmp_path / "rep" / "policy_vs_ref.png").exists()
 
 

@@ -191,6 +191,16 @@ def test_bad_record_stops_before_training(tiny_gpt2, tmp_path, capsys):
     assert not (tmp_path / "rm" / "final").exists()
 
 
+def test_dropout_is_one_choice_for_every_stage(tiny_gpt2, tmp_path):
+    # SFT kept GPT-2's dropout on while RM/DPO/PPO turned it off, so SFT under torchrun could not match one process
+    assert json.loads((tiny_gpt2 / "config.json").read_text())["resid_pdrop"] == 0.1
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(8))
+    for keep in (False, True):
+        out = tmp_path / f"sft_{keep}"
+        assert cli(["sft", f"model={tiny_gpt2}", f"data.train={data}", f"out={out}", "max_steps=1", "batch_size=4", f"dropout={str(keep).lower()}"]) == 0
+        assert json.loads((out / "final" / "config.json").read_text())["resid_pdrop"] == (0.1 if keep else 0.0)
+
+
 def test_rm_writes_its_held_out_split_for_eval(tiny_gpt2, tmp_path, capsys):
     # README evaluated the reward model on its own training file (90% of it trained on)
     from tether.data import load_preferences

@@ -154,6 +154,7 @@ class RunConfig:
     save_every: int = doc(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = doc(2, "how many step checkpoints to keep")
     resume: bool = doc(False, "continue from the latest checkpoint in `out` (also: --resume)")
+    dropout: bool = doc(False, "keep the model config's dropout in training; off (the default) in every stage: the same weights give the same numbers, so resumes and torchrun match one process, and RL/DPO ratios start at 1")
     data: DataConfig = sub(DataConfig, "data files and tokenisation")
     optim: OptimConfig = sub(OptimConfig, "optimizer and schedule")
     engine: EngineConfig = sub(EngineConfig, "devices, precision, micro-batching")

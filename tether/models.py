@@ -318,13 +318,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def disable_dropout(model) -> None:
+def disable_dropout(model, keep: bool = False) -> None:
     """RL and preference losses compare log-probabilities across passes; dropout would make the
-    same weights give different numbers (TRL and OpenRLHF disable it too)."""
-    for m in model.modules():
+    same weights give different numbers (TRL and OpenRLHF disable it too). keep=True (config key
+    `dropout`) leaves the model as configured."""
+    for m in () if keep else model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    cfg = getattr(model, "config", None)
+    cfg = None if keep else getattr(model, "config", None)
     for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout", "summary_first_dropout"):
         if cfg is not None and isinstance(getattr(cfg, name, None), float):
             setattr(cfg, name, 0.0)

@@ -55,7 +55,10 @@ def _launch(d: Path, backend: str) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inv")
-    tiny_model(d / "model")
+    # GPT-2's default dropout (0.1) in the config: every stage turns it off unless `dropout=true`, so two
+    # processes draw no different masks (SFT kept it on and differed by 3e-3 at step 1)
+    tiny_model(d / "model", dropout=None)
+    assert json.loads((d / "model" / "config.json").read_text())["resid_pdrop"] > 0
     sft_data(d / "sft.jsonl")
     pref_data(d / "pref.jsonl")
     prompt_data(d / "prompts.jsonl")

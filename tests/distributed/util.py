@@ -14,16 +14,18 @@ REPO = Path(__file__).resolve().parents[2]
 WORDS = "the movie was good great bad awful fun boring film story plot really very not so".split()
 
 
-def tiny_model(path: Path, arch: str = "gpt2", seed: int = 0) -> Path:
-    """A tiny random model with dropout off (so two processes and one draw no different masks)."""
+def tiny_model(path: Path, arch: str = "gpt2", seed: int = 0, dropout: float | None = 0.0) -> Path:
+    """A tiny random model, its config's dropout set to `dropout` (None: GPT-2's default 0.1)."""
     sys.path.insert(0, str(REPO / "tests"))
     from tiny import make_tiny_model_dir
 
     make_tiny_model_dir(path, arch, seed=seed)
+    if dropout is None:
+        return path
     cfg = json.loads((path / "config.json").read_text())
     for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "attention_dropout"):
         if k in cfg:
-            cfg[k] = 0.0
+            cfg[k] = dropout
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 

@@ -129,7 +129,7 @@ def train(cfg: DPOConfig) -> dict:
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
 
     model = load_causal_lm(cfg.model)
-    disable_dropout(model)
+    disable_dropout(model, cfg.dropout)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
 
     # Reference logprobs, once per example. With ref_model = model the initial policy *is* the

@@ -476,13 +476,13 @@ def train(cfg: PPOConfig) -> dict:
 
     # policy (trained), ref (frozen), critic (trained, unless a group baseline), reward (frozen model or fn)
     policy_model = load_causal_lm(cfg.model)
-    disable_dropout(policy_model)
+    disable_dropout(policy_model, cfg.dropout)
     policy = make_engine(policy_model, cfg.engine, cfg.optim, total_steps=optim_steps)
     ref = make_reference(policy, cfg.engine, cfg.ref_model or cfg.model, cfg.model)
     reward_engine, reward_fn, rm_tok = None, None, None
     if cfg.reward.model:
         rm = load_scalar_model(cfg.reward.model, pad_token_id=pad)
-        disable_dropout(rm)
+        disable_dropout(rm, cfg.dropout)
         reward_engine = make_engine(rm, cfg.engine, None, trainable=False)
         other = load_tokenizer(cfg.reward.model)
         rm_tok = None if other.get_vocab() == tok.get_vocab() else other
@@ -494,7 +494,7 @@ def train(cfg: PPOConfig) -> dict:
         if cfg.critic_from_reward_model and rm_tok is not None:
             raise ConfigError("config key 'critic.init': the reward model's tokenizer differs from the policy's; use critic.init=policy")
         critic_model = load_scalar_model(cfg.reward.model if cfg.critic_from_reward_model else cfg.model, pad_token_id=pad)
-        disable_dropout(critic_model)
+        disable_dropout(critic_model, cfg.dropout)
         critic_optim = dataclasses.replace(cfg.optim, lr=cfg.critic.lr or cfg.optim.lr)
         critic = make_engine(critic_model, cfg.engine, critic_optim, total_steps=optim_steps)
     rollout = make_rollout(cfg.rollout.backend, policy, tok)

@@ -87,7 +87,7 @@ def train(cfg: RMConfig) -> dict:
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
 
     model = load_scalar_model(cfg.model, pad_token_id=pad)
-    disable_dropout(model)
+    disable_dropout(model, cfg.dropout)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
     sampler, step, _ = sampler_and_step(cfg, ckpt, {"reward_model": engine}, len(train_items))
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "rm", resume=cfg.resume)

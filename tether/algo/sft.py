@@ -20,7 +20,7 @@ from tether.cli import cli_main
 from tether.config import RunConfig, to_dict
 from tether.engine import make_engine
 from tether.losses import sft_loss
-from tether.models import causal_logprobs, load_causal_lm
+from tether.models import causal_logprobs, disable_dropout, load_causal_lm
 from tether.track import Tracker
 
 
@@ -69,6 +69,7 @@ def train(cfg: SFTConfig) -> dict:
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_sft, tokenize_sft)
 
     model = load_causal_lm(cfg.model)
+    disable_dropout(model, cfg.dropout)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
     sampler, step, _ = sampler_and_step(cfg, ckpt, {"policy": engine}, len(train_items))
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "sft", resume=cfg.resume)

@@ -4,7 +4,8 @@ Samples from the policy P and the reference R on the same prompts, then reports:
 - win rate of P over R, prompt by prompt (sample j of P against sample j of R), by the reward model
   and by each gold judge, with ties and a 95% Wilson interval;
 - KL(P || R) on P's samples (k1 per sequence and k3 per token, tether.eval.scoring.sample);
-- response length distribution, distinct-1/2, seq-rep-4 repetition, the most common phrases, the
+- response length distribution, distinct-1/2, seq-rep-4 repetition, character 4-gram repetition, the
+  share of non-words (wordfreq), perplexity under the reference, the most common phrases, the
   refusal/evasion rate;
 - reward-hacking flags (tether.eval.metrics.hacking_flags) with R as the baseline.
 
@@ -33,6 +34,8 @@ def text_stats(responses: list[str], num_tokens: list[int]) -> dict:
         "refusal_rate": M.refusal_rate(responses),
         "top_phrases": top,
         "takeover": top[0]["share"] if top else 0.0,
+        "non_words": M.non_words(responses),
+        "char_repetition": M.char_repetition(responses),
     }
 
 
@@ -52,7 +55,7 @@ def evaluate(policy: str, ref: str, prompts: list, scorer=None, judges: dict | N
 
     judges = judges or {}
     sp = sample(policy, prompts, k, max_new_tokens, temperature, top_p, seed, batch_size, device, ref_dir=ref)
-    sr = sample(ref, prompts, k, max_new_tokens, temperature, top_p, seed, batch_size, device)
+    sr = sample(ref, prompts, k, max_new_tokens, temperature, top_p, seed, batch_size, device, ref_dir=ref)  # its perplexity: the baseline
     scores_p, scores_r = score_side(sp, scorer, judges), score_side(sr, scorer, judges)
     res: dict = {"policy": policy, "ref": ref, "prompts": len(prompts), "samples_per_prompt": k,
                  "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}}
@@ -67,7 +70,10 @@ def evaluate(policy: str, ref: str, prompts: list, scorer=None, judges: dict | N
         [0, 1], proxy=[res["mean_score"]["reward"]["ref"], res["mean_score"]["reward"]["policy"]] if scorer else None,
         gold=gold, length=[rs["length_tokens"]["mean"], ps["length_tokens"]["mean"]],
         takeover=[rs["takeover"], ps["takeover"]], refusal=[rs["refusal_rate"], ps["refusal_rate"]],
-        phrases=[rs["top_phrases"][0]["phrase"] if rs["top_phrases"] else "", ps["top_phrases"][0]["phrase"] if ps["top_phrases"] else ""])
+        phrases=[rs["top_phrases"][0]["phrase"] if rs["top_phrases"] else "", ps["top_phrases"][0]["phrase"] if ps["top_phrases"] else ""],
+        non_word=[rs["non_words"]["rate"], ps["non_words"]["rate"]], non_word_examples=ps["non_words"]["examples"],
+        char_rep=[rs["char_repetition"], ps["char_repetition"]], ref_perplexity=[sr.ref_perplexity, sp.ref_perplexity])
+    res["ref_perplexity"] = {"policy": sp.ref_perplexity, "ref": sr.ref_perplexity}
     res["_samples"] = {"policy": sp, "ref": sr, "scores_policy": scores_p, "scores_ref": scores_r}
     return res
 
@@ -81,7 +87,8 @@ def write_report(out_dir: str | Path, res: dict) -> Path:
     if res["flags"]:
         rep.bullets([f"**{f['flag']}**: {f['evidence']}" for f in res["flags"]])
     else:
-        rep.text("No flag raised (proxy-up/gold-down, length drift without quality gain, phrase takeover, evasion).")
+        rep.text("No flag raised (proxy-up/gold-down, length drift without quality gain, phrase takeover, evasion, "
+                 "non-words, character repetition, off-reference perplexity).")
     rep.h2("Win rate of the policy over the reference")
     rep.table(["scorer", "win rate", "95% CI", "wins", "ties", "losses", "mean (policy)", "mean (ref)"],
               [[n, w["win_rate"], f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}]", w["wins"], w["ties"], w["losses"],
@@ -92,9 +99,12 @@ def write_report(out_dir: str | Path, res: dict) -> Path:
              f"(std {fmt(kl['k1_std'])}); k3 per token: {fmt(kl['k3_per_token'], 4)}.")
     rep.h2("Outputs")
     ps, rs = res["policy_stats"], res["ref_stats"]
-    rep.table(["", "mean tokens", "median", "p90", "distinct-1", "distinct-2", "rep-4", "refusal rate", "top phrase (share)"],
+    ppl = res["ref_perplexity"]
+    rep.table(["", "mean tokens", "median", "p90", "distinct-1", "distinct-2", "rep-4", "char rep-4", "non-words", "ppl under ref",
+               "refusal rate", "top phrase (share)"],
               [[name, s["length_tokens"]["mean"], s["length_tokens"]["median"], s["length_tokens"]["p90"], s["distinct_1"], s["distinct_2"],
-                s["repetition_4"], s["refusal_rate"], f"{s['top_phrases'][0]['phrase']!r} ({s['top_phrases'][0]['share']:.2f})" if s["top_phrases"] else "–"]
+                s["repetition_4"], s["char_repetition"], fmt(s["non_words"]["rate"]), fmt(ppl["policy" if name == "policy" else "ref"]),
+                s["refusal_rate"], f"{s['top_phrases'][0]['phrase']!r} ({s['top_phrases'][0]['share']:.2f})" if s["top_phrases"] else "–"]
                for name, s in (("policy", ps), ("reference", rs))])
     smp = res["_samples"]
     fig, axes = Report.figure(2, 5.2, 3.8)
@@ -172,12 +182,16 @@ def evaluate_run(run: str | Path, ref: str, prompts: list, scorer=None, judges: 
         rows.append({"step": step, "path": str(path), "kl_k1": M.mean(s.kl_k1), "kl_k3": M.mean(s.kl_k3),
                      "mean": {n: M.mean(v) for n, v in sc.items()}, "length": st["length_tokens"]["mean"],
                      "distinct_2": st["distinct_2"], "repetition_4": st["repetition_4"], "refusal_rate": st["refusal_rate"],
-                     "takeover": st["takeover"], "top_phrase": st["top_phrases"][0]["phrase"] if st["top_phrases"] else ""})
+                     "takeover": st["takeover"], "top_phrase": st["top_phrases"][0]["phrase"] if st["top_phrases"] else "",
+                     "non_words": st["non_words"]["rate"], "non_word_examples": st["non_words"]["examples"],
+                     "char_repetition": st["char_repetition"], "ref_perplexity": s.ref_perplexity})
     steps = [r["step"] for r in rows]
     flags = M.hacking_flags(
         steps, proxy=[r["mean"]["reward"] for r in rows] if scorer else None,
         gold={n: [r["mean"][n] for r in rows] for n in judges}, length=[r["length"] for r in rows],
-        takeover=[r["takeover"] for r in rows], refusal=[r["refusal_rate"] for r in rows], phrases=[r["top_phrase"] for r in rows])
+        takeover=[r["takeover"] for r in rows], refusal=[r["refusal_rate"] for r in rows], phrases=[r["top_phrase"] for r in rows],
+        non_word=[r["non_words"] for r in rows], non_word_examples=rows[-1]["non_word_examples"],
+        char_rep=[r["char_repetition"] for r in rows], ref_perplexity=[r["ref_perplexity"] for r in rows])
     # The run's own logged proxy reward can show hacking before any checkpoint does.
     logged = logged or []
     return {"run": str(run), "ref": ref, "checkpoints": rows, "flags": flags, "logged": logged}
@@ -193,8 +207,10 @@ def write_run_report(out_dir: str | Path, res: dict) -> Path:
     rep.bullets([f"**{f['flag']}**: {f['evidence']}" for f in res["flags"]] or ["no flag raised"])
     rows = res["checkpoints"]
     names = list(rows[0]["mean"]) if rows else []
-    rep.table(["step"] + [f"mean {n}" for n in names] + ["KL k1", "length", "distinct-2", "rep-4", "refusal", "top phrase share"],
-              [[r["step"]] + [r["mean"][n] for n in names] + [r["kl_k1"], r["length"], r["distinct_2"], r["repetition_4"], r["refusal_rate"],
+    rep.table(["step"] + [f"mean {n}" for n in names] + ["KL k1", "length", "distinct-2", "rep-4", "char rep-4", "non-words", "ppl under ref",
+                                                         "refusal", "top phrase share"],
+              [[r["step"]] + [r["mean"][n] for n in names] + [r["kl_k1"], r["length"], r["distinct_2"], r["repetition_4"], r["char_repetition"],
+                                                        fmt(r["non_words"]), fmt(r["ref_perplexity"]), r["refusal_rate"],
                                                               f"{r['takeover']:.2f} ({r['top_phrase']!r})"] for r in rows])
     steps = [r["step"] for r in rows]
     fig, axes = Report.figure(3, 4.6, 3.6)

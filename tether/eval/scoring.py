@@ -5,6 +5,8 @@ training one (tether.data.tokenize_pairs / tokenize_prompts), so an eval score i
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,12 @@ class Samples:
     num_tokens: list[int]  # response tokens (up to and including EOS)
     kl_k1: list[float] | None = None  # per sequence: sum_t log p(y_t) - log r(y_t)
     kl_k3: list[float] | None = None  # per sequence: mean_t of k3 = (r/p - 1) - log(r/p)
+    ref_nll: list[float] | None = None  # per sequence: -sum_t log r(y_t), the response's surprise to the reference
+
+    @property
+    def ref_perplexity(self) -> float | None:
+        """exp(mean over response tokens of -log r(y_t)): how plausible the reference finds these outputs."""
+        return math.exp(sum(self.ref_nll) / max(1, sum(self.num_tokens))) if self.ref_nll else None
 
 
 def sample(model_dir: str | Path, prompts: list, k: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
@@ -154,14 +162,14 @@ def sample(model_dir: str | Path, prompts: list, k: int = 1, max_new_tokens: int
         ref_tok = tokenizer_from(ref_dir)
         if ref_tok.get_vocab() != tok.get_vocab():
             raise ValueError(f"KL needs the same tokenizer: {model_dir} and {ref_dir} have different vocabularies")
-        ref = load_causal_lm(ref_dir, dev).eval()
+        ref = model if Path(ref_dir).resolve() == Path(model_dir).resolve() else load_causal_lm(ref_dir, dev).eval()
     repeated = [p for p in prompts for _ in range(k)]
     cfg = DataConfig(max_length=max_prompt_length + max_new_tokens, max_prompt_length=max_prompt_length)
     ids = tokenize_prompts([PromptExample(p, f"prompt[{i}]") for i, p in enumerate(repeated)], tok, cfg)
     pad = pad_id(tok)
     rollout = HFRollout(model, tok, dev)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    out = Samples(repeated, [prompt_text(p) for p in repeated], [], [], [] if ref else None, [] if ref else None)
+    out = Samples(repeated, [prompt_text(p) for p in repeated], [], [], *([[], [], []] if ref is not None else [None] * 3))
     for s in range(0, len(ids), batch_size):
         batch = collate_prompts(ids[s : s + batch_size], pad, out.prompt_texts[s : s + batch_size])
         ro = rollout.generate(batch, sampling)
@@ -171,8 +179,9 @@ def sample(model_dir: str | Path, prompts: list, k: int = 1, max_new_tokens: int
             R = ro.response_mask.shape[1]
             with torch.no_grad():
                 lp, _ = causal_logprobs(model, ro.sequences, ro.attention_mask, num_response=R)
-                lr, _ = causal_logprobs(ref, ro.sequences, ro.attention_mask, num_response=R)
+                lr = lp if ref is model else causal_logprobs(ref, ro.sequences, ro.attention_mask, num_response=R)[0]
             mask = ro.response_mask
+            out.ref_nll += (-lr * mask).sum(-1).tolist()
             out.kl_k1 += (kl_estimate(lp, lr, KLEstimator.K1) * mask).sum(-1).tolist()
             out.kl_k3 += ((kl_estimate(lp, lr, KLEstimator.K3) * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
     return out
