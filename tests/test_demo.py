@@ -164,3 +164,23 @@ def test_cut_responses_are_scored_with_the_eos_their_training_records_had(tiny_g
         scores = sequence_scores(rm, s, a)
         alone = sequence_scores(rm, torch.tensor([[9, 41, 42, 43, eos]]), torch.ones(1, 5, dtype=torch.long))
     assert torch.allclose(scores[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_quick_demo_says_which_precision_ran(precision, quick_run, tmp_path, capsys):
+    # the demo's figures differ between fp32 and bf16 autocast (README quotes both); the report and the
+    # terminal say which ran and why. bf16 runs only where the CPU has bf16 instructions (else ~100x slower).
+    from tether.demo.sentiment import main
+    from tether.models import cpu_has_bf16
+
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("[cpu] this CPU emulates bf16 (no AVX512-BF16/AMX); the bf16 demo is checked on CPUs that have it")
+    out = tmp_path / precision
+    # the default precision already ran in quick_run; the other one runs here from the pretrained base it cached
+    base = json.loads((quick_run / "pretrain" / "summary.json").read_text())["model"]
+    assert main(["--quick", "--out", str(out), "--threads", "2", "--base-model", base, f"precision={precision}"]) == 0
+    assert json.loads((out / "results.json").read_text())["precision"] == precision
+    note = f"Precision: {precision} (precision={precision})."
+    assert note in (out / "report.md").read_text()
+    assert f"precision: {precision} (precision={precision})" in capsys.readouterr().out
+    assert all(json.loads((out / s / "config.json").read_text())["engine"]["precision"] == precision for s in ("sft", "rm", "ppo", "dpo"))

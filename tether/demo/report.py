@@ -391,6 +391,8 @@ def write_report(demo) -> dict:
              f"(the first {cfg.prompt_words[0]}–{cfg.prompt_words[1]} words of reviews never trained on), one sample per prompt at temperature 1, "
              f"at most {cfg.max_new_tokens} new tokens.")
     L.append("")
+    L.append(f"Precision: {cfg.precision_note}.")
+    L.append("")
     L.append("## Results")
     L.append("")
     L.append(md_table(RESULT_COLUMNS, rows))
@@ -446,7 +448,7 @@ def write_report(demo) -> dict:
     L.append("")
     path = out / "report.md"
     path.write_text("\n".join(L))
-    results = {"table": {"columns": RESULT_COLUMNS, "rows": rows}, "checks": ck, "timings": timings,
+    results = {"table": {"columns": RESULT_COLUMNS, "rows": rows}, "checks": ck, "timings": timings, "precision": cfg.resolved_precision,
                "plots": [str(out / "plots" / n) for n, _ in figs], "report": str(path)}
     write_json(out / "results.json", results)
     return {

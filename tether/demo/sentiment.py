@@ -96,6 +96,18 @@ class DemoConfig:
 
         return "bf16" if cpu_has_bf16() else "fp32"
 
+    @property
+    def precision_note(self) -> str:
+        """Which precision runs, and why: the figures differ a little between the two (README quotes both)."""
+        if self.precision != "auto":
+            return f"{self.precision} (precision={self.precision})"
+        import torch
+
+        cap = torch.backends.cpu.get_cpu_capability()
+        if self.resolved_precision == "bf16":
+            return f"bf16 autocast, fp32 master weights (precision=auto: this CPU ({cap}) has bf16 instructions; precision=fp32 for float32)"
+        return f"fp32 (precision=auto: this CPU ({cap}) has no bf16 instructions, torch would emulate bf16 ~100x slower)"
+
     def validate(self, p: str = "") -> None:
         lo, hi = self.prompt_words
         check(1 <= lo <= hi, f"{p}prompt_words", "must be (min, max) with 1 <= min <= max")
@@ -483,6 +495,7 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out / "config.json")
         seed_everything(self.cfg.seed)
+        _console().print(f"tether demo: precision {self.cfg.precision_note}", highlight=False)
         pre = self.run_stage(1, "pretrain", self.pretrain)
         base = pre["model"]
         sft = self.run_stage(2, "sft", lambda: self.sft(base))
@@ -562,5 +575,6 @@ def main(argv: list[str]) -> int:
     print(report["table"])
     print()
     print(report["timing_table"])
-    print(f"\nreport: {report['path']}")
+    print(f"\nprecision: {cfg.precision_note}")
+    print(f"report: {report['path']}")
     return 0
