@@ -201,6 +201,19 @@ def test_dropout_is_one_choice_for_every_stage(tiny_gpt2, tmp_path):
         assert json.loads((out / "final" / "config.json").read_text())["resid_pdrop"] == (0.1 if keep else 0.0)
 
 
+def test_rm_scores_the_held_out_set_once_at_the_end(tiny_gpt2, tmp_path, monkeypatch):
+    # the last step's evaluation was computed again after training (90 s of 700 on SmolLM2 in README's quick start)
+    calls = []
+    real = rm_stage.score_pairs
+    monkeypatch.setattr(rm_stage, "score_pairs", lambda engine, items, *a: calls.append(len(items)) or real(engine, items, *a))
+    train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(32, 1))
+    held = write_jsonl(tmp_path / "held.jsonl", marker_pairs(12, 2))
+    summary = rm_stage.train(load_config(rm_stage.RMConfig, None, [f"model={tiny_gpt2}", f"data.train={train}", f"data.eval={held}",
+                                                                   f"out={tmp_path / 'rm'}", "max_steps=2", "batch_size=4", "track.progress=false"]))
+    assert calls == [12, 32]  # the step-2 evaluation, then the statistics pass over the training pairs
+    assert summary["eval/pairs"] == 12 and summary["train/pairs"] == 32
+
+
 def test_rm_writes_its_held_out_split_for_eval(tiny_gpt2, tmp_path, capsys):
     # README evaluated the reward model on its own training file (90% of it trained on)
     from tether.data import load_preferences

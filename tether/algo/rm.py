@@ -114,8 +114,10 @@ def train(cfg: RMConfig) -> dict:
         if should(cfg.save_every, step, steps):
             ckpt.save(step, {"reward_model": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
 
+    last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}  # the last step's, on these weights
     if best is not None and best[2] != step:
         engine.restore(best[3])
+        last_eval = {}
         tracker.event(f"rm: keeping the weights of step {best[2]} (held-out accuracy {best[0]:.4f}), not of step {step}")
     best_step = best[2] if best is not None else step
     best = None
@@ -127,7 +129,7 @@ def train(cfg: RMConfig) -> dict:
         stats_items = [train_items[i] for i in torch.randperm(len(train_items), generator=g)[: cfg.stats_pairs].tolist()]
     rc, rr = score_pairs(engine, stats_items, pad, cfg.eval_batch_size)
     all_scores = torch.cat([rc, rr])
-    final = pair_metrics(rc, rr, "train") | (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval") if eval_items else {})
+    final = pair_metrics(rc, rr, "train") | (last_eval or (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval") if eval_items else {}))
     tracker.log(step, final, force=True)
     tracker.close()
     engine.save_model(out / "final", tok)
