@@ -153,8 +153,7 @@ def train(cfg: PretrainConfig) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    console.print(f"[bold]tether pretrain[/bold] -> {final if cfg.cache else work}", highlight=False)
-    console.print(json.dumps(to_dict(cfg), separators=(", ", "=")), highlight=False, soft_wrap=True)
+    console.print(f"[bold]tether pretrain[/bold] -> {final if cfg.cache else work} (resolved config: config.json there)", highlight=False)
     save_config(cfg, work / "config.json")
     seed_everything(cfg.seed)
     if cfg.engine.threads:
