@@ -130,7 +130,7 @@ class FSDPEngine(DDPEngine):
 
     Each transformer block (the model's `_no_split_modules`) is its own FSDP unit; embeddings,
     final norm and heads belong to the root unit. Every rank must run the same sequence of
-    forward passes: generation uses transformers' `synced_gpus`, evaluation is run on the same
+    forward passes: the rollout decodes in lock-step (`rollout`), evaluation is run on the same
     items on every rank (as the algorithm files already do).
     """
 
@@ -149,19 +149,21 @@ class FSDPEngine(DDPEngine):
             if type(m).__name__ in blocks:
                 fully_shard(m)
         fully_shard(wrapper)
-        # transformers' generate() then keeps ranks in lock-step (synced_gpus) until all finish
-        model.__dict__["_is_fsdp_managed_module"] = True
         LocalEngine.__init__(self, model, _with_device(cfg, device, checkpointing=False), optim_cfg, total_steps=total_steps, trainable=trainable)
         self.wrapper = wrapper
-        if hasattr(model, "generate"):  # a rollout calls model.generate directly: gather the root unit first
-            model.__dict__["generate"] = self._generate(model.generate)
 
-    def _generate(self, generate: Callable) -> Callable:
-        def run(*args, **kwargs):
-            # through the root unit's forward: FSDP initialises and gathers it, blocks gather themselves
-            return self.wrapper(lambda model, _: generate(*args, **kwargs), None)
+    def rollout(self, cls, tokenizer):
+        """The sampler decodes inside the root unit (FSDP gathers it; blocks gather themselves) and in
+        lock-step: every rank makes the same forward calls, until every rank's rows are finished."""
+        return cls(self.model, tokenizer, self.device, self.autocast_dtype, lockstep=self)
 
-        return run
+    def run(self, fn: Callable[[], Any]) -> Any:
+        return self.wrapper(lambda model, _: fn(), None)
+
+    def all_done(self, flag: bool) -> bool:
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item()) == 0.0
 
     def _no_sync(self):
         @contextlib.contextmanager

@@ -179,16 +179,20 @@ class LocalEngine:
 
     def snapshot(self, with_optimizer: bool = True) -> dict:
         """A copy of the weights (and the optimizer state), for rolling back a bad update or keeping the
-        best evaluation's weights (which needs no optimizer copy: 2x the weights under AdamW)."""
+        best evaluation's weights (which needs no optimizer copy: 2x the weights under AdamW). This
+        process's own tensors (a shard under FSDP): `optimizer_state()`'s gathered form would, before the
+        first step, initialise AdamW's state with a step of its own (torch.distributed.checkpoint)."""
+        keep = with_optimizer and self.optimizer is not None
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optim": copy.deepcopy(self.optimizer_state()) if with_optimizer else None,
+            "optim": copy.deepcopy((self.optimizer.state_dict(), self.scheduler.state_dict())) if keep else None,
         }
 
     def restore(self, snap: dict) -> None:
         self.model.load_state_dict(snap["model"])
         if snap["optim"] is not None:
-            self.load_optimizer_state(snap["optim"])
+            self.optimizer.load_state_dict(snap["optim"][0])
+            self.scheduler.load_state_dict(snap["optim"][1])
 
 
 def check_keys(model: nn.Module, missing: list[str], unexpected: list[str]) -> None:

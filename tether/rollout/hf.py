@@ -8,7 +8,7 @@ of a small model's sampling time on a CPU (64 x 32 tokens, 4x256 GPT-2: 0.90 s -
 - a token is drawn by inverse-CDF sampling (one uniform number per row) instead of `torch.multinomial`,
   which draws an exponential per vocabulary entry (64 x 4,096 per step).
 Greedy decoding gives `generate`'s tokens exactly (tested); sampling draws from the same distribution, not
-the same tokens. Models that do not declare static-cache support, and FSDP-sharded ones, use `model.generate`.
+the same tokens. Models that do not declare static-cache support use `model.generate`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ def response_mask_from_tokens(responses: Tensor, eos: list[int], stop_at_eos: bo
 class HFRollout:
     """Samples with the policy module itself, so `update_weights` has nothing to copy."""
 
-    def __init__(self, model: nn.Module, tokenizer, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                 lockstep=None):
+        """lockstep: a sharded engine's `run(fn)` (fn inside its root unit) and `all_done(flag)` (every rank
+        agrees), so that all ranks make the same forward calls until every rank's rows are finished."""
+        self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.eos = eos_ids(tokenizer, model)
@@ -58,7 +61,8 @@ class HFRollout:
         try:
             with self._autocast():
                 decode = self._decode if self._own_loop() else self._hf_generate
-                resp, logprobs, entropy = decode(ids, mask, sampling)
+                run = self.lockstep.run if self.lockstep is not None else (lambda fn: fn())
+                resp, logprobs, entropy = run(lambda: decode(ids, mask, sampling))
         finally:
             self.model.train(was_training)
         P = ids.shape[1]
@@ -76,14 +80,12 @@ class HFRollout:
         )
 
     def _own_loop(self) -> bool:
-        """The model declares static-cache support (transformers' `_can_compile_fullgraph`) and is not sharded:
-        under FSDP, `generate` runs through the sharded root unit with every rank in lock-step (synced_gpus),
-        which this loop (it stops when its own rows are done) does not do."""
+        """The model declares static-cache support (transformers' `_can_compile_fullgraph`)."""
         try:
             from transformers import StaticCache  # noqa: F401
         except ImportError:
             return False
-        return bool(getattr(self.model, "_can_compile_fullgraph", False)) and not getattr(self.model, "_is_fsdp_managed_module", False)
+        return bool(getattr(self.model, "_can_compile_fullgraph", False))
 
     def _processors(self, sampling: SamplingConfig, prompt_length: int):
         """transformers' logits processors in `generate`'s order: min_new_tokens, then the sampling warpers."""
@@ -152,7 +154,7 @@ class HFRollout:
             seq[:, P + t] = tok
             attn[:, P + t] = 1
             done = done | torch.isin(tok, eos)
-            if t == R - 1 or bool(done.all()):
+            if t == R - 1 or (self.lockstep.all_done(bool(done.all())) if self.lockstep is not None else bool(done.all())):
                 steps = t + 1
                 break
             out = model(input_ids=tok[:, None], attention_mask=attn[:, : P + t + 1], position_ids=next_pos, use_cache=True, **{cache_kw: cache})
@@ -179,7 +181,7 @@ class HFRollout:
             return_dict_in_generate=True,
             output_scores=True,  # processed scores: the distribution actually sampled from
         )
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=self.lockstep is not None)
         resp = out.sequences[:, ids.shape[1]:]
         logp = torch.log_softmax(torch.stack(out.scores[: resp.shape[1]], 1).float(), -1)  # [B, R, V]
         logprobs = logp.gather(-1, resp[..., None]).squeeze(-1)
