@@ -180,6 +180,16 @@ def test_guard_stops_a_run_that_keeps_rolling_back(tiny_gpt2, tmp_path, capsys):
     assert not (tmp_path / "run" / "summary.json").exists()  # not a finished stage
 
 
+def test_guard_can_lower_the_learning_rate_instead(tiny_gpt2, tmp_path):
+    summary = ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=5", "ppo.epochs=1", "kl.max=1e-9", "ppo.max_rollbacks=2",
+                             "ppo.on_rollbacks=lower_lr", "optim.schedule=constant"))
+    rows = read_metrics(tmp_path / "run")
+    lrs = [r["optim/lr_policy"] for r in rows]
+    assert lrs == pytest.approx([3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4]), lrs  # halved after every 2 rollbacks in a row
+    assert [r["optim/lr_value"] for r in rows][-1] == pytest.approx(7.5e-4)
+    assert summary["rollbacks"] == 5 and summary["steps"] == 5
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume
 

@@ -121,7 +121,8 @@ class PPOHyper:
     whiten_advantages: bool = doc(True, "normalise advantages over the batch")
     target_approx_kl: float = doc(0.0, "stop the epoch loop when a minibatch's approx KL(old||new) exceeds this (0 = off)")
     rollback: bool = doc(True, "snapshot weights before each update and roll back a bad one (costs a copy of policy+critic+optimizer state)")
-    max_rollbacks: int = doc(3, "stop the run (exit 3) after this many rolled-back updates in a row (0 = never stop)")
+    max_rollbacks: int = doc(3, "after this many rolled-back updates in a row, do on_rollbacks (0 = never)")
+    on_rollbacks: Literal["stop", "lower_lr"] = doc("stop", "stop: end the run with exit 3; lower_lr: multiply the policy's and critic's learning rates by 0.5 and go on")
 
     def validate(self, p: str) -> None:
         check(self.epochs > 0, f"{p}epochs", "must be positive")
@@ -554,10 +555,15 @@ def train(cfg: PPOConfig) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 or step == steps:
             ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "rollbacks": rollbacks,
                                       "rollbacks_in_a_row": in_a_row, "first_reward": first_reward}, to_dict(cfg))
+        if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks and cfg.ppo.on_rollbacks == "lower_lr":
+            for e in engines.values():
+                e.scale_lr(0.5)
+            tracker.event(f"ppo: {in_a_row} updates in a row rolled back ({why}): learning rates halved")
+            in_a_row = 0
         if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks:
             tracker.close()
             raise RunStopped(f"{in_a_row} updates in a row were rolled back ({why}), {rollbacks} in {step} iterations: the policy is not "
-                             f"training, so the run stopped. Lower optim.lr, raise kl.max, or set ppo.max_rollbacks=0 to go on regardless")
+                             f"training, so the run stopped. Lower optim.lr, raise kl.max, set ppo.on_rollbacks=lower_lr, or ppo.max_rollbacks=0 to go on")
     tracker.close()
     policy.save_model(out / "final", tok)
     if critic is not None:

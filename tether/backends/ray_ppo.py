@@ -181,6 +181,9 @@ class EngineWorker:
     def has_adapter(self) -> bool:
         return self.engine.without_adapters() is not None
 
+    def scale_lr(self, factor: float) -> None:
+        self.engine.scale_lr(factor)
+
     def snapshot(self, with_optimizer: bool = True) -> int:
         i = next(self._ids)
         self._snaps = {i: self.engine.snapshot(with_optimizer)}  # keep only the latest
@@ -299,6 +302,9 @@ class RemoteEngine:
 
     def load_optimizer_state(self, state: dict) -> None:
         _call(self.role, self.actor.load_optimizer_state.remote(state))
+
+    def scale_lr(self, factor: float) -> None:
+        _call(self.role, self.actor.scale_lr.remote(factor))
 
     def snapshot(self, with_optimizer: bool = True) -> int:
         return _call(self.role, self.actor.snapshot.remote(with_optimizer))

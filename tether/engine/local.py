@@ -121,7 +121,7 @@ class LocalEngine:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = self._clip_grad_norm(params, self.optim_cfg.grad_clip)
         metrics["optim/grad_norm"] = float(grad_norm)
-        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["optim/lr"] = self.optimizer.param_groups[0]["lr"]  # what this step uses
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             metrics["optim/skipped"] = 0.0
@@ -176,6 +176,12 @@ class LocalEngine:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate, now and for the rest of the schedule."""
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for g in self.optimizer.param_groups:
+            g["lr"] *= factor
 
     def snapshot(self, with_optimizer: bool = True) -> dict:
         """A copy of the weights (and the optimizer state), for rolling back a bad update or keeping the
