@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from tether.checkpoint import Checkpointer, atomic_write_text, seed_everything
 from tether.config import ConfigError, save_config
+from tether.data.records import DataError
 from tether.track import console
 
 SUMMARY_FILE = "summary.json"
@@ -66,8 +67,6 @@ def load_tokenized(cfg, load: Callable, tokenize: Callable) -> tuple[Any, list, 
 
 def require_examples(items: list, cfg, report) -> list:
     if not items:
-        from tether.data import DataError
-
         raise DataError(f"{cfg.data.train}: no training examples left ({report.summary()}); check the file and data.on_bad_record")
     return items
 

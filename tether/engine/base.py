@@ -55,8 +55,7 @@ class Engine(Protocol):
 
     def load_optimizer_state(self, state: dict) -> None: ...
 
-    def scale_lr(self, factor: float) -> None:
-        """Multiply the learning rate, now and for the rest of the schedule (PPO's guard may lower it)."""
+    def scale_lr(self, factor: float) -> None: ...  # now and for the rest of the schedule (PPO's guard)
 
     def snapshot(self, with_optimizer: bool = True) -> Any:
         """A handle to a copy of the weights (and optimizer state) that `restore` brings back."""

@@ -177,17 +177,15 @@ class LocalEngine:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
 
-    def scale_lr(self, factor: float) -> None:
-        """Multiply the learning rate, now and for the rest of the schedule."""
+    def scale_lr(self, factor: float) -> None:  # now and for the rest of the schedule
         self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
         for g in self.optimizer.param_groups:
             g["lr"] *= factor
 
     def snapshot(self, with_optimizer: bool = True) -> dict:
-        """A copy of the weights (and the optimizer state), for rolling back a bad update or keeping the
-        best evaluation's weights (which needs no optimizer copy: 2x the weights under AdamW). This
-        process's own tensors (a shard under FSDP): `optimizer_state()`'s gathered form would, before the
-        first step, initialise AdamW's state with a step of its own (torch.distributed.checkpoint)."""
+        """A copy of the weights (and optimizer state: 2x the weights under AdamW; keep_best needs none) for a
+        rollback. This process's own tensors: the gathered `optimizer_state()` would, before the first step,
+        give AdamW a step of its own (torch.distributed.checkpoint initialises an empty state that way)."""
         keep = with_optimizer and self.optimizer is not None
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
