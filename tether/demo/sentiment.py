@@ -52,7 +52,7 @@ class DemoConfig:
     seed: int = doc(0, "random seed of every stage")
     base_model: str = doc("", "a local HF causal LM to start from instead of pretraining (e.g. an imported SmolLM2)")
     threads: int = doc(0, "torch CPU threads (0 = torch's default: the number of cores)")
-    precision: str = doc("auto", "fp32, bf16 (autocast, fp32 master weights; ~1.6x less CPU time per training step on CPUs with bf16 instructions) or auto: bf16 where the CPU has bf16 instructions (AVX512-BF16/AMX), else fp32 (emulated bf16 is ~100x slower)")
+    precision: str = doc("auto", "fp32, bf16 (autocast, fp32 master weights) or auto: bf16 where the CPU has bf16 instructions (AVX512-BF16/AMX), else fp32 (torch emulates bf16 without them, far slower); the figures differ a little (README)")
     corpora: tuple[str, ...] = doc(("movie_reviews", "sentence_polarity"), "review corpora for prompts (and pretraining)")
     prompt_words: tuple[int, int] = doc((2, 8), "a prompt is the first n words of a review, n uniform in this range")
     completion_words: int = doc(14, "SFT completions: the rest of the review's first sentence, at most this many words")
