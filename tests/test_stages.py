@@ -214,6 +214,19 @@ def test_rm_scores_the_held_out_set_once_at_the_end(tiny_gpt2, tmp_path, monkeyp
     assert summary["eval/pairs"] == 12 and summary["train/pairs"] == 32
 
 
+def test_the_terminal_shows_no_per_model_progress_bars(tiny_gpt2, tmp_path):
+    # every load and save drew a transformers bar ("Loading weights", "Writing model shards")
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(8))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    p = subprocess.run([sys.executable, "-m", "tether.cli", "sft", f"model={tiny_gpt2}", f"data.train={data}", f"out={tmp_path / 'o'}",
+                        "max_steps=1", "batch_size=4"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Loading weights" not in p.stderr and "Writing model shards" not in p.stderr, p.stderr[-2000:]
+
+
 def test_rm_writes_its_held_out_split_for_eval(tiny_gpt2, tmp_path, capsys):
     # README evaluated the reward model on its own training file (90% of it trained on)
     from tether.data import load_preferences
