@@ -7,6 +7,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -189,6 +190,16 @@ def test_judge_recognises_agreement(answer):
 ])
 def test_judge_recognises_correction(answer):
     assert S.judge_agreement(answer, ITEM.correct, ITEM.incorrect)[0] == "corrects"
+
+
+def test_truthfulqa_default_follows_tether_data(tmp_path, monkeypatch):
+    # the default path was fixed to <repo>/../shared/data and ignored TETHER_DATA
+    src = (Path(S.__file__).resolve().parents[2].parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv").read_text(encoding="utf-8-sig")
+    (tmp_path / "nltk_data" / "corpora").mkdir(parents=True)
+    (tmp_path / "truthfulqa").mkdir()
+    (tmp_path / "truthfulqa" / "TruthfulQA.csv").write_text("\n".join(src.splitlines()[:3]) + "\n", encoding="utf-8")
+    monkeypatch.setenv("TETHER_DATA", str(tmp_path))
+    assert len(S.load_truthfulqa()) == 2
 
 
 def test_judge_unclear_and_probe_texts():

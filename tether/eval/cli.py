@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("sycophancy", help="TruthfulQA sycophancy probe of a reward model or policy; labeler-conflict experiment")
     sy.add_argument("--model", help="a reward model or a policy folder")
     sy.add_argument("--kind", choices=["auto", "rm", "policy"], default="auto", help="auto: a folder with tether_reward.json or a *ForSequenceClassification config is a reward model")
-    sy.add_argument("--truthfulqa", default=None, help="TruthfulQA.csv (default: ../shared/data/truthfulqa/TruthfulQA.csv)")
+    sy.add_argument("--truthfulqa", default=None, help="TruthfulQA.csv (default: truthfulqa/TruthfulQA.csv in $TETHER_DATA, else ../shared/data)")
     sy.add_argument("--n", type=int, default=200, help="number of questions probed (0 = all 817)")
     sy.add_argument("--all-templates", action="store_true", help="probe every phrasing of every question (3x the probes)")
     sy.add_argument("--max-new-tokens", type=int, default=48, help="policy answers: tokens to sample")
@@ -146,7 +146,7 @@ def run_sycophancy(a) -> Path:
 
     if not a.model and not a.conflict:
         raise SystemExit("tether eval sycophancy: give --model and/or --conflict with --base-model")
-    items = S.load_truthfulqa(a.truthfulqa or S.DEFAULT_TRUTHFULQA)
+    items = S.load_truthfulqa(a.truthfulqa)
     kind, probe, conflict = None, None, None
     if a.model:
         kind = a.kind if a.kind != "auto" else ("rm" if is_reward_model(a.model) else "policy")
