@@ -188,6 +188,14 @@ def test_guard_can_lower_the_learning_rate_instead(tiny_gpt2, tmp_path):
     assert lrs == pytest.approx([3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4]), lrs  # halved after every 2 rollbacks in a row
     assert [r["optim/lr_value"] for r in rows][-1] == pytest.approx(7.5e-4)
     assert summary["rollbacks"] == 5 and summary["steps"] == 5
+    # resumed from the checkpoint of the iteration that halved the rates: the same run (the rates were
+    # halved after that checkpoint was written, so a resume halved them one iteration late)
+    common = ["ppo.epochs=1", "kl.max=1e-9", "ppo.max_rollbacks=2", "ppo.on_rollbacks=lower_lr", "optim.schedule=constant", "save_every=2"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=4", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=2", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=4", "resume=true", *common))
+    a, b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
+    assert [r["optim/lr_policy"] for r in a] == [r["optim/lr_policy"] for r in b] == pytest.approx([3e-3, 3e-3, 1.5e-3, 1.5e-3])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -532,12 +532,18 @@ def train(cfg: PPOConfig) -> dict:
             metrics["guard/kl_after_update"] = kl_after_update(policy, exp, cfg)
             bad = metrics["guard/kl_after_update"] > cfg.kl.max
         why = "non-finite loss/gradient" if metrics["guard/nonfinite"] else "KL to reference above kl.max"
-        if bad and snap is not None:
+        rolled_back = bad and snap is not None
+        if rolled_back:
             for name, e in engines.items():
                 e.restore(snap[name])
             rollbacks += 1
             tracker.event(f"ppo: iteration {step + 1}: update rolled back ({why})")
-        in_a_row = in_a_row + 1 if bad and snap is not None else 0
+        in_a_row = in_a_row + 1 if rolled_back else 0
+        if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks and cfg.ppo.on_rollbacks == "lower_lr":
+            for e in engines.values():  # before this iteration's checkpoint, so that a resume continues from here
+                e.scale_lr(0.5)
+            tracker.event(f"ppo: {in_a_row} updates in a row rolled back ({why}): learning rates halved")
+            in_a_row = 0
         del snap
         rollout.update_weights(policy.named_parameters())
         metrics["timing/update"] = time.perf_counter() - t
@@ -555,12 +561,7 @@ def train(cfg: PPOConfig) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 or step == steps:
             ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "rollbacks": rollbacks,
                                       "rollbacks_in_a_row": in_a_row, "first_reward": first_reward}, to_dict(cfg))
-        if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks and cfg.ppo.on_rollbacks == "lower_lr":
-            for e in engines.values():
-                e.scale_lr(0.5)
-            tracker.event(f"ppo: {in_a_row} updates in a row rolled back ({why}): learning rates halved")
-            in_a_row = 0
-        if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks:
+        if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks:  # on_rollbacks=stop (lower_lr reset it)
             tracker.close()
             raise RunStopped(f"{in_a_row} updates in a row were rolled back ({why}), {rollbacks} in {step} iterations: the policy is not "
                              f"training, so the run stopped. Lower optim.lr, raise kl.max, set ppo.on_rollbacks=lower_lr, or ppo.max_rollbacks=0 to go on")
