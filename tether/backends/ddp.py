@@ -183,7 +183,7 @@ class FSDPEngine(DDPEngine):
     def _apply(self, fn: Callable[[nn.Module, Any], Any], mb: Any) -> Any:
         return self.wrapper(fn, mb)  # all-gather hooks fire even in no-grad passes
 
-    def _gathered(self) -> dict | None:
+    def _gathered(self) -> dict:
         return full_state_dict(self.model)  # a collective
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,15 +212,13 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
 
 
-def full_state_dict(model: torch.nn.Module) -> dict | None:
-    """The full (unsharded) state dict of an FSDP2-sharded model, on every rank; None if not sharded.
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The full (unsharded) state dict of an FSDP2-sharded model, on every rank.
 
     A collective: every rank must call it. Tied weights stay one tensor (so `save_pretrained`
     still de-duplicates them).
     """
     sd = model.state_dict(keep_vars=True)  # Parameters themselves, so tied weights share an id
-    if not any(_is_dtensor(v) for v in sd.values()):
-        return None
     seen: dict[int, torch.Tensor] = {}
     out = {}
     for k, v in sd.items():
@@ -231,9 +229,7 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
 
 
 def load_full_state_dict(model: torch.nn.Module, sd: dict, strict: bool = False):
-    """Load a full state dict into a model that may be FSDP2-sharded. Returns (missing, unexpected)."""
-    if not any(_is_dtensor(v) for v in model.state_dict().values()):
-        return model.load_state_dict(sd, strict=strict)
+    """Load a full state dict into an FSDP2-sharded model. Returns (missing, unexpected)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     result = set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))

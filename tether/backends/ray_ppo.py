@@ -4,7 +4,7 @@
     tether ppo --config configs/ppo_ray.yaml engine.ray.address=auto   # join a running cluster
 
 `engine.backend=ray` makes `make_engine` return `RemoteEngine`: a proxy with the Engine methods
-(train_step, forward, global_sum, named_parameters, state_dict, save_model, snapshot ...)
+(train_step, forward, global_sum, named_parameters, save_model, load_state_dict, snapshot ...)
 whose work runs in an `EngineWorker` actor holding an ordinary local engine. `make_rollout(...)`
 asks the policy engine for its sampler, and `RemoteEngine.rollout` starts a `RolloutWorker` actor. So
 tether/algo/ppo.py runs unchanged as the controller: it calls the same `make_experience` and
@@ -169,9 +169,6 @@ class EngineWorker:
     def load_optimizer_state(self, state):
         self.engine.load_optimizer_state(state)
 
-    def state_dict(self) -> dict:
-        return _cpu(self.engine.state_dict())
-
     def load_state_dict(self, sd) -> None:
         self.engine.load_state_dict(sd)
 
@@ -284,9 +281,6 @@ class RemoteEngine:
 
     def named_parameters(self) -> RemoteParameters:
         return RemoteParameters(self.actor, self.role)
-
-    def state_dict(self) -> dict:
-        return _call(self.role, self.actor.state_dict.remote())
 
     def load_state_dict(self, state_dict: dict) -> None:
         _call(self.role, self.actor.load_state_dict.remote(state_dict))

@@ -41,11 +41,9 @@ class Engine(Protocol):
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """What a rollout's `update_weights` reads."""
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The full weights of the trained module (LoRA layers included). Under torchrun a collective."""
-
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Load weights from `state_dict` (tied weights may be absent); RuntimeError names a mismatch."""
+        """Load the full weights of the trained module (LoRA layers included; tied weights may be absent), as
+        `save_model(merged=False)` wrote them; RuntimeError names a mismatch."""
 
     def save_model(self, path, tokenizer=None, merged: bool = True) -> None:
         """An HF folder at `path`, atomically (under torchrun every rank calls it, rank 0 writes). With LoRA,

@@ -156,9 +156,6 @@ class LocalEngine:
     def _gathered(self) -> dict | None:  # the full weights where the module holds a shard (FSDP)
         return None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._gathered() or {k: v.detach() for k, v in self.model.state_dict().items()}
-
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         check_keys(self.model, *self.model.load_state_dict(state_dict, strict=False))
 
