@@ -40,15 +40,10 @@ def parse_cli(cls, argv: list[str], prog: str, description: str):
     parser.add_argument("--verbose", action="store_true", help="a Python traceback instead of the one-line error")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
-    global _verbose
-    _verbose = args.verbose
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=true")
     return load_config(cls, args.config, overrides)
-
-
-_verbose = False
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -60,7 +55,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, ModelError
 
 
-def one_line(prog: str, run: Callable[[], object]) -> int:
+def one_line(prog: str, run: Callable[[], object], verbose: bool = False) -> int:
     """run(); a user error is `prog: message` on stderr, exit 2 (a traceback with --verbose); a run a
     guard stopped (config.RunStopped) exits 3."""
     from tether.config import RunStopped
@@ -68,7 +63,7 @@ def one_line(prog: str, run: Callable[[], object]) -> int:
     try:
         return int(run() or 0)
     except (*user_errors(), RunStopped) as e:
-        if _verbose:
+        if verbose:
             raise
         print(f"{prog}: {e}", file=sys.stderr)
         return 3 if isinstance(e, RunStopped) else 2
@@ -76,7 +71,7 @@ def one_line(prog: str, run: Callable[[], object]) -> int:
 
 def cli_main(cls, run: Callable, argv: list[str], prog: str, description: str) -> int:
     """A stage's entry point: parse, run; a bad config, data record or model folder is one line (exit 2)."""
-    return one_line(prog, lambda: run(parse_cli(cls, argv, prog, description)) and 0)
+    return one_line(prog, lambda: run(parse_cli(cls, argv, prog, description)) and 0, verbose="--verbose" in argv)
 
 
 def _usage() -> str:

@@ -82,10 +82,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--raw", action="store_true", help="with --prompt: send the text as is, not as a user turn of the chat template")
     parser.add_argument("--verbose", action="store_true", help="a Python traceback instead of the one-line error")
     args = parser.parse_args(argv)
-    import tether.cli
+    from tether.cli import one_line
 
-    tether.cli._verbose = args.verbose
-    return tether.cli.one_line("tether generate", lambda: _run(args))
+    return one_line("tether generate", lambda: _run(args), args.verbose)
 
 
 def _run(args) -> int:
