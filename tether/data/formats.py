@@ -295,9 +295,8 @@ def load_preferences(spec: str, on_bad_record: str = "error") -> tuple[list[Pref
             ratings.append(got)
         elif got:
             pairs.extend(got)
-            n_empty = sum(isinstance(v, str) and not v.strip() for p in got for v in (p.chosen, p.rejected))
-            if n_empty:
-                sink.report.noted["an empty response on one side"] = sink.report.noted.get("an empty response on one side", 0) + n_empty
+            if n_empty := sum(isinstance(v, str) and not v.strip() for p in got for v in (p.chosen, p.rejected)):
+                sink.note("an empty response on one side", n_empty)
         else:
             sink.drop("all ranked responses tied")
     pairs.extend(_rating_pairs(ratings, sink))

@@ -114,6 +114,9 @@ class Sink:
     def drop(self, reason: str, n: int = 1) -> None:
         self.report.dropped[reason] = self.report.dropped.get(reason, 0) + n
 
+    def note(self, reason: str, n: int = 1) -> None:
+        self.report.noted[reason] = self.report.noted.get(reason, 0) + n
+
     def announce(self, what: str) -> None:
         """Print one line when this call skipped anything (skip mode never hides what it skipped)."""
         if self.n_skipped:
