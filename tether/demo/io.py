@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from tether.atomic import atomic_write_text
+
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -22,6 +18,4 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    from tether.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(obj, indent=2) + "\n")

@@ -21,27 +21,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tether.eval.metrics import mean, std, win_rate
+
 METRICS_FILE = "metrics.json"
 
 
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _std(xs) -> float:
-    xs = list(xs)
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def win_rate(a: list[float], b: list[float]) -> dict:
-    """A against B item by item; ties count 1/2; Wilson 95% interval."""
-    from tether.eval.metrics import win_rate as wr
-
-    return wr(a, b)
+def _mean(xs) -> float:  # generators too
+    return mean(list(xs))
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -137,7 +123,7 @@ def evaluate(demo, m) -> dict:
     # RM and gold on the same scale: standardised by the SFT samples' mean and std on the eval prompts
     sft_proxy = [x for r in bon_rows for x in r["proxy"]]
     sft_gold_all = [x for r in bon_rows for x in r["gold"]]
-    scale = {"proxy_mean": _mean(sft_proxy), "proxy_std": _std(sft_proxy) or 1.0, "gold_mean": _mean(sft_gold_all), "gold_std": _std(sft_gold_all) or 1.0}
+    scale = {"proxy_mean": _mean(sft_proxy), "proxy_std": std(list(sft_proxy)) or 1.0, "gold_mean": _mean(sft_gold_all), "gold_std": std(list(sft_gold_all)) or 1.0}
     for e in policies:
         e["proxy_z"] = (e["proxy_mean"] - scale["proxy_mean"]) / scale["proxy_std"]
         e["gold_z"] = (e["gold_mean"] - scale["gold_mean"]) / scale["gold_std"]
