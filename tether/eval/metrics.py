@@ -192,10 +192,11 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
 def repetition_rate(texts: Iterable[str], n: int = 4) -> float:
     """Mean over texts of seq-rep-n = 1 - unique n-grams / n-grams in the text (Welleck et al. 2019).
     Texts shorter than n words count as 0."""
-    vals = []
-    for t in texts:
-        g = ngrams(words(t), n)
-        vals.append(1 - len(set(g)) / len(g) if g else 0.0)
+    return _seq_rep(ngrams(words(t), n) for t in texts)
+
+
+def _seq_rep(grams_per_text: Iterable[list]) -> float:
+    vals = [1 - len(set(g)) / len(g) if g else 0.0 for g in grams_per_text]
     return mean(vals) if vals else 0.0
 
 
@@ -216,12 +217,7 @@ def non_words(texts: Iterable[str], min_zipf: float = 2.0, k: int = 3) -> dict:
 def char_repetition(texts: Iterable[str], n: int = 4) -> float:
     """Mean over texts of 1 - unique character n-grams / character n-grams, spaces removed: catches
     repetition inside and across broken words ('wonderful amaz wonder') that word n-grams miss."""
-    vals = []
-    for t in texts:
-        c = "".join(t.lower().split())
-        g = [c[i : i + n] for i in range(len(c) - n + 1)]
-        vals.append(1 - len(set(g)) / len(g) if g else 0.0)
-    return mean(vals) if vals else 0.0
+    return _seq_rep(ngrams("".join(t.lower().split()), n) for t in texts)
 
 
 def top_phrases(texts: Sequence[str], n: int = 3, k: int = 5) -> list[dict]:
