@@ -216,11 +216,12 @@ def test_rm_scores_the_held_out_set_once_at_the_end(tiny_gpt2, tmp_path, monkeyp
 
 def test_the_terminal_shows_no_per_model_progress_bars(tiny_gpt2, tmp_path):
     # every load and save drew a transformers bar ("Loading weights", "Writing model shards")
+    import os
     import subprocess
     import sys
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records(8))
-    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     p = subprocess.run([sys.executable, "-m", "tether.cli", "sft", f"model={tiny_gpt2}", f"data.train={data}", f"out={tmp_path / 'o'}",
                         "max_steps=1", "batch_size=4"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
