@@ -428,6 +428,9 @@ def test_pairs_tokenised_and_collated(tok, chat_tok):
             assert tok.decode(ids[att.bool()].tolist()) == tok.decode(items[i].prompt_ids + getattr(items[i], f"{side}_ids"))
             assert (ids[~att.bool()] == pad_id(tok)).all()
     assert b.margin.tolist() == [1.5, 0.0]
+    # the prompt boundary stays known after collating: packed passes share it without searching for it
+    n = [len(it.prompt_ids) for it in items]
+    assert b.prompt_len == n and b.groups() == ([0, 1, 0, 1], n * 2) and b.select([1]).groups() == ([0, 0], n[1:] * 2)
     assert collate_pairs(items[1:], pad_id(tok)).margin is None
     # conversations through the chat template
     mp = PreferencePair([U("hello")], [A("yes")], [A("no way")], "x:3")

@@ -105,7 +105,8 @@ def _rollout_batch(tok, rows: list[list[int]]) -> PromptBatch:
     P = max(len(r) for r in rows)
     ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
-    return PromptBatch(ids, mask, [str(r) for r in rows])
+    keys: dict = {}
+    return PromptBatch(ids, mask, [str(r) for r in rows], [keys.setdefault(tuple(r), len(keys)) for r in rows])
 
 
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
@@ -121,14 +122,14 @@ def test_own_decoding_loop_equals_generate_greedy(arch, min_new, request):
     ro = HFRollout(model, tok)
     assert ro._own_loop()
     s = SamplingConfig(max_new_tokens=10, temperature=0, min_new_tokens=min_new)
-    x = int(ro._hf_generate(batch.input_ids, batch.attention_mask, dataclasses.replace(s, min_new_tokens=0))[0][3, 1])
+    x = int(ro._hf_generate(batch.input_ids, batch.attention_mask, dataclasses.replace(s, min_new_tokens=0), batch.group_ids)[0][3, 1])
     with torch.no_grad():
         head = model.get_output_embeddings()
         head.weight[tok.eos_token_id] = 1.05 * head.weight[x]
         if getattr(head, "bias", None) is not None:
             head.bias[tok.eos_token_id] = head.bias[x] + 0.01
-    ours = ro._decode(batch.input_ids, batch.attention_mask, s)
-    ref = ro._hf_generate(batch.input_ids, batch.attention_mask, s)
+    ours = ro._decode(batch.input_ids, batch.attention_mask, s, batch.group_ids)
+    ref = ro._hf_generate(batch.input_ids, batch.attention_mask, s, batch.group_ids)
     assert ours[0].tolist() == ref[0].tolist()
     mask, finished = response_mask_from_tokens(ours[0], ro.eos)
     assert (mask.sum(-1) > min_new).all() if min_new else (finished[3] and mask[3].sum() <= 2)
@@ -147,7 +148,7 @@ def test_own_sampler_draws_from_the_processed_distribution(tiny_gpt2, warp):
     ro = HFRollout(model, tok)
     s = SamplingConfig(max_new_tokens=1, temperature=temp, stop_at_eos=False, **warp)
     torch.manual_seed(0)
-    first, logprobs, _ = ro._decode(batch.input_ids, batch.attention_mask, s)
+    first, logprobs, _ = ro._decode(batch.input_ids, batch.attention_mask, s, batch.group_ids)
     with torch.no_grad():
         scores = model(input_ids=batch.input_ids[:1]).logits[0, -1] / temp
     order = scores.argsort(descending=True)

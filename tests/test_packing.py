@@ -8,13 +8,13 @@ def test_pack_layout_by_hand():
     from tether.packing import pack
 
     # a pair: prompt [1, 2], chosen [3, 4], rejected [5]; the rejected row stores only its own token
-    pb = pack([[1, 2, 3, 4], [1, 2, 5]], groups=[0, 0])
+    pb = pack([[1, 2, 3, 4], [1, 2, 5]], groups=([0, 0], [2, 2]))
     assert pb.input_ids.tolist() == [[1, 2, 3, 4, 5]]
     assert pb.position_ids.tolist() == [[0, 1, 2, 3, 2]]
     assert pb.index.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1]]
     assert pb.segments == [(0, 4, 0, 0), (4, 5, 0, 2)]
     # identical rows: a member keeps at least its last token; other groups never share
-    pb = pack([[7, 8], [9, 8], [7, 8]], groups=["a", "b", "a"], starts=[1, 0, 1], width=3)
+    pb = pack([[7, 8], [9, 8], [7, 8]], groups=(["a", "b", "a"], [2, 2, 2]), starts=[1, 0, 1], width=3)
     assert pb.input_ids.tolist() == [[7, 8, 8, 9, 8]]  # group a (rows 0, 2) first, then group b
     assert pb.position_ids.tolist() == [[0, 1, 1, 0, 1]]
     assert pb.index.tolist() == [[-1, 0, 1], [3, 4, -1], [-1, 0, 2]]
@@ -23,9 +23,14 @@ def test_pack_layout_by_hand():
     assert pack([[1, 2], [1, 2, 3]]).input_ids.tolist() == [[1, 2, 1, 2, 3]]
     # one causal attention batch: the root [1, 2, 3, 4]; each member's row is the shared prefix's positions
     # [0, 1] then its own, padded by repeating the last; outputs are taken at its own positions only
-    plan = pack([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 7]], groups=[0, 0, 0]).plan("cpu")
+    plan = pack([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 7]], groups=([0, 0, 0], [2, 2, 2])).plan("cpu")
     assert plan.idx.tolist() == [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 6]]
     assert plan.sel.tolist() == [0, 1, 2, 3, 6, 7, 10]  # packed tokens 0..6 in S x L = 3 x 4
+    # only the prompt the caller names is shared, even where the responses begin alike
+    assert pack([[1, 2, 3, 4], [1, 2, 3, 5]], groups=([0, 0], [2, 2])).input_ids.tolist() == [[1, 2, 3, 4, 3, 5]]
+    # a row said to share a prompt it does not have is an error, not a wrong forward pass
+    with pytest.raises(ValueError, match="row 1 does not begin with the 2 tokens it is said to share with row 0"):
+        pack([[1, 2, 3], [1, 9, 3]], groups=([0, 0], [2, 2]))
 
 
 def test_pack_padded_rejects_holes():
@@ -53,7 +58,7 @@ def _pairs(V, pad, seed=0):
         ids[b, : len(r)] = torch.tensor(r)
         mask[b, : len(r)] = 1
         targets[b, len(p) : len(r)] = 1
-    return ids, mask, targets, list(range(4)) * 2
+    return ids, mask, targets, (list(range(4)) * 2, [3, 4, 5, 6] * 2)
 
 
 def _rollouts(V, pad, seed=1):
@@ -78,7 +83,8 @@ def _rollouts(V, pad, seed=1):
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
 def test_packed_passes_equal_padded(arch, request):
     from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
-    from tether.packing import enable_packing, packing_enabled, prompt_groups
+    from tether.packing import enable_packing, packing_enabled
+    from tether.types import RolloutBatch, prompt_groups
 
     path = request.getfixturevalue(arch)
     tok = load_tokenizer(path)
@@ -88,8 +94,9 @@ def test_packed_passes_equal_padded(arch, request):
     rm = load_scalar_model(path, pad_token_id=pad).eval()
     ids, mask, targets, pair_groups = _pairs(V, pad)
     rids, rmask, P, R = _rollouts(V, pad)
-    groups = prompt_groups(rids, rmask, P)
-    assert groups == [0, 0, 1, 1, 2, 2]
+    ro = RolloutBatch(rids, rmask, rmask[:, -R:].float(), torch.zeros(6, R), prompt_length=P, group_ids=[0, 0, 1, 1, 2, 2])
+    groups = prompt_groups(ro)
+    assert groups == ([0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5])  # the ids it was given, each row's real prompt tokens
     real = rmask[:, -R:].bool()
 
     def run():

@@ -259,8 +259,17 @@ def test_fused_value_pass_equals_a_separate_pass(tiny_gpt2, tmp_path):
 # Group baselines, reward models, config errors
 
 
-def test_rloo_without_critic(tiny_gpt2, tmp_path):
+def test_rloo_without_critic(tiny_gpt2, tmp_path, monkeypatch):
+    import tether.packing
+
+    packed, pack = [], tether.packing.pack
+    monkeypatch.setattr(tether.packing, "pack", lambda rows, groups=None, *a, **k: packed.append(groups) or pack(rows, groups, *a, **k))
     summary = ppo.train(_cfg(tiny_gpt2, tmp_path, "max_steps=2", "advantage=rloo", "samples_per_prompt=2", "batch_size=4", "ppo.epochs=1"))
+    # every packed pass was told which rows are one prompt's samples; the rollout's passes (all 8 rows) see
+    # each prompt's two samples side by side, as the loop drew them
+    whole = [g for g in packed if g is not None and len(g[0]) == 8]
+    assert all(g is not None for g in packed) and whole, packed
+    assert all(g[0][0::2] == g[0][1::2] and len(set(g[0])) == 4 for g in whole), whole
     rows = read_metrics(tmp_path / "run")
     assert "loss/value" not in rows[-1] and rows[-1]["loss/policy"] == rows[-1]["loss/policy"]
     assert not (tmp_path / "run" / "value").exists() and summary["steps"] == 2

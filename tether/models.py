@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tether.losses import entropy_from_logits, token_logprobs
-from tether.packing import pack_padded, packed_hidden, packing_enabled
+from tether.packing import Groups, pack_padded, packed_hidden, packing_enabled
 
 RM_STATS_FILE = "tether_reward.json"
 
@@ -175,10 +175,10 @@ def _inputs(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tens
     return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
 
 
-def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, groups: list | None = None) -> Tensor:
+def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, groups: Groups | None = None) -> Tensor:
     """The score head at every position: [B, T] -> [B, T] float32 (the critic's V_t; 0 at padding when packed).
 
-    groups: rows with equal keys share their common prefix in a packed pass (tether.packing)."""
+    groups: (keys, prompt lengths): rows with equal keys share their prompt in a packed pass (tether.packing)."""
     if position_ids is None and packing_enabled(model):
         pb = pack_padded(input_ids, attention_mask, groups)
         v = score_head(model)(packed_hidden(backbone(model), pb)).squeeze(-1).float()  # [N]
@@ -187,12 +187,12 @@ def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, p
     return score_head(model)(hidden).squeeze(-1).float()
 
 
-def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, groups: list | None = None) -> Tensor:
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, groups: Groups | None = None) -> Tensor:
     """Reward: the score head on the hidden state of the last non-padding token. [B, T] -> [B].
 
     Works for right padding, left padding and both (rollouts): the last 1 of the attention mask.
-    groups: rows with equal keys (a pair's chosen and rejected, one prompt's samples) share their common
-    prefix in a packed pass (tether.packing).
+    groups: (keys, prompt lengths): rows with equal keys (a pair's chosen and rejected, one prompt's
+    samples) share their prompt in a packed pass (tether.packing).
     """
     T = attention_mask.shape[1]
     last = (T - 1) - attention_mask.flip(-1).long().argmax(-1)  # [B]
@@ -216,7 +216,7 @@ def causal_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     targets: Tensor | None = None,
-    groups: list | None = None,
+    groups: Groups | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of each token given its prefix.
 
@@ -231,7 +231,7 @@ def causal_logprobs(
 
     Columns where the token or the one before it is padding are 0 (entropy too). On a packing-enabled
     model (tether.packing) the rows are packed without padding, rows with equal `groups` keys sharing
-    their common prefix, and the head runs on real scored tokens only.
+    their prompt, and the head runs on real scored tokens only.
     """
     if position_ids is None and packing_enabled(model) and _plain_head(model):
         return _packed_logprobs(model, input_ids, attention_mask, num_response, temperature, with_entropy, targets, groups)

@@ -6,8 +6,10 @@ A batch of B rows (prompt + response, right- or left-padded) becomes one row of 
     [prompt | resp 1] [resp 2] [resp 3]   RL samples of one prompt (GRPO/RLOO groups)
     [row 1] [row 2] ...                   independent rows: just no padding
 
-Rows of a group share their longest common prefix with the group's first row (the "root"): a member
-row stores only its own tokens, with positions continuing after the shared prefix, and its queries
+Rows of a group share their prompt with the group's first row (the "root"), the caller saying which rows
+are a group and how long each prompt is (it knows: a pair's prompt was tokenised, a rollout's samples
+came from one prompt), so nothing is rediscovered token by token; a member row stores only its own
+tokens, with positions continuing after the shared prefix, and its queries
 attend to the root's first `share` keys plus its own keys, causally. A causal model computes the same
 hidden state for a token from the same prefix, so every output equals the padded forward's (to float
 rounding), while the linear layers - most of the FLOPs - see no padding and no repeated prompt.
@@ -135,17 +137,22 @@ class PackedBatch:
         return self
 
 
-def pack(rows: list[list[int]], groups: list | None = None, starts: list[int] | None = None, width: int | None = None) -> PackedBatch:
+Groups = tuple[list, list[int]]  # (a key per row, how many leading tokens each row shares with its group: its prompt)
+
+
+def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] | None = None, width: int | None = None) -> PackedBatch:
     """Pack token rows (real tokens only) into one row.
 
-    groups: rows with equal group keys share their common prefix with the group's first row (None: no
-    sharing). starts/width: where row b's tokens sit in the caller's padded [B, width] layout (default
-    0 and the longest row), so `index` maps the caller's columns to packed positions.
+    groups: (keys, prefix) from where the structure is known (a pair's prompt, one prompt's samples): rows
+    with equal keys share their first prefix[b] tokens with the group's first row (None: no sharing).
+    starts/width: where row b's tokens sit in the caller's padded [B, width] layout (default 0 and the
+    longest row), so `index` maps the caller's columns to packed positions.
     """
     B = len(rows)
     width = width if width is not None else max((len(r) for r in rows), default=0)
     starts = starts if starts is not None else [0] * B
-    order = sorted(range(B), key=lambda b: groups[b]) if groups is not None else range(B)
+    keys, prefix = groups if groups is not None else (None, None)
+    order = sorted(range(B), key=lambda b: keys[b]) if keys is not None else range(B)
     ids: list[int] = []
     pos: list[int] = []
     index = [[-1] * width for _ in range(B)]
@@ -157,13 +164,12 @@ def pack(rows: list[list[int]], groups: list | None = None, starts: list[int] | 
         if L == 0:
             continue
         share, p0 = 0, 0
-        g = groups[b] if groups is not None else None
+        g = keys[b] if keys is not None else None
         if g is not None and g in roots:
             rb, p0 = roots[g]
-            root = rows[rb]
-            limit = min(len(root), L - 1)  # a row keeps at least its last token
-            while share < limit and root[share] == row[share]:
-                share += 1
+            share = min(prefix[b], len(rows[rb]), L - 1)  # a row keeps at least its last token
+            if rows[rb][:share] != row[:share]:
+                raise ValueError(f"row {b} does not begin with the {share} tokens it is said to share with row {rb} (group {g!r})")
         q0 = len(ids)
         ids.extend(row[share:])
         pos.extend(range(share, L))
@@ -184,7 +190,7 @@ def pack(rows: list[list[int]], groups: list | None = None, starts: list[int] | 
     )
 
 
-def pack_padded(input_ids: Tensor, attention_mask: Tensor, groups: list | None = None) -> PackedBatch:
+def pack_padded(input_ids: Tensor, attention_mask: Tensor, groups: Groups | None = None) -> PackedBatch:
     """Pack a padded [B, T] batch whose real tokens are contiguous in each row (left, right or both sides
     padded, as rollouts are). Raises on a row with holes in its attention mask."""
     ids = input_ids.tolist()
@@ -197,16 +203,6 @@ def pack_padded(input_ids: Tensor, attention_mask: Tensor, groups: list | None =
         starts.append(cols[0] if cols else 0)
         rows.append([r[t] for t in cols])
     return pack(rows, groups, starts, input_ids.shape[1]).to(input_ids.device)
-
-
-def prompt_groups(input_ids: Tensor, attention_mask: Tensor, prompt_length: int) -> list:
-    """Group keys: rows whose real prompt tokens (the first prompt_length columns) are equal share a key."""
-    keys: dict = {}
-    out = []
-    for r, m in zip(input_ids[:, :prompt_length].tolist(), attention_mask[:, :prompt_length].tolist()):
-        k = tuple(t for t, v in zip(r, m) if v)
-        out.append(keys.setdefault(k, len(keys)))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class PairBatch(Batch):
     # [B] float, cached reference logprob sums (DPO); None until the reference pass has run.
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None
+    prompt_len: list[int] = field(default_factory=list)  # B: the prompt's tokens at the start of both rows
+
+    def groups(self) -> tuple[list, list[int]] | None:
+        """For a packed pass over `stacked()`: row b and row B+b are one pair and share its prompt."""
+        return (list(range(len(self))) * 2, self.prompt_len * 2) if self.prompt_len else None
 
     def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
         """Chosen rows over rejected rows, right-padded to T = max(Tc, Tr), for one forward pass.
@@ -98,6 +103,7 @@ class PromptBatch(Batch):
     input_ids: Tensor  # [B, P] long, left-padded
     attention_mask: Tensor  # [B, P] long
     prompts: list[str] = field(default_factory=list)  # B prompt texts (as given, before templating)
+    group_ids: list[int] = field(default_factory=list)  # B: rows with the same id are samples of one prompt (empty: all distinct)
 
 
 @dataclass
@@ -116,6 +122,15 @@ class RolloutBatch(Batch):
     responses: list[str] = field(default_factory=list)  # B decoded responses (EOS and padding removed)
     finished: Tensor | None = None  # [B] bool, True where the response ended with EOS
     entropy: Tensor | None = None  # [B, R] float, entropy of the sampling distribution at each step (when the sampler has it)
+    group_ids: list[int] = field(default_factory=list)  # B, the PromptBatch's
+
+
+def prompt_groups(b: "RolloutBatch | Experience") -> tuple[list, list[int]] | None:
+    """For a packed pass: rows with the same group id share their prompt (its real tokens in the first
+    prompt_length columns)."""
+    if not b.group_ids:
+        return None
+    return b.group_ids, b.attention_mask[:, : b.prompt_length].sum(-1).tolist()
 
 
 @dataclass
@@ -132,3 +147,4 @@ class Experience(Batch):
     returns: Tensor | None  # [B, R] (None with values)
     prompt_length: int = 0  # P
     rewards: Tensor | None = None  # [B, R] KL-shaped per-token rewards (GAE's input)
+    group_ids: list[int] = field(default_factory=list)  # B, the rollout's

@@ -56,7 +56,7 @@ def pair_logps(model, batch, length_normalised: bool = False) -> tuple[torch.Ten
     ids, attn, mask = batch.stacked()  # [2B, T]
     # targets: the LM head runs on response tokens only; [2B, T], column t = log p(x_t | x_<t)
     B = batch.chosen_input_ids.shape[0]
-    lp, _ = causal_logprobs(model, ids, attn, targets=mask, groups=list(range(B)) * 2)  # packed: a pair's prompt once
+    lp, _ = causal_logprobs(model, ids, attn, targets=mask, groups=batch.groups())  # packed: a pair's prompt once
     seq = (lp * mask).sum(-1)
     if length_normalised:
         seq = seq / mask.sum(-1).clamp(min=1)

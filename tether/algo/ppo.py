@@ -49,10 +49,9 @@ from tether.config import ConfigError, RunConfig, RunStopped, check, doc, sub, t
 from tether.engine import make_engine, make_reference
 from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
 from tether.models import as_trained, causal_logprobs, disable_dropout, eos_ids, load_causal_lm, load_reward_stats, save_reward_stats, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
-from tether.packing import prompt_groups
 from tether.rollout import SamplingConfig, make_rollout
 from tether.track import Tracker
-from tether.types import Experience, PromptBatch, RolloutBatch
+from tether.types import Experience, PromptBatch, RolloutBatch, prompt_groups
 
 # -- Config ----------------------------------------------------------------------------------------
 
@@ -198,7 +197,7 @@ class Scorer:
             batch = dataclasses.replace(ro, sequences=seqs, attention_mask=attn)
         else:
             batch = self._retokenize(ro)
-        return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, _groups(b))).float().cpu()
+        return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, prompt_groups(b))).float().cpu()
 
     def _retokenize(self, ro: RolloutBatch) -> RolloutBatch:
         """The RM has its own tokenizer: decode and encode again, its EOS after a cut response (as_trained)."""
@@ -211,7 +210,7 @@ class Scorer:
         pad = self.rm_tok.pad_token_id or 0
         seqs = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
         attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return dataclasses.replace(ro, sequences=seqs, attention_mask=attn)
+        return dataclasses.replace(ro, sequences=seqs, attention_mask=attn, group_ids=[])  # its prompt boundary is not known
 
     def score(self, ro: RolloutBatch) -> tuple[Tensor, Tensor, dict[str, float]]:
         """-> (raw [B], score [B] used in the reward, metrics)."""
@@ -231,14 +230,9 @@ class Scorer:
 # -- One iteration's experience --------------------------------------------------------------------
 
 
-def _groups(b) -> list:
-    """Rows with the same prompt (a prompt's samples): packed passes compute the prompt once."""
-    return prompt_groups(b.sequences, b.attention_mask, b.prompt_length)
-
-
 def _values(model, b, R: int) -> Tensor:
     """V(s_t) for each response token t: the head on the hidden state that predicts token t. -> [B, R]"""
-    return scalar_values(model, b.sequences, b.attention_mask, groups=_groups(b))[:, -R - 1 : -1]
+    return scalar_values(model, b.sequences, b.attention_mask, groups=prompt_groups(b))[:, -R - 1 : -1]
 
 
 @torch.no_grad()
@@ -270,8 +264,8 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     if reuse:
         logprobs, entropy = ro.logprobs, ro.entropy
     else:
-        logprobs, entropy = policy.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=True, groups=_groups(b)))
-    ref_logprobs, _ = ref.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=_groups(b)))
+        logprobs, entropy = policy.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=True, groups=prompt_groups(b)))
+    ref_logprobs, _ = ref.forward(ro, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=prompt_groups(b)))
     logprobs, entropy, ref_logprobs = logprobs.cpu() * mask, entropy.cpu(), ref_logprobs.cpu() * mask
     if critic is None:
         values = torch.zeros_like(logprobs)
@@ -320,7 +314,7 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     exp = Experience(
         sequences=ro.sequences, attention_mask=ro.attention_mask, response_mask=mask, logprobs=logprobs,
         ref_logprobs=ref_logprobs, values=values, advantages=advantages, returns=returns, prompt_length=ro.prompt_length,
-        rewards=rewards,
+        rewards=rewards, group_ids=ro.group_ids,
     )
     return exp, metrics, ro, raw
 
@@ -371,7 +365,7 @@ def policy_loss_fn(cfg: PPOConfig, num_tokens: float):
 
     def loss_fn(model, mb: Experience):
         R = mb.response_mask.shape[1]
-        new_logprobs, ent = causal_logprobs(model, mb.sequences, mb.attention_mask, num_response=R, temperature=temp, with_entropy=coef > 0, groups=_groups(mb))
+        new_logprobs, ent = causal_logprobs(model, mb.sequences, mb.attention_mask, num_response=R, temperature=temp, with_entropy=coef > 0, groups=prompt_groups(mb))
         loss, metrics = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, num_tokens, cfg.ppo.clip)
         if coef > 0:
             bonus, m = entropy_bonus(ent, mb.response_mask, num_tokens, coef)
@@ -443,7 +437,7 @@ def kl_after_update(policy, exp: Experience, cfg: PPOConfig) -> float:
     """KL per sequence of the updated policy to the reference on the batch's tokens (k3, always >= 0)."""
     R = exp.response_mask.shape[1]
     temp = cfg.rollout.temperature or 1.0
-    lp, _ = policy.forward(exp, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=_groups(b)))
+    lp, _ = policy.forward(exp, lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, groups=prompt_groups(b)))
     k3 = kl_estimate(lp.cpu(), exp.ref_logprobs, KLEstimator.K3) * exp.response_mask
     return float(k3.sum(-1).mean())
 
@@ -519,7 +513,7 @@ def train(cfg: PPOConfig) -> dict:
         t_iter = time.perf_counter()
         # 1-4. rollout, score, forward passes, advantages
         idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]  # G copies, contiguous
-        batch = collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx])
+        batch = collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], idx)
         exp, metrics, ro, raw = make_experience(batch, rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values)
 
         # 5. update, 6. guarded

@@ -44,7 +44,7 @@ def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of chosen and rejected in one [2B, T] forward pass -> ([B], [B])."""
     ids, mask, _ = batch.stacked()  # [2B, T]
     B = batch.chosen_input_ids.shape[0]
-    scores = sequence_scores(model, ids, mask, groups=list(range(B)) * 2)  # packed: a pair's prompt is computed once
+    scores = sequence_scores(model, ids, mask, groups=batch.groups())  # packed: a pair's prompt is computed once
     return scores[:B], scores[B:]
 
 

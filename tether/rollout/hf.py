@@ -62,7 +62,8 @@ class HFRollout:
             with self._autocast():
                 decode = self._decode if self._own_loop() else self._hf_generate
                 run = self.lockstep.run if self.lockstep is not None else (lambda fn: fn())
-                resp, logprobs, entropy = run(lambda: decode(ids, mask, sampling))
+                groups = prompts.group_ids or list(range(len(ids)))
+                resp, logprobs, entropy = run(lambda: decode(ids, mask, sampling, groups))
         finally:
             self.model.train(was_training)
         P = ids.shape[1]
@@ -77,6 +78,7 @@ class HFRollout:
         return RolloutBatch(
             sequences=torch.cat([ids, resp], 1), attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
             prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished, entropy=entropy,
+            group_ids=list(prompts.group_ids),
         )
 
     def _own_loop(self) -> bool:
@@ -109,8 +111,9 @@ class HFRollout:
                 procs.append(TopPLogitsWarper(sampling.top_p))
         return procs
 
-    def _decode(self, ids: Tensor, mask: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample up to max_new_tokens per row. ids, mask [B, P] (left-padded) -> tokens, logprobs, entropy [B, R]."""
+    def _decode(self, ids: Tensor, mask: Tensor, sampling: SamplingConfig, groups: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample up to max_new_tokens per row. ids, mask [B, P] (left-padded), groups [B] (rows with one id
+        hold the same prompt) -> tokens, logprobs, entropy [B, R]."""
         from transformers import StaticCache
 
         model = self.model
@@ -130,7 +133,7 @@ class HFRollout:
 
         # Prefill: each distinct prompt once; its cache rows are then copied to the rows that repeat it.
         keys: dict = {}
-        rows = torch.tensor([keys.setdefault((tuple(r), tuple(m)), len(keys)) for r, m in zip(ids.tolist(), mask.tolist())], device=ids.device)  # [B]
+        rows = torch.tensor([keys.setdefault(g, len(keys)) for g in groups], device=ids.device)  # [B]
         first = torch.empty(len(keys), dtype=torch.long, device=ids.device)
         first[rows.flip(0)] = torch.arange(B, device=ids.device).flip(0)  # a row holding each distinct prompt
         out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=pos[first], use_cache=True, logits_to_keep=1, **{cache_kw: cache})
@@ -162,7 +165,7 @@ class HFRollout:
             next_pos = next_pos + 1
         return seq[:, P : P + steps], logprobs[:, :steps], entropy[:, :steps]
 
-    def _hf_generate(self, ids: Tensor, mask: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor, Tensor]:
+    def _hf_generate(self, ids: Tensor, mask: Tensor, sampling: SamplingConfig, groups: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """`model.generate` for models without static-cache support. -> tokens, logprobs, entropy [B, R]."""
         from transformers import GenerationConfig
 
