@@ -184,3 +184,24 @@ def test_quick_demo_says_which_precision_ran(precision, quick_run, tmp_path, cap
     assert note in (out / "report.md").read_text()
     assert f"precision: {precision} (precision={precision})" in capsys.readouterr().out
     assert all(json.loads((out / s / "config.json").read_text())["engine"]["precision"] == precision for s in ("sft", "rm", "ppo", "dpo"))
+
+
+def test_stages_are_the_stage_configs_with_the_demos_settings():
+    """The demo's stages are `tether <stage>` configs: its settings, the user's `<stage>.` keys over them,
+    the wiring where neither sets it, and RM/DPO epochs counted as the demo counts them."""
+    from tether.config import ConfigError, load_config
+    from tether.demo.sentiment import QUICK, DemoConfig, stage_config
+
+    cfg = load_config(DemoConfig, None, QUICK + ["ppo.kl.coef=0.2", "rm.optim.lr=1e-3", "dpo.max_steps=7", "precision=fp32"])
+    ppo = stage_config(cfg, "ppo", {"model": "m", "out": "o", "reward": {"model": "r"}, "rollout": {"max_new_tokens": 12}},
+                       per_run=lambda steps: {"save_every": steps // 2})
+    assert (ppo.kl.coef, ppo.max_steps, ppo.batch_size, ppo.ppo.minibatch_size, ppo.ppo.epochs) == (0.2, 4, 8, 8, 1)  # yours, then QUICK's
+    assert (ppo.optim.lr, ppo.ppo.rollback, ppo.rollout.top_k, ppo.rollout.max_new_tokens, ppo.save_every) == (1e-4, False, 0, 12, 2)
+    assert (ppo.reward.model, ppo.engine.precision, ppo.engine.device) == ("r", "fp32", "cpu")
+    rm = stage_config(cfg, "rm", {"model": "m", "out": "o"}, n_train=100)
+    assert (rm.optim.lr, rm.optim.weight_decay, rm.max_steps) == (1e-3, 0.0, 5)  # ceil(1.5 x 100 / 32)
+    assert stage_config(cfg, "dpo", {"model": "m", "out": "o"}, n_train=100).max_steps == 7
+    fn = load_config(DemoConfig, None, ["ppo.reward.fn=tether.rewards:word_fraction"])
+    assert stage_config(fn, "ppo", {"model": "m", "out": "o", "reward": {"model": "r"}}).reward.model == ""  # yours, not the RM
+    with pytest.raises(ConfigError, match="unknown config key 'ppo.kl.cof'; did you mean 'ppo.kl.coef'"):
+        load_config(DemoConfig, None, ["ppo.kl.cof=1"])  # at load, before any stage runs

@@ -5,7 +5,7 @@ experiment of Rafailov et al. 2023, figure 2), on the real movie-review corpus a
     tether demo --quick                  # a tiny version (the tests run it)
     tether demo --base-model DIR         # the same experiment on any local HF causal LM (no pretraining)
     tether demo --from ppo               # reuse the finished stages before `ppo`, rerun the rest
-    tether demo key=value ...            # any DemoConfig key, e.g. ppo_steps=60 annotators.rationality=4
+    tether demo key=value ...            # any DemoConfig key, e.g. ppo.max_steps=60 annotators.rationality=4
 
 Stages (each writes its own folder under --out, with its resolved config):
   pretrain  `tether pretrain`: BPE tokenizer + a small GPT-2 on the reviews (cached in ~/.cache/tether)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import random
@@ -46,6 +47,39 @@ STAGES = ("pretrain", "sft", "sample", "annotate", "rm", "ppo", "dpo", "bon", "e
 RESULTS_FILE = "results.json"
 
 
+# The demo's settings of each stage, in `tether <stage>` keys (`tether demo ppo.kl.coef=0.1` overrides one).
+# The demo wires the rest: model, out, seed, data files and lengths, engine, reward model, checkpoints. RM
+# and DPO give `epochs`; the demo turns them into max_steps = ceil(epochs x pairs / batch_size).
+STAGE_SETTINGS: dict[str, dict] = {
+    "sft": {"max_steps": 120, "batch_size": 32, "eval_batch_size": 64, "optim": {"lr": 5e-4, "warmup_steps": 10, "schedule": "cosine"},
+            "data": {"eval_fraction": 0.02}, "track": {"progress": True}},
+    "rm": {"epochs": 1.5, "batch_size": 32, "eval_batch_size": 128,  # lr chosen on held-out labels, see benchmarks/README.md
+           "optim": {"lr": 8e-4, "warmup_steps": 5, "schedule": "cosine", "weight_decay": 0.0}},
+    "ppo": {"max_steps": 40, "batch_size": 64, "optim": {"lr": 1e-4, "schedule": "constant"}, "kl": {"coef": 0.05},
+            "rollout": {"temperature": 1.0, "top_k": 0, "top_p": 1.0}, "ppo": {"epochs": 2, "minibatch_size": 32, "rollback": False}},
+    "dpo": {"epochs": 0.6, "batch_size": 32, "eval_batch_size": 128, "beta": 0.1, "optim": {"lr": 3e-4, "warmup_steps": 5, "schedule": "cosine"}},
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over`'s keys on top of `base`'s, section by section."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _settings(stage: str) -> str:
+    return " ".join(f"{k}={v}" for k, v in _flat(STAGE_SETTINGS[stage]).items())
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = doc("runs/demo", "run folder: one sub-folder per stage, report.md, results.json, plots/")
@@ -63,25 +97,13 @@ class DemoConfig:
     rm_eval_fraction: float = doc(0.1, "share of feedback prompts whose pairs are held out from RM/DPO training")
     n_eval_prompts: int = doc(400, "held-out prompts (from reviews never trained on) for the final evaluation")
     eval_batch_size: int = doc(200, "sequences per generation / scoring batch")
-    sft_steps: int = doc(120, "SFT optimizer steps")
-    sft_batch: int = doc(32, "SFT batch size")
-    sft_lr: float = doc(5e-4, "SFT learning rate")
-    rm_epochs: float = doc(1.5, "passes over the preference pairs (early stopping keeps the best held-out step)")
-    rm_batch: int = doc(32, "pairs per RM step")
-    rm_lr: float = doc(8e-4, "RM learning rate (cosine; chosen on held-out labels, see benchmarks/README.md)")
     rm_evals: int = doc(8, "held-out evaluations during RM training; the weights with the best held-out accuracy on the annotators' labels are kept (0 = keep the last)")
-    ppo_steps: int = doc(40, "PPO iterations")
-    ppo_batch: int = doc(64, "prompts per PPO iteration")
-    ppo_lr: float = doc(1e-4, "PPO learning rate (policy and critic)")
-    ppo_epochs: int = doc(2, "PPO epochs per rollout batch")
-    ppo_minibatch: int = doc(32, "PPO minibatch size")
-    ppo_kl_coef: float = doc(0.05, "beta of the per-token KL penalty")
     ppo_checkpoints: int = doc(5, "PPO checkpoints evaluated along the way (for the frontier and proxy-vs-gold plots)")
-    dpo_epochs: float = doc(0.6, "passes over the preference pairs")
-    dpo_batch: int = doc(32, "pairs per DPO step")
-    dpo_lr: float = doc(3e-4, "DPO learning rate")
-    dpo_beta: float = doc(0.1, "DPO beta")
     dpo_checkpoints: int = doc(4, "DPO checkpoints evaluated along the way")
+    sft: dict = doc({}, "the SFT stage: keys of `tether sft --help`, over the demo's " + _settings("sft"))
+    rm: dict = doc({}, "the reward-model stage: keys of `tether rm --help`, over the demo's " + _settings("rm"))
+    ppo: dict = doc({}, "the PPO stage: keys of `tether ppo --help`, over the demo's " + _settings("ppo"))
+    dpo: dict = doc({}, "the DPO stage: keys of `tether dpo --help`, over the demo's " + _settings("dpo"))
     bon_n: tuple[int, ...] = doc((1, 2, 4, 8, 16), "best-of-N sizes (samples from the SFT model, ranked by the RM)")
     n_sample_rows: int = doc(8, "prompts in the report's sample table")
     pretrain: PretrainConfig = sub(PretrainConfig, "phase 0 (`tether pretrain`), skipped with base_model")
@@ -116,14 +138,41 @@ class DemoConfig:
         check(0 < self.rm_eval_fraction < 1, f"{p}rm_eval_fraction", "must be in (0, 1)")
         check(len(self.bon_n) > 0 and min(self.bon_n) >= 1, f"{p}bon_n", "must be positive integers")
         check(self.n_eval_prompts > 0, f"{p}n_eval_prompts", "must be positive")
+        for name in ("sft", "rm", "ppo", "dpo"):  # a typo in a stage's keys fails now, not after pretraining
+            stage_config(self, name, {"model": "<wired>", "out": "<wired>", "data": {"train": "<wired>"}} | (
+                {"reward": {"model": "<wired>"}} if name == "ppo" else {}))
+
+
+def stage_config(cfg: DemoConfig, name: str, wired: dict, n_train: int = 0, per_run=lambda steps: {}):
+    """`tether <name>`'s config in this demo: the wiring, under the demo's settings, under the user's
+    `<name>.` keys (the user's win, as in the pipeline). n_train turns `epochs` into max_steps where none is
+    set; per_run(steps) is the wiring that depends on the steps (checkpoints, evaluations)."""
+    from tether.algo.pipeline import STAGES as CLASSES
+    from tether.config import _build
+
+    module, cls = CLASSES[name]
+    cls = getattr(importlib.import_module(module), cls)
+    mine = getattr(cfg, name)
+    if not isinstance(mine, dict):
+        raise ConfigError(f"config key '{name}': is a stage section; set its keys, e.g. {name}.max_steps=...")
+    if name == "ppo" and isinstance(mine.get("reward"), dict) and mine["reward"].get("fn"):
+        wired = {**wired, "reward": {}}  # the user's reward function instead of the demo's reward model
+    wired = _merge(wired, {"seed": cfg.seed, "engine": {"device": "cpu", "threads": cfg.threads, "precision": cfg.resolved_precision}})
+
+    def build(extra: dict):
+        return _build(cls, _merge(_merge(_merge(wired, extra), STAGE_SETTINGS[name]), mine), f"{name}.")
+
+    c = build({})
+    steps = c.max_steps or max(1, math.ceil(c.epochs * max(n_train, 1) / c.batch_size))
+    return build({"max_steps": steps} | per_run(steps))
 
 
 # The tiny version the tests run: every stage, a few steps each.
 QUICK = [
     "pretrain.max_steps=40", "pretrain.n_layer=2", "pretrain.n_embd=64", "pretrain.n_head=2", "pretrain.vocab_size=1024",
     "pretrain.batch_size=16", "pretrain.corpora=sentence_polarity", "corpora=sentence_polarity",
-    "n_sft=400", "sft_steps=10", "n_feedback_prompts=48", "samples_per_prompt=3", "n_eval_prompts=24",
-    "max_new_tokens=12", "ppo_steps=4", "ppo_batch=8", "ppo_minibatch=8", "ppo_epochs=1", "ppo_checkpoints=2",
+    "n_sft=400", "sft.max_steps=10", "n_feedback_prompts=48", "samples_per_prompt=3", "n_eval_prompts=24",
+    "max_new_tokens=12", "ppo.max_steps=4", "ppo.batch_size=8", "ppo.ppo.minibatch_size=8", "ppo.ppo.epochs=1", "ppo_checkpoints=2",
     "dpo_checkpoints=2", "bon_n=[1,2,4]", "n_sample_rows=3", "annotators.pool_size=6",
 ]
 
@@ -345,31 +394,20 @@ class Demo:
         write_json(self.d("pretrain") / "summary.json", res)
         return res
 
-    def _data(self, model_dir: str, **kw):
+    def _data(self, model_dir: str, **kw) -> dict:
         """Data settings that fit the model's context: prompt <= 32 tokens, prompt+response <= 96 or n_positions."""
-        from tether.config import DataConfig
-
         mc = json.loads((Path(model_dir) / "config.json").read_text())
         ctx = mc.get("n_positions") or mc.get("max_position_embeddings") or 96
-        return DataConfig(max_length=min(96, ctx), max_prompt_length=min(32, ctx // 2), **kw)
+        return {"max_length": min(96, ctx), "max_prompt_length": min(32, ctx // 2), **kw}
 
-    def _engine(self, e=None):
-        from tether.config import EngineConfig
-
-        e = e or EngineConfig()
+    def _engine(self, e):
         return dataclasses.replace(e, device="cpu", threads=self.cfg.threads, precision=self.cfg.resolved_precision)
 
     def sft(self, base: str) -> dict:
-        from tether.algo.sft import SFTConfig, train
-        from tether.config import OptimConfig, TrackConfig
+        from tether.algo.sft import train
 
         data = build_data(self.cfg, self.out / "data")
-        c = SFTConfig(
-            model=base, out=str(self.d("sft")), seed=self.cfg.seed, max_steps=self.cfg.sft_steps, batch_size=self.cfg.sft_batch,
-            data=self._data(base, train=str(self.out / "data" / "sft.jsonl"), eval_fraction=0.02),
-            optim=OptimConfig(lr=self.cfg.sft_lr, warmup_steps=10, schedule="cosine"),
-            engine=self._engine(), track=TrackConfig(progress=True), eval_batch_size=64,
-        )
+        c = stage_config(self.cfg, "sft", {"model": base, "out": str(self.d("sft")), "data": self._data(base, train=str(self.out / "data" / "sft.jsonl"))})
         summary = train(c)
         return {"model": str(self.d("sft") / "final"), "data": data, **summary}
 
@@ -411,61 +449,40 @@ class Demo:
         )
         return stats
 
-    def rm(self, sft_dir: str) -> dict:
-        from tether.algo.rm import RMConfig, train
-        from tether.config import OptimConfig
-
+    def _pairs(self, sft_dir: str) -> tuple[dict, int]:
         d = self.d("annotate")
-        n_train = len(read_jsonl(d / "preferences_train.jsonl"))
-        steps = max(1, math.ceil(self.cfg.rm_epochs * n_train / self.cfg.rm_batch))
-        c = RMConfig(
-            model=sft_dir, out=str(self.d("rm")), seed=self.cfg.seed, max_steps=steps, batch_size=self.cfg.rm_batch,
-            eval_every=max(1, steps // self.cfg.rm_evals) if self.cfg.rm_evals else 0, keep_best=self.cfg.rm_evals > 0,
-            data=self._data(sft_dir, train=str(d / "preferences_train.jsonl"), eval=str(d / "preferences_eval.jsonl")),
-            optim=OptimConfig(lr=self.cfg.rm_lr, warmup_steps=5, schedule="cosine", weight_decay=0.0),
-            engine=self._engine(), eval_batch_size=128,
-        )
+        data = self._data(sft_dir, train=str(d / "preferences_train.jsonl"), eval=str(d / "preferences_eval.jsonl"))
+        return data, len(read_jsonl(d / "preferences_train.jsonl"))
+
+    def rm(self, sft_dir: str) -> dict:
+        from tether.algo.rm import train
+
+        data, n_train = self._pairs(sft_dir)
+        evals = self.cfg.rm_evals
+        c = stage_config(self.cfg, "rm", {"model": sft_dir, "out": str(self.d("rm")), "data": data}, n_train,
+                         lambda steps: {"eval_every": max(1, steps // evals) if evals else 0, "keep_best": evals > 0})
         summary = train(c)
         return {"model": str(self.d("rm") / "final"), **summary}
 
     def ppo(self, sft_dir: str, rm_dir: str) -> dict:
-        from tether.algo.ppo import PPOConfig, PPOHyper, KLConfig, RewardConfig, RolloutConfig, train
-        from tether.config import OptimConfig
+        from tether.algo.ppo import train
 
-        every = max(1, self.cfg.ppo_steps // self.cfg.ppo_checkpoints)
-        c = PPOConfig(
-            model=sft_dir, out=str(self.d("ppo")), seed=self.cfg.seed, max_steps=self.cfg.ppo_steps, batch_size=self.cfg.ppo_batch,
-            save_every=every, keep_checkpoints=1000,
-            data=self._data(sft_dir, train=str(self.out / "data" / "prompts_feedback.jsonl")),
-            optim=OptimConfig(lr=self.cfg.ppo_lr, schedule="constant"),
-            engine=self._engine(),
-            reward=RewardConfig(model=rm_dir),
-            rollout=RolloutConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0),
-            kl=KLConfig(coef=self.cfg.ppo_kl_coef),
-            ppo=PPOHyper(epochs=self.cfg.ppo_epochs, minibatch_size=self.cfg.ppo_minibatch, rollback=False),
-            sample_every=max(1, self.cfg.ppo_steps // 4),
-        )
+        wired = {"model": sft_dir, "out": str(self.d("ppo")), "data": self._data(sft_dir, train=str(self.out / "data" / "prompts_feedback.jsonl")),
+                 "reward": {"model": rm_dir}, "rollout": {"max_new_tokens": self.cfg.max_new_tokens}, "keep_checkpoints": 1000}
+        c = stage_config(self.cfg, "ppo", wired, per_run=lambda steps: {
+            "save_every": max(1, steps // self.cfg.ppo_checkpoints), "sample_every": max(1, steps // 4)})
         summary = train(c)
         return {"model": str(self.d("ppo") / "final"), **summary}
 
     def dpo(self, sft_dir: str) -> dict:
         try:
-            from tether.algo.dpo import DPOConfig, train
+            from tether.algo.dpo import train
         except ImportError as e:
             _console().print(f"[yellow]dpo: skipped, tether.algo.dpo is not available ({e})[/yellow]")
             return {"skipped": True}
-        from tether.config import OptimConfig
-
-        d = self.d("annotate")
-        n_train = len(read_jsonl(d / "preferences_train.jsonl"))
-        steps = max(1, math.ceil(self.cfg.dpo_epochs * n_train / self.cfg.dpo_batch))
-        c = DPOConfig(
-            model=sft_dir, out=str(self.d("dpo")), seed=self.cfg.seed, max_steps=steps, batch_size=self.cfg.dpo_batch,
-            save_every=max(1, steps // self.cfg.dpo_checkpoints), keep_checkpoints=1000,
-            data=self._data(sft_dir, train=str(d / "preferences_train.jsonl"), eval=str(d / "preferences_eval.jsonl")),
-            optim=OptimConfig(lr=self.cfg.dpo_lr, warmup_steps=5, schedule="cosine"),
-            engine=self._engine(), beta=self.cfg.dpo_beta, eval_batch_size=128,
-        )
+        data, n_train = self._pairs(sft_dir)
+        c = stage_config(self.cfg, "dpo", {"model": sft_dir, "out": str(self.d("dpo")), "data": data, "keep_checkpoints": 1000}, n_train,
+                         lambda steps: {"save_every": max(1, steps // self.cfg.dpo_checkpoints)})
         summary = train(c)
         return {"model": str(self.d("dpo") / "final"), **summary}
 
