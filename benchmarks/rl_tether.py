@@ -11,7 +11,9 @@ def run_rl(stage: str, w: Workload, d: Path, out: Path, precision: str, padding_
     """16 prompts x 4 samples per iteration, 32 new tokens, one PPO epoch over one minibatch (as TRL's
     RLOO/GRPO with num_iterations=1 and the whole generation batch per step). Rollback snapshots and the
     missing-EOS penalty are off (TRL has neither); rewards from the shared reward model (mean 0, std 1)."""
-    from tether.algo.ppo import CriticConfig, KLConfig, PPOConfig, PPOHyper, RewardConfig, RolloutConfig, train
+    from tether.algo.ppo import train
+    from tether.algo.rl_config import CriticConfig, KLConfig, PPOConfig, PPOHyper, RolloutConfig
+    from tether.algo.reward import RewardConfig
     from tether.config import DataConfig, EngineConfig, OptimConfig, TrackConfig
 
     cfg = PPOConfig(

@@ -7,7 +7,7 @@ import torch
 from tether.config import EngineConfig, OptimConfig
 from tether.engine.local import LocalEngine
 from tether.losses import sft_loss
-from tether.models import causal_logprobs, load_causal_lm
+from tether.models import causal_logprobs, disable_dropout, load_causal_lm
 from tether.types import SFTBatch
 
 
@@ -72,3 +72,27 @@ def test_nonfinite_gradient_never_reaches_weights(tiny_gpt2):
     assert metrics["optim/skipped"] == 1.0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_train_step_hands_back_per_row_outputs_in_order(tiny_gpt2):
+    """A loss_fn may return per-row outputs (PPO's old values from the critic's first step): train_step gives
+    them back detached, on the CPU, in the batch's order across micro-batches, beside the usual metrics."""
+    b = _batch()
+    n = float(b.loss_mask.sum())
+
+    def loss_fn(m, mb):
+        lp, _ = causal_logprobs(m, mb.input_ids, mb.attention_mask)
+        loss, metrics = sft_loss(lp, mb.loss_mask, n)
+        return loss, metrics, lp
+
+    outs = {}
+    for micro in (0, 3):
+        model = load_causal_lm(tiny_gpt2)
+        disable_dropout(model)
+        eng = LocalEngine(model, EngineConfig(micro_batch_size=micro), OptimConfig(lr=1e-2))
+        with torch.no_grad():
+            before, _ = causal_logprobs(eng.model, b.input_ids, b.attention_mask)
+        metrics, outs[micro] = eng.train_step(b, loss_fn)
+        assert "loss/sft" in metrics and not outs[micro].requires_grad and outs[micro].shape == (8, 10)
+        torch.testing.assert_close(outs[micro], before, atol=1e-5, rtol=1e-4)  # the forward before the step
+    assert isinstance(LocalEngine(load_causal_lm(tiny_gpt2), EngineConfig(), OptimConfig()).train_step(b, lambda m, mb: loss_fn(m, mb)[:2]), dict)

@@ -412,7 +412,7 @@ def test_an_eval_score_is_the_score_ppo_sees(tiny_gpt2, tmp_path):
     reached EOS and for one cut at the length limit (scored with the EOS its training records had)."""
     import torch
 
-    from tether.algo.ppo import RewardConfig, Scorer as PPOScorer
+    from tether.algo.reward import RewardConfig, Scorer as PPOScorer
     from tether.backends.reward_server import RewardScorer
     from tether.checkpoint import save_model_folder
     from tether.config import DataConfig, EngineConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,15 @@ class Tracker:
         else:
             console.print(message, highlight=False)
 
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """A few completions ({prompt, response, reward}): appended to samples.jsonl and shown."""
+        if not self.main:
+            return
+        with open(self.out / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
+        for r in rows:
+            self.event(f"[sample @{step}] reward={r['reward']:.3g} | {r['prompt'][-60:]!r} -> {r['response'][:120]!r}")
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -86,6 +96,15 @@ class Tracker:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def peak_memory_mb(device) -> dict[str, float]:
+    out = {"memory/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        import torch
+
+        out["memory/peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _fmt(v: Any) -> str:

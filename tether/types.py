@@ -142,9 +142,10 @@ class Experience(Batch):
     response_mask: Tensor  # [B, R] float
     logprobs: Tensor  # [B, R] old-policy logprobs (trainer's forward at rollout time)
     ref_logprobs: Tensor  # [B, R]
-    values: Tensor | None  # [B, R] old value estimates (zeros when there is no critic; None until the critic's first step computes them)
-    advantages: Tensor | None  # [B, R] (None with values)
-    returns: Tensor | None  # [B, R] (None with values)
+    values: Tensor | None  # [B, R] old value estimates (zeros without a critic); None only inside make_experience
+    advantages: Tensor | None  # [B, R]
+    returns: Tensor | None  # [B, R]
     prompt_length: int = 0  # P
     rewards: Tensor | None = None  # [B, R] KL-shaped per-token rewards (GAE's input)
+    scores: Tensor | None = None  # [B] the raw reward of each sequence
     group_ids: list[int] = field(default_factory=list)  # B, the rollout's

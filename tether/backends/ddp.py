@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tether.ranks import world_size
-from tether.engine.local import LocalEngine, merge_metrics
+from tether.engine.local import LocalEngine, merge_metrics, with_outputs
 from tether.types import Batch
 
 
@@ -111,18 +111,19 @@ class DDPEngine(LocalEngine):
         self.model.train()
         mbs = self.micro_batches(batch)
         W = world_size()
-        parts = []
+        parts, outs = [], []
         for i, mb in enumerate(mbs):
             mb = mb.to(self.device)
             # gradients are reduced once per step, on the last micro-batch
             sync = contextlib.nullcontext() if i == len(mbs) - 1 else self._no_sync()
             with sync:
                 with self.autocast():
-                    loss, metrics = self.wrapper(loss_fn, mb)
+                    loss, metrics, *out = self.wrapper(loss_fn, mb)
                 (loss * W).backward()  # DDP/FSDP average over ranks; the loss is already a global share
             parts.append((len(mb), metrics))
+            outs += out
         metrics = all_reduce_metrics(merge_metrics(parts, len(batch)), len(batch))
-        return self._step(metrics)
+        return with_outputs(self._step(metrics), outs)
 
 
 class FSDPEngine(DDPEngine):

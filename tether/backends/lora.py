@@ -104,10 +104,6 @@ class AdapterDisabledEngine:
     def global_sum(self, value: float) -> float:
         return self.policy.global_sum(value)
 
-    @property
-    def in_process(self) -> bool:
-        return self.policy.in_process
-
     def without_adapters(self) -> "AdapterDisabledEngine":
         return self
 

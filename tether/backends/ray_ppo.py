@@ -252,10 +252,6 @@ class RemoteEngine:
         self.autocast_dtype = None
         model.to("meta")  # the controller keeps no copy of the weights
 
-    @property
-    def in_process(self) -> bool:  # steps run in the actor: a loss_fn's closures never come back
-        return False
-
     def rollout(self, cls, tokenizer):
         """A RolloutWorker actor on the rollout bundle, started from this engine's weights."""
         return RemoteRollout(self, cls, tokenizer)

@@ -9,25 +9,22 @@ from torch import Tensor, nn
 
 from tether.types import Batch
 
-# loss_fn(model, micro_batch) -> (loss, metrics). The loss is already divided by the *global*
-# normaliser (token or pair count of the whole batch across all ranks), so summing the micro-batch
-# losses gives the batch loss exactly.
+# loss_fn(model, micro_batch) -> (loss, metrics) or (loss, metrics, outputs). The loss is already divided
+# by the *global* normaliser (token or pair count of the whole batch across all ranks), so summing the
+# micro-batch losses gives the batch loss exactly. outputs: a per-row tensor of the micro-batch (PPO's
+# old values from the critic's first step), handed back by train_step wherever the step ran.
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, Tensor]]]
 
 
 class Engine(Protocol):
     device: torch.device  # where results of `forward` arrive
 
-    def train_step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
-        """Forward+backward over micro-batches, one optimizer step; returns averaged metrics."""
+    def train_step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float] | tuple[dict[str, float], Tensor]:
+        """Forward+backward over micro-batches, one optimizer step; returns averaged metrics, and the
+        outputs concatenated on dim 0 (detached, on the CPU) when loss_fn returns outputs."""
 
     def forward(self, batch: Batch, fn: Callable[[nn.Module, Any], Any]) -> Any:
         """No-grad pass of fn(model, micro_batch) over micro-batches; results concatenated on dim 0."""
-
-    @property
-    def in_process(self) -> bool:
-        """The model lives in this process, so a loss_fn may hand results back through a closure
-        (PPO's fused value pass relies on it). False for engines whose steps run elsewhere (Ray actors)."""
 
     def rollout(self, cls, tokenizer):
         """A sampler (Rollout class `cls`) of this engine's model, placed where the model lives."""

@@ -94,10 +94,6 @@ class LocalEngine:
     def global_sum(self, value: float) -> float:
         return float(value)
 
-    @property
-    def in_process(self) -> bool:
-        return True
-
     def rollout(self, cls, tokenizer):
         return cls(self.model, tokenizer, self.device, self.autocast_dtype)
 
@@ -105,17 +101,18 @@ class LocalEngine:
         return None
 
     # -- the protocol --------------------------------------------------------------------------
-    def train_step(self, batch: Batch, loss_fn: Callable) -> dict[str, float]:
+    def train_step(self, batch: Batch, loss_fn: Callable):
         assert self.optimizer is not None, "train_step on a frozen engine"
         self.model.train()
-        parts = []
+        parts, outs = [], []
         for mb in self.micro_batches(batch):
             mb = mb.to(self.device)
             with self.autocast():
-                loss, metrics = loss_fn(self.model, mb)
+                loss, metrics, *out = loss_fn(self.model, mb)
             loss.backward()
             parts.append((len(mb), metrics))
-        return self._step(merge_metrics(parts, len(batch)))
+            outs += out
+        return with_outputs(self._step(merge_metrics(parts, len(batch))), outs)
 
     def _step(self, metrics: dict[str, float]) -> dict[str, float]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -202,6 +199,11 @@ def check_keys(model: nn.Module, missing: list[str], unexpected: list[str]) -> N
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
         raise RuntimeError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def with_outputs(metrics: dict[str, float], outs: list) -> Any:
+    """train_step's result: the metrics, or (metrics, outputs) when the loss_fn returned per-row outputs."""
+    return (metrics, _concat([o.detach().cpu() for o in outs])) if outs else metrics
 
 
 def _concat(outs: list[Any]) -> Any:

@@ -1,0 +1,112 @@
+"""The keys of `tether ppo` (its --help): sampling, the reward, the KL leash and its guard, the critic, the
+PPO update, and the run-wide keys in PPO's terms. Kept apart from the algorithm (tether/algo/ppo.py) so
+that the online stages built on the same loop share the sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tether.advantages import Advantage
+from tether.algo.reward import RewardConfig
+from tether.config import RunConfig, check, doc, sub
+from tether.losses import KLEstimator
+from tether.rollout import SamplingConfig
+
+
+@dataclass(frozen=True)
+class RolloutConfig(SamplingConfig):
+    backend: str = doc("hf", "sampler: hf (the policy module itself, static KV cache, each distinct prompt encoded once) or vllm")
+    reuse_logprobs: Literal["auto", "off"] = doc("auto", "auto: take the old-policy logprobs and entropy from the sampler when they are exact (the hf sampler, float32, no top-p/top-k/min_new_tokens), skipping a forward pass; off: always recompute")
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    coef: float = doc(0.05, "beta: the per-token KL penalty in the reward (initial value when adaptive; Stiennon et al. 2020 use 0.05)")
+    adaptive: bool = doc(False, "adapt beta towards kl.target (Ziegler et al. 2019, section 2.2)")
+    target: float = doc(6.0, "adaptive controller: target KL per sequence, in nats")
+    horizon: int = doc(10000, "adaptive controller: horizon in sequences")
+    estimator: Literal["k1", "k2", "k3", "abs"] = doc("k1", "per-token KL estimator in the reward (k1 = log pi/ref; k1/k2/k3 are all logged)")
+    max: float = doc(0.0, "roll an update back when the KL per sequence of the updated policy to the reference exceeds this (0 = off)")
+
+    def validate(self, p: str) -> None:
+        check(self.coef >= 0, f"{p}coef", "must be >= 0")
+        check(self.target > 0, f"{p}target", "must be positive")
+        check(self.horizon > 0, f"{p}horizon", "must be positive")
+        check(self.max >= 0, f"{p}max", "must be >= 0")
+
+    @property
+    def kind(self) -> KLEstimator:
+        return KLEstimator(self.estimator)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    init: Literal["auto", "reward_model", "policy"] = doc("auto", "value model initialised from the reward model (Ouyang et al. 2022) or the policy; auto = reward model when there is one")
+    lr: float = doc(0.0, "critic learning rate (0 = optim.lr)")
+    fuse_value_pass: Literal["auto", "off"] = doc("auto", "auto: when a critic step covers the whole rollout batch (ppo.minibatch_size 0 or >= the batch), take the old values from that step's forward instead of a separate no-grad pass (same numbers, one pass fewer); off: always a separate pass")
+
+    def validate(self, p: str) -> None:
+        check(self.lr >= 0, f"{p}lr", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PPOHyper:
+    epochs: int = doc(4, "passes over each rollout batch (lm-human-preferences: 4)")
+    minibatch_size: int = doc(0, "sequences per optimizer step (0 = the whole rollout batch)")
+    clip: float = doc(0.2, "policy ratio clip epsilon (Schulman et al. 2017)")
+    value_clip: float = doc(0.2, "value clip around the old values (0 = off)")
+    vf_coef: float = doc(0.1, "value loss coefficient (lm-human-preferences: 0.1)")
+    entropy_coef: float = doc(0.0, "entropy bonus coefficient (0 = off, as in the RLHF papers)")
+    gamma: float = doc(1.0, "discount")
+    lam: float = doc(0.95, "GAE lambda")
+    whiten_advantages: bool = doc(True, "normalise advantages over the batch")
+    target_approx_kl: float = doc(0.0, "stop the epoch loop when a minibatch's approx KL(old||new) exceeds this (0 = off)")
+    rollback: bool = doc(True, "snapshot weights before each update and roll back a bad one (costs a copy of policy+critic+optimizer state)")
+    max_rollbacks: int = doc(3, "after this many rolled-back updates in a row, do on_rollbacks (0 = never)")
+    on_rollbacks: Literal["stop", "lower_lr"] = doc("stop", "stop: end the run with exit 3; lower_lr: multiply the policy's and critic's learning rates by 0.5 and go on")
+
+    def validate(self, p: str) -> None:
+        check(self.epochs > 0, f"{p}epochs", "must be positive")
+        check(self.minibatch_size >= 0, f"{p}minibatch_size", "must be >= 0")
+        check(0 < self.clip < 1, f"{p}clip", "must be in (0, 1)")
+        check(self.value_clip >= 0, f"{p}value_clip", "must be >= 0")
+        check(0 <= self.gamma <= 1, f"{p}gamma", "must be in [0, 1]")
+        check(0 <= self.lam <= 1, f"{p}lam", "must be in [0, 1]")
+        check(self.target_approx_kl >= 0, f"{p}target_approx_kl", "must be >= 0")
+        check(self.max_rollbacks >= 0, f"{p}max_rollbacks", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PPOConfig(RunConfig):
+    # the run-wide keys, in PPO's terms
+    max_steps: int = doc(0, "PPO iterations, each a rollout, scoring and ppo.epochs update passes (0 = run `epochs` passes over the prompts)")
+    epochs: float = doc(1.0, "passes over the prompt set when max_steps is 0 (ppo.epochs is the passes over each rollout batch)")
+    batch_size: int = doc(8, "prompts per iteration, each sampled samples_per_prompt times (ppo.minibatch_size splits them per optimizer step)")
+    ref_model: str = doc("", "frozen reference model folder (empty = the initial policy, `model`)")
+    reward: RewardConfig = sub(RewardConfig, "the reward: a reward model or a Python function")
+    rollout: RolloutConfig = sub(RolloutConfig, "sampling: max_new_tokens, temperature, top_p, backend ...")
+    kl: KLConfig = sub(KLConfig, "KL penalty to the reference and the KL guard")
+    critic: CriticConfig = sub(CriticConfig, "the value model")
+    ppo: PPOHyper = sub(PPOHyper, "PPO update")
+    samples_per_prompt: int = doc(1, "responses sampled per prompt (>= 2 for rloo/grpo)")
+    advantage: Literal["gae", "rloo", "grpo"] = doc("gae", "advantage estimator: gae (critic), rloo or grpo (group baselines, no critic)")
+    sample_every: int = doc(10, "print and save a few sample completions every N iterations (0 = off)")
+    num_samples: int = doc(3, "completions shown each time")
+
+    def validate(self, p: str = "") -> None:
+        super().validate(p)
+        check(self.samples_per_prompt > 0, f"{p}samples_per_prompt", "must be positive")
+        if self.advantage_kind.needs_groups:
+            check(self.samples_per_prompt >= 2, f"{p}samples_per_prompt", f"advantage={self.advantage} needs at least 2 samples per prompt")
+        if self.critic.init == "reward_model":
+            check(bool(self.reward.model), f"{p}critic.init", "reward_model needs reward.model; use critic.init=policy with reward.fn")
+        check(self.sample_every >= 0, f"{p}sample_every", "must be >= 0")
+
+    @property
+    def advantage_kind(self) -> Advantage:
+        return Advantage(self.advantage)
+
+    @property
+    def critic_from_reward_model(self) -> bool:
+        return self.critic.init == "reward_model" or (self.critic.init == "auto" and bool(self.reward.model))
