@@ -19,6 +19,9 @@ def test_pack_layout_by_hand():
     assert pb.position_ids.tolist() == [[0, 1, 1, 0, 1]]
     assert pb.index.tolist() == [[-1, 0, 1], [3, 4, -1], [-1, 0, 2]]
     assert pb.segments == [(0, 2, 0, 0), (2, 3, 0, 1), (3, 5, 0, 0)]
+    # keys are labels: groups are packed in the order they first appear, whatever the keys' values
+    assert pack([[7, 8], [9, 8], [7, 8]], groups=([5, 3, 5], [2, 2, 2])).input_ids.tolist() == [[7, 8, 8, 9, 8]]
+    assert pack([[9, 8], [7, 8], [9, 8]], groups=([5, 3, 5], [2, 2, 2])).input_ids.tolist() == [[9, 8, 8, 7, 8]]
     # without groups nothing is shared, only padding goes
     assert pack([[1, 2], [1, 2, 3]]).input_ids.tolist() == [[1, 2, 1, 2, 3]]
     # one causal attention batch: the root [1, 2, 3, 4]; each member's row is the shared prefix's positions
@@ -26,8 +29,8 @@ def test_pack_layout_by_hand():
     plan = pack([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 7]], groups=([0, 0, 0], [2, 2, 2])).plan("cpu")
     assert plan.idx.tolist() == [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 6]]
     assert plan.sel.tolist() == [0, 1, 2, 3, 6, 7, 10]  # packed tokens 0..6 in S x L = 3 x 4
-    # only the prompt the caller names is shared, even where the responses begin alike
-    assert pack([[1, 2, 3, 4], [1, 2, 3, 5]], groups=([0, 0], [2, 2])).input_ids.tolist() == [[1, 2, 3, 4, 3, 5]]
+    # the prompt the caller names is shared, and response tokens that begin alike after it
+    assert pack([[1, 2, 3, 4], [1, 2, 3, 5]], groups=([0, 0], [2, 2])).input_ids.tolist() == [[1, 2, 3, 4, 5]]
     # a row said to share a prompt it does not have is an error, not a wrong forward pass
     with pytest.raises(ValueError, match="row 1 does not begin with the 2 tokens it is said to share with row 0"):
         pack([[1, 2, 3], [1, 9, 3]], groups=([0, 0], [2, 2]))

@@ -8,8 +8,8 @@ A batch of B rows (prompt + response, right- or left-padded) becomes one row of 
 
 Rows of a group share their prompt with the group's first row (the "root"), the caller saying which rows
 are a group and how long each prompt is (it knows: a pair's prompt was tokenised, a rollout's samples
-came from one prompt), so nothing is rediscovered token by token; a member row stores only its own
-tokens, with positions continuing after the shared prefix, and its queries
+came from one prompt), so the prompt is never searched for (sharing extends over response tokens that
+begin alike); a member row stores only its own tokens, with positions continuing after the shared prefix, and its queries
 attend to the root's first `share` keys plus its own keys, causally. A causal model computes the same
 hidden state for a token from the same prefix, so every output equals the padded forward's (to float
 rounding), while the linear layers - most of the FLOPs - see no padding and no repeated prompt.
@@ -144,7 +144,8 @@ def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] 
     """Pack token rows (real tokens only) into one row.
 
     groups: (keys, prefix) from where the structure is known (a pair's prompt, one prompt's samples): rows
-    with equal keys share their first prefix[b] tokens with the group's first row (None: no sharing).
+    with equal keys share their first prefix[b] tokens with the group's first row, and any tokens after
+    them that the two rows also have in common (None: no sharing).
     starts/width: where row b's tokens sit in the caller's padded [B, width] layout (default 0 and the
     longest row), so `index` maps the caller's columns to packed positions.
     """
@@ -152,7 +153,8 @@ def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] 
     width = width if width is not None else max((len(r) for r in rows), default=0)
     starts = starts if starts is not None else [0] * B
     keys, prefix = groups if groups is not None else (None, None)
-    order = sorted(range(B), key=lambda b: keys[b]) if keys is not None else range(B)
+    first: dict = {}  # a group's rows follow its first row; groups in the order they first appear
+    order = sorted(range(B), key=lambda b: first.setdefault(keys[b], b)) if keys is not None else range(B)
     ids: list[int] = []
     pos: list[int] = []
     index = [[-1] * width for _ in range(B)]
@@ -167,9 +169,13 @@ def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] 
         g = keys[b] if keys is not None else None
         if g is not None and g in roots:
             rb, p0 = roots[g]
-            share = min(prefix[b], len(rows[rb]), L - 1)  # a row keeps at least its last token
-            if rows[rb][:share] != row[:share]:
+            root = rows[rb]
+            limit = min(len(root), L - 1)  # a row keeps at least its last token
+            share = min(prefix[b], limit)
+            if root[:share] != row[:share]:
                 raise ValueError(f"row {b} does not begin with the {share} tokens it is said to share with row {rb} (group {g!r})")
+            while share < limit and root[share] == row[share]:  # responses that begin alike share that too
+                share += 1
         q0 = len(ids)
         ids.extend(row[share:])
         pos.extend(range(share, L))
