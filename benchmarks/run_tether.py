@@ -45,7 +45,8 @@ def _instrument(clock: Clock, record: dict) -> None:
         m = step(self, batch, loss_fn, *a, **k)
         clock.add("train", time.perf_counter() - t)
         clock.step_end()
-        record["metrics"].append({k2: v for k2, v in m.items() if k2.startswith(("loss/", "rm/", "rewards/", "policy/", "objective/"))})
+        metrics = m[0] if isinstance(m, tuple) else m  # (metrics, per-row outputs): PPO's fused value step
+        record["metrics"].append({k2: v for k2, v in metrics.items() if k2.startswith(("loss/", "rm/", "rewards/", "policy/", "objective/"))})
         return m
 
     LocalEngine.train_step = train_step

@@ -470,7 +470,7 @@ def test_prompts_left_padded(tok):
 def test_sft_right_padding(tok):
     items = tokenize_sft([SFTExample("hello", " world", None, "a"), SFTExample("the movie", " was good and fun", None, "b")], tok, CFG)
     b = collate_sft(items, pad_id(tok))
-    assert b.position_ids is None and b.segment_ids is None and b.loss_mask.dtype == torch.float
+    assert b.position_ids is None and b.loss_mask.dtype == torch.float
     for i, (ids, mask) in enumerate(items):
         assert b.input_ids[i, : len(ids)].tolist() == ids and b.loss_mask[i, : len(ids)].tolist() == mask
         assert b.attention_mask[i].sum() == len(ids) and b.loss_mask[i, len(ids):].sum() == 0
@@ -484,8 +484,8 @@ def test_packing_loses_no_tokens(tok):
     assert b.input_ids.shape[1] <= L and b.input_ids.shape[0] < len(items)
     got = []
     for r in range(b.input_ids.shape[0]):
-        seg, pos = b.segment_ids[r], b.position_ids[r]
-        assert ((seg > 0) == b.attention_mask[r].bool()).all()
+        pos, real = b.position_ids[r], b.attention_mask[r].bool()
+        seg = torch.where(real, (pos == 0).long().cumsum(0), 0)  # an example starts where its positions restart
         for s in range(1, int(seg.max()) + 1):
             sel = seg == s
             assert pos[sel].tolist() == list(range(int(sel.sum())))  # positions restart per example

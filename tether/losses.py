@@ -219,20 +219,16 @@ def ppo_policy_loss(
     mask: Tensor,
     num_tokens: float,
     clip_eps: float = 0.2,
-    dual_clip: float = 0.0,
 ) -> tuple[Tensor, Metrics]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), per token, summed / num_tokens.
 
-    L = -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(new - old). With dual_clip = c > 1 the loss
-    of negative-advantage tokens is also bounded by -c A (Ye et al. 2020, eq. 5). All inputs [B, R].
+    L = -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(new - old). All inputs [B, R].
     """
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages
     surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
     losses = -torch.min(surr1, surr2)
-    if dual_clip > 1:
-        losses = torch.where(advantages < 0, torch.min(losses, -dual_clip * advantages), losses)
     loss = masked_sum(losses, mask) / num_tokens
     with torch.no_grad():
         clipped = (surr2 < surr1).float()

@@ -62,10 +62,9 @@ class SFTBatch(Batch):
     input_ids: Tensor  # [B, T] long, right-padded
     attention_mask: Tensor  # [B, T] long, 1 on real tokens
     loss_mask: Tensor  # [B, T] float, 1 where token t is a training target (completion tokens)
-    position_ids: Tensor | None = None  # [B, T] long; set when sequences are packed (restarts at 0 per example)
-    # With packing: [B, T] long, index of the example each token belongs to (0 = padding), so that
-    # attention never crosses example boundaries.
-    segment_ids: Tensor | None = None
+    # [B, T] long; set when sequences are packed: restarting at 0 per example, it marks the example
+    # boundaries, from which transformers builds a mask that keeps attention within each example
+    position_ids: Tensor | None = None
 
 
 @dataclass

@@ -322,8 +322,7 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
 
 def collate_sft(items: list[tuple[list[int], list[int]]], pad: int, packing: bool = False, max_length: int = 0) -> SFTBatch:
     """Right-padded SFTBatch. With packing, examples are packed into rows of at most max_length tokens
-    (B = number of rows, which may be fewer than len(items)); position_ids restart at 0 per example and
-    segment_ids number the examples in a row 1, 2, ... (0 = padding)."""
+    (B = number of rows, which may be fewer than len(items)); position_ids restart at 0 per example."""
     if not packing:
         ids = _right_pad([i for i, _ in items], pad)
         return SFTBatch(
@@ -333,22 +332,20 @@ def collate_sft(items: list[tuple[list[int], list[int]]], pad: int, packing: boo
         )
     width = max_length or max(len(i) for i, _ in items)
     rows = pack_rows([len(i) for i, _ in items], width)
-    r_ids, r_mask, r_pos, r_seg = [], [], [], []
+    r_ids, r_mask, r_pos = [], [], []
     for row in rows:
-        ids, mask, pos, seg = [], [], [], []
-        for k, i in enumerate(row, 1):
+        ids, mask, pos = [], [], []
+        for i in row:
             t, m = items[i]
             ids += t
             mask += m
             pos += range(len(t))
-            seg += [k] * len(t)
-        r_ids.append(ids), r_mask.append(mask), r_pos.append(pos), r_seg.append(seg)
+        r_ids.append(ids), r_mask.append(mask), r_pos.append(pos)
     return SFTBatch(
         input_ids=_right_pad(r_ids, pad),  # [B, T], T <= max_length
         attention_mask=_right_pad([[1] * len(s) for s in r_ids], 0),  # [B, T]
         loss_mask=_right_pad(r_mask, 0, torch.float),  # [B, T]
         position_ids=_right_pad(r_pos, 0),  # [B, T]
-        segment_ids=_right_pad(r_seg, 0),  # [B, T]
     )
 
 
