@@ -62,8 +62,8 @@ class SFTBatch(Batch):
     input_ids: Tensor  # [B, T] long, right-padded
     attention_mask: Tensor  # [B, T] long, 1 on real tokens
     loss_mask: Tensor  # [B, T] float, 1 where token t is a training target (completion tokens)
-    # [B, T] long; set when sequences are packed: restarting at 0 per example, it marks the example
-    # boundaries, from which transformers builds a mask that keeps attention within each example
+    # [B, T] long; set when sequences are packed: it restarts at 0 at each example, which is how the
+    # examples of a packed row are told apart (data.packing)
     position_ids: Tensor | None = None
 
 
