@@ -179,3 +179,17 @@ def test_inverse_cdf_sampler_never_draws_zero_probability(monkeypatch):
     # u * total rounded up to total: the last token with probability > 0, not the last index
     monkeypatch.setattr(hf.torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
     assert hf._inverse_cdf_sample(probs).tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_packed_sft_rows_attend_within_each_example(arch, request):
+    """data.packing: examples in one row are told apart only by position_ids restarting at 0; the second
+    example's logprobs must equal its own forward pass (no attention to the first)."""
+    model = load_causal_lm(request.getfixturevalue(arch)).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12, 13]
+    ids = torch.tensor([a + b])
+    pos = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    with torch.no_grad():
+        packed, _ = causal_logprobs(model, ids, torch.ones_like(ids), position_ids=pos)
+        alone, _ = causal_logprobs(model, torch.tensor([b]), torch.ones(1, len(b), dtype=torch.long))
+    torch.testing.assert_close(packed[0, len(a) + 1 :], alone[0, 1:], atol=1e-5, rtol=1e-5)
