@@ -465,6 +465,8 @@ def test_prompts_left_padded(tok):
     assert b.input_ids[0, -short:].tolist() == ids[0] and (b.input_ids[0, :-short] == pad_id(tok)).all()
     assert b.attention_mask[0].tolist() == [0] * (b.input_ids.shape[1] - short) + [1] * short
     assert b.attention_mask[1].all() and b.prompts == ["hello", "the movie was really good"]
+    # rows holding the same prompt (samples of one prompt) share a group id, so it is computed once
+    assert b.group_ids == [0, 1] and collate_prompts([ids[1], ids[0], ids[1]], pad_id(tok)).group_ids == [0, 1, 0]
 
 
 def test_sft_right_padding(tok):

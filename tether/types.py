@@ -102,7 +102,7 @@ class PromptBatch(Batch):
     input_ids: Tensor  # [B, P] long, left-padded
     attention_mask: Tensor  # [B, P] long
     prompts: list[str] = field(default_factory=list)  # B prompt texts (as given, before templating)
-    group_ids: list[int] = field(default_factory=list)  # B: rows with the same id are samples of one prompt (empty: all distinct)
+    group_ids: list[int] = field(default_factory=list)  # B: rows with the same id hold the same prompt (collate_prompts; empty: all distinct)
 
 
 @dataclass

@@ -230,8 +230,6 @@ def train(cfg: PPOConfig) -> dict:
     kept: list[int] = []
     prompt_ids = require_examples(tokenize_prompts(prompts, tok, cfg.data, report, kept), cfg, report)
     texts = [prompt_text(prompts[i].prompt) for i in kept]
-    same: dict = {}
-    prompt_key = [same.setdefault(tuple(p), i) for i, p in enumerate(prompt_ids)]  # rows of one key hold the same prompt
     pad = pad_id(tok)
     steps = total_steps(cfg, len(prompt_ids))
     rows = min(cfg.batch_size, len(prompt_ids)) * cfg.samples_per_prompt
@@ -270,7 +268,7 @@ def train(cfg: PPOConfig) -> dict:
         snap = {name: e.snapshot() for name, e in engines.items()} if cfg.ppo.rollback else None  # 6. the guard's copy
         # 1-4. rollout, score, forward passes, advantages (G copies of each prompt, contiguous)
         idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]
-        exp, ro, metrics, value_step = make_experience(collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], [prompt_key[i] for i in idx]),
+        exp, ro, metrics, value_step = make_experience(collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx]),
                                                    rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values)
         # 5. update, 6. guarded
         t = time.perf_counter()
@@ -280,12 +278,13 @@ def train(cfg: PPOConfig) -> dict:
             metrics["guard/kl_after_update"] = kl_after_update(policy, exp, cfg)
             bad = metrics["guard/kl_after_update"] > cfg.kl.max
         why = "non-finite loss/gradient" if metrics["guard/nonfinite"] else "KL to reference above kl.max"
-        if bad and snap is not None:
+        rolled_back = bad and snap is not None
+        if rolled_back:
             for name, e in engines.items():
                 e.restore(snap[name])
             rollbacks += 1
             tracker.event(f"ppo: iteration {step + 1}: update rolled back ({why})")
-        in_a_row = in_a_row + 1 if bad and snap is not None else 0
+        in_a_row = in_a_row + 1 if rolled_back else 0
         if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks and cfg.ppo.on_rollbacks == "lower_lr":
             for e in engines.values():  # before this iteration's checkpoint, so that a resume continues from here
                 e.scale_lr(0.5)
