@@ -198,6 +198,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if _is_config(tp):  # a section inside a list, e.g. reward.sources=[{name: helpful, model: ...}]
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, f"{key}.")
     if origin is Literal:
         if isinstance(value, bool) and value not in args:  # YAML 1.1 reads on/off/yes/no as booleans
             value = next((a for a in args if isinstance(a, str) and a.lower() in (("on", "yes", "true") if value else ("off", "no", "false"))), value)
@@ -223,7 +227,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         inner = args[0] if args else Any
-        return origin(_coerce(v, inner, key) for v in value)
+        return origin(_coerce(v, inner, f"{key}[{i}]" if _is_config(inner) else key) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -352,4 +356,6 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
             default = getattr(inst, f.name)
             d = json.dumps(default) if not isinstance(default, str) else (repr(default) if default == "" else default)
             lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {d}): {text}")
+            item = (typing.get_args(tp) or [None])[0]
+            lines += config_help(item, f"  {prefix}{f.name}[].") if typing.get_origin(tp) is list and _is_config(item) else []
     return lines
