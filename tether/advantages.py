@@ -91,6 +91,22 @@ def group_advantages(scores: Tensor, group_size: int, kind: Advantage, eps: floa
     raise ValueError(f"{kind} is not a group estimator")
 
 
+def combine_rewards(scores: Tensor, weights: Tensor, group_size: int = 0, eps: float = 1e-6) -> Tensor:
+    """Several rewards -> one: sum_k w_k s_k. scores [K, B], weights [K] -> [B].
+
+    group_size > 0 (GDPO, Liu et al. 2026): each reward is first normalised within each prompt's group of
+    group_size contiguous samples, (s - mean_g) / (std_g + eps), so that a reward with a wide range does
+    not drown the others and each keeps its own ranking inside the group before they are summed.
+    """
+    s = scores.float()
+    if group_size:
+        if s.shape[1] % group_size or group_size < 2:
+            raise ValueError(f"batch of {s.shape[1]} is not a multiple of a group size >= 2 (got {group_size})")
+        g = s.view(s.shape[0], -1, group_size)
+        s = ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + eps)).view_as(s)
+    return (weights.float()[:, None] * s).sum(0)
+
+
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """1 - Var[G - V] / Var[G] over valid tokens (1 = perfect critic, <= 0 = no better than a constant)."""
     var_g = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -124,6 +140,31 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def lagrangian_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: float) -> Tensor:
+    """PPO-Lagrangian's combined advantage (Dai et al. 2023, "Safe RLHF"): (A_r - lambda A_c) / (1 + lambda);
+    the 1 + lambda keeps its scale from growing with the multiplier."""
+    return (reward_adv - lam * cost_adv) / (1 + lam)
+
+
+class LagrangeMultiplier:
+    """lambda >= 0 for the constraint E[cost] <= threshold, by projected gradient ascent on the Lagrangian
+    (Ray et al. 2019; Dai et al. 2023): lambda <- clip(lambda + lr (mean cost - threshold), 0, max).
+    It rises while the constraint is violated and falls to 0 once it is kept with room to spare."""
+
+    def __init__(self, init: float, lr: float, threshold: float, max_value: float = 0.0):
+        self.value, self.lr, self.threshold, self.max_value = init, lr, threshold, max_value
+
+    def update(self, mean_cost: float) -> None:
+        v = max(0.0, self.value + self.lr * (mean_cost - self.threshold))
+        self.value = min(v, self.max_value) if self.max_value > 0 else v
 
     def state_dict(self) -> dict:
         return {"value": self.value}

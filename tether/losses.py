@@ -127,6 +127,26 @@ def bradley_terry_loss(
     }
 
 
+def cost_model_loss(c_safer: Tensor, c_unsafer: Tensor, safety: Tensor | None, num_pairs: float) -> tuple[Tensor, Metrics]:
+    """Safe RLHF's cost-model loss (Dai et al. 2023, "Safe RLHF"): -log sigma(c_u - c_s) - sum_y log sigma(s_y c_y),
+    s_y = +1 for an unsafe response and -1 for a safe one (0 = unlabelled: no sign term), so that unsafe
+    responses score above 0 and safe ones below. c_* [B], safety [B, 2] (safer, unsafer); sum / num_pairs.
+    """
+    cs, cu = c_safer.float(), c_unsafer.float()
+    pair = -F.logsigmoid(cu - cs)
+    sign = torch.zeros_like(pair)
+    if safety is not None:
+        s = safety.float()
+        sign = -(F.logsigmoid(s[:, 0] * cs) * (s[:, 0] != 0) + F.logsigmoid(s[:, 1] * cu) * (s[:, 1] != 0))
+    loss = (pair + sign).sum() / num_pairs
+    raw = (cu - cs).detach()
+    m = {"loss/rm": loss.detach(), "rm/accuracy": (raw > 0).float().mean(), "rm/margin": raw.mean()}
+    if safety is not None:  # over the labelled responses of the micro-batch (0 when none is)
+        c, s = torch.cat([cs, cu]).detach(), torch.cat([safety[:, 0], safety[:, 1]]).float()
+        m["rm/sign_accuracy"] = (((c > 0) == (s > 0)) & (s != 0)).float().sum() / (s != 0).sum().clamp(min=1)
+    return loss, m
+
+
 # -- DPO family ------------------------------------------------------------------------------------
 
 
