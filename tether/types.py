@@ -78,6 +78,7 @@ class PairBatch(Batch):
     rejected_attention_mask: Tensor  # [B, Tr] long
     rejected_loss_mask: Tensor  # [B, Tr] float
     margin: Tensor | None = None  # [B] float, optional preference strength for the margin term
+    safety: Tensor | None = None  # [B, 2] float (chosen, rejected): +1 unsafe, -1 safe, 0 unlabelled (cost models)
     # [B] float, cached reference logprob sums (DPO); None until the reference pass has run.
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None
@@ -148,3 +149,9 @@ class Experience(Batch):
     rewards: Tensor | None = None  # [B, R] KL-shaped per-token rewards (GAE's input)
     scores: Tensor | None = None  # [B] the raw reward of each sequence
     group_ids: list[int] = field(default_factory=list)  # B, the rollout's
+    # PPO-Lagrangian (cost.model or cost.fn): the cost of each sequence [B], the cost critic's values and
+    # returns [B, R], and the cost advantages [B, R] before they are combined with the reward's.
+    costs: Tensor | None = None
+    cost_values: Tensor | None = None
+    cost_returns: Tensor | None = None
+    cost_advantages: Tensor | None = None

@@ -1,6 +1,12 @@
 """Reward model: the LM with a scalar head, trained with the Bradley-Terry loss -log sigma(r_c - r_r).
 
     tether rm model=runs/sft/final data.train=prefs.jsonl data.eval=held_out.jsonl out=runs/rm max_steps=100
+    tether rm loss=cost model=runs/sft/final data.train=safety_pairs.jsonl out=runs/cost
+
+loss=cost trains a Safe RLHF cost model (Dai et al. 2023) from pairs whose `chosen` is the safer response,
+with optional chosen_safe / rejected_safe labels: the unsafer response costs more, and labelled unsafe
+responses cost above 0, safe ones below. Its scores are saved unshifted (0 is the safe/unsafe boundary),
+and its accuracy is the fraction of pairs where the unsafer response costs more.
 
 The head reads the hidden state of the last non-padding token of prompt+response. Reported on
 train and held-out pairs: loss, accuracy, mean margin. At the end the mean and standard deviation
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +28,14 @@ from tether.algo.common import load_tokenized, sampler_and_step, should, start_r
 from tether.cli import cli_main
 from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine
-from tether.losses import bradley_terry_loss
+from tether.losses import bradley_terry_loss, cost_model_loss
 from tether.models import disable_dropout, load_scalar_model, save_reward_stats, sequence_scores
 from tether.track import Tracker
 
 
 @dataclass(frozen=True)
 class RMConfig(RunConfig):
+    loss: Literal["bradley_terry", "cost"] = doc("bradley_terry", "bradley_terry: a reward model; cost: a Safe RLHF cost model (chosen = the safer response; chosen_safe / rejected_safe labels add the sign term)")
     use_margin: bool = doc(False, "subtract each pair's `margin` field inside the sigmoid (Llama 2's margin term)")
     center_coef: float = doc(0.0, "auxiliary coef * (r_c + r_r)^2 that keeps scores centred at 0 (0 = off)")
     stats_pairs: int = doc(1024, "training pairs scored after training for the reward mean/std (and train/* metrics); 0 = all")
@@ -51,6 +58,8 @@ def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def _loss_fn(num_pairs: float, cfg: RMConfig):
     def loss_fn(model, mb):
         rc, rr = pair_scores(model, mb)
+        if cfg.loss == "cost":
+            return cost_model_loss(rc, rr, mb.safety, num_pairs)
         loss, metrics = bradley_terry_loss(rc, rr, num_pairs, mb.margin if cfg.use_margin else None)
         if cfg.center_coef > 0:
             loss = loss + cfg.center_coef * ((rc + rr) ** 2).sum() / num_pairs
@@ -59,7 +68,8 @@ def _loss_fn(num_pairs: float, cfg: RMConfig):
     return loss_fn
 
 
-def score_pairs(engine, items, pad: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(engine, items, pad: int, batch_size: int, cost: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (the preferred side's scores, the other's) [N]; a cost model prefers the higher cost of `rejected`."""
     from tether.data import collate_pairs
 
     rc, rr = [], []
@@ -67,23 +77,31 @@ def score_pairs(engine, items, pad: int, batch_size: int) -> tuple[torch.Tensor,
         c, r = engine.forward(collate_pairs(items[s : s + batch_size], pad), pair_scores)
         rc.append(c.float().cpu())
         rr.append(r.float().cpu())
-    return torch.cat(rc), torch.cat(rr)
+    return (torch.cat(rr), torch.cat(rc)) if cost else (torch.cat(rc), torch.cat(rr))
 
 
-def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str) -> dict[str, float]:
+def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str, items=None) -> dict[str, float]:
+    """Pairwise loss, accuracy and margin; with a cost model's labelled items, also the fraction of labelled
+    responses on the right side of 0 (sign_accuracy; rc are then the unsafer sides' costs)."""
     diff = rc - rr
-    return {
+    out = {
         f"{prefix}/loss": float(-F.logsigmoid(diff).mean()),
         f"{prefix}/accuracy": float((diff > 0).float().mean()),
         f"{prefix}/margin": float(diff.mean()),
         f"{prefix}/pairs": len(diff),
     }
+    if items and any(it.safety for it in items):
+        s = torch.tensor([it.safety or (0, 0) for it in items], dtype=torch.float)  # (safer, unsafer)
+        c, s = torch.cat([rr, rc]), torch.cat([s[:, 0], s[:, 1]])
+        out[f"{prefix}/sign_accuracy"] = float(((c > 0) == (s > 0))[s != 0].float().mean())
+    return out
 
 
 def train(cfg: RMConfig) -> dict:
     from tether.data import collate_pairs, load_preferences, tokenize_pairs
 
     out, ckpt = start_run(cfg, "rm")
+    cost = cfg.loss == "cost"
     tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
 
     model = load_scalar_model(cfg.model, pad_token_id=pad)
@@ -105,7 +123,7 @@ def train(cfg: RMConfig) -> dict:
         tokens = float(batch.chosen_attention_mask.sum() + batch.rejected_attention_mask.sum())
         metrics |= {"speed/pairs_per_s": len(batch) / dt, "speed/tokens_per_s": tokens / dt}
         if eval_items and should(cfg.eval_every, step, steps):
-            metrics |= pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval")
+            metrics |= pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size, cost), "eval", eval_items)
             if cfg.keep_best:
                 key = (metrics["eval/accuracy"], -metrics["eval/loss"])
                 if best is None or key > best[:2]:
@@ -127,13 +145,16 @@ def train(cfg: RMConfig) -> dict:
     if 0 < cfg.stats_pairs < len(train_items):
         g = torch.Generator().manual_seed(cfg.seed)
         stats_items = [train_items[i] for i in torch.randperm(len(train_items), generator=g)[: cfg.stats_pairs].tolist()]
-    rc, rr = score_pairs(engine, stats_items, pad, cfg.eval_batch_size)
+    rc, rr = score_pairs(engine, stats_items, pad, cfg.eval_batch_size, cost)
     all_scores = torch.cat([rc, rr])
-    final = pair_metrics(rc, rr, "train") | (last_eval or (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size), "eval") if eval_items else {}))
+    final = pair_metrics(rc, rr, "train", stats_items) | (last_eval or (pair_metrics(*score_pairs(engine, eval_items, pad, cfg.eval_batch_size, cost), "eval", eval_items) if eval_items else {}))
     tracker.log(step, final, force=True)
     tracker.close()
     engine.save_model(out / "final", tok)
-    save_reward_stats(out / "final", float(all_scores.mean()), float(all_scores.std().clamp(min=1e-6)), {"n": len(all_scores)})
+    if cost:  # unshifted: a cost's 0 is the safe/unsafe boundary the constraint is stated in
+        save_reward_stats(out / "final", 0.0, 1.0, {"kind": "cost", "n": len(all_scores), "score_mean": float(all_scores.mean())})
+    else:
+        save_reward_stats(out / "final", float(all_scores.mean()), float(all_scores.std().clamp(min=1e-6)), {"n": len(all_scores)})
     summary = {"stage": "rm", "steps": step, "best_step": best_step, **final}
     write_summary(out, summary)
     tracker.event("rm: " + "  ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.endswith("pairs")))

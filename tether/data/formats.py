@@ -6,7 +6,9 @@ SFT records
   {messages}             a conversation; loss on every assistant turn
   {text}                 raw text with an empty prompt; loss on all of it (language-model style)
 
-Preference records (optional keys everywhere: id, source, meta, margin = preference strength)
+Preference records (optional keys everywhere: id, source, meta, margin = preference strength;
+chosen_safe / rejected_safe = true or false, each response's safety label for a cost model, where
+`chosen` is the safer response: `tether rm loss=cost`)
   {prompt, chosen, rejected}  each a string or a message list. If any is a message list, all become
         message lists: a string prompt becomes one user turn, a string response one assistant turn, and
         a response list that repeats the prompt messages first has them removed.
@@ -172,6 +174,16 @@ def _extras(rec: dict) -> dict[str, Any]:
     for k in ("id", "source"):
         if rec.get(k) is not None:
             out[k] = str(rec[k])
+    if rec.get("chosen_safe") is not None or rec.get("rejected_safe") is not None:
+        flags = []
+        for k in ("chosen_safe", "rejected_safe"):
+            v = rec.get(k)
+            if v is not None and not isinstance(v, bool):
+                raise BadRecord(f"field '{k}' must be true, false or absent, got {v!r}", f"field '{k}' is not a boolean")
+            flags.append(0 if v is None else -1 if v else 1)
+        if flags == [1, -1]:
+            raise BadRecord("'chosen' is the safer response, but chosen_safe is false and rejected_safe true", "safety labels contradict the order")
+        out["safety"] = tuple(flags)
     return out
 
 
@@ -245,6 +257,8 @@ def parse_preference(rec: dict, loc: str) -> list[PreferencePair] | tuple[Any, .
             return [make_pair(*_split_message_transcripts(chosen, rejected), loc, **extras)]
         raise BadRecord("'chosen' and 'rejected' must both be strings or both message lists when there is no 'prompt'",
                         "'chosen' and 'rejected' have different types")
+    if "safety" in extras:
+        raise BadRecord("fields 'chosen_safe' / 'rejected_safe' belong to a record with 'chosen' and 'rejected'", "safety labels without chosen/rejected")
     if "responses" in rec:
         if all(rec.get(k) is None for k in ("ranking", "ranks", "scores")):
             raise BadRecord("field 'ranking' is missing (or give 'ranks' or 'scores')", "field 'ranking' is missing")

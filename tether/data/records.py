@@ -48,6 +48,7 @@ class PreferencePair:
     margin: float | None = None
     source: str = ""
     id: str = ""
+    safety: tuple[int, int] | None = None  # (chosen, rejected): +1 unsafe, -1 safe, 0 unlabelled (cost models)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TokenizedPair(NamedTuple):
     chosen_ids: list[int]  # response tokens, ending with EOS unless truncated
     rejected_ids: list[int]
     margin: float | None = None
+    safety: tuple[int, int] | None = None
 
 
 @dataclass

@@ -269,7 +269,7 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, cfg, report: DataRepo
         if len(c) > room or len(r) > room:
             c, r = c[:room], r[:room]
             report.truncated += 1
-        out.append(TokenizedPair(p, c, r, pair.margin))
+        out.append(TokenizedPair(p, c, r, pair.margin, pair.safety))
         if kept is not None:
             kept.append(idx)
     sink.announce("tokenize_pairs")
@@ -361,7 +361,8 @@ def collate_pairs(items: list[TokenizedPair], pad: int) -> PairBatch:
         fields[f"{side}_loss_mask"] = _right_pad(masks, 0, torch.float)  # [B, T]
     margins = [it.margin for it in items]
     margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins], dtype=torch.float)  # [B]
-    return PairBatch(**fields, margin=margin, prompt_len=[len(it.prompt_ids) for it in items])
+    safety = None if all(it.safety is None for it in items) else torch.tensor([it.safety or (0, 0) for it in items], dtype=torch.float)  # [B, 2]
+    return PairBatch(**fields, margin=margin, safety=safety, prompt_len=[len(it.prompt_ids) for it in items])
 
 
 def collate_prompts(items: list[list[int]], pad: int, texts: list[str] | None = None) -> PromptBatch:
