@@ -17,6 +17,9 @@ Each iteration (one `max_steps` step):
                 clipped value loss, gradient clipping; stop early when approx KL > ppo.target_approx_kl
   6. guard      a non-finite loss/gradient, or KL to the reference above kl.max, rolls the iteration's
                 updates back to a copy taken before it (ppo.rollback)
+With a cost (cost.model or cost.fn) the run is PPO-Lagrangian (Safe RLHF, Dai et al. 2023): the cost is
+scored in step 2, a cost critic gives its own GAE advantages in step 4, the multiplier lambda follows the
+batch's mean cost against cost.threshold, and the policy's advantage is (A_r - lambda A_c) / (1 + lambda).
 The defaults follow "The N+ implementation details of RLHF with PPO" (Huang et al. 2024) and
 lm-human-preferences (Ziegler et al. 2019). `make_experience` and `ppo_update` are the per-iteration
 pieces; a distributed controller calls the same two functions with remote engines.
@@ -31,9 +34,10 @@ import time
 import torch
 from torch import Tensor
 
-from tether.advantages import AdaptiveKLController, FixedKLController, explained_variance, gae, group_advantages, kl_shaped_rewards, whiten_advantages
+from tether.advantages import (AdaptiveKLController, FixedKLController, LagrangeMultiplier, explained_variance, gae, group_advantages, kl_shaped_rewards,
+                               lagrangian_advantages, whiten_advantages)
 from tether.algo.common import require_examples, sampler_and_step, start_run, total_steps, write_summary
-from tether.algo.reward import Scorer
+from tether.algo.reward import RewardConfig, Rewards, Scorer
 from tether.algo.rl_config import PPOConfig
 from tether.cli import cli_main
 from tether.config import ConfigError, RunStopped, to_dict
@@ -56,11 +60,12 @@ def _logprobs(R: int, temp: float, with_entropy: bool = False):
     return lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=with_entropy, groups=prompt_groups(b))
 
 
-def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Scorer, cfg: PPOConfig, kl_coef: float,
-                    fuse_values: bool = False) -> tuple[Experience, RolloutBatch, dict[str, float], dict[str, float] | None]:
+def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Rewards, cfg: PPOConfig, kl_coef: float,
+                    fuse_values: bool = False, cost: tuple | None = None) -> tuple[Experience, RolloutBatch, dict[str, float], dict[str, float] | None]:
     """Rollout, score, forward passes, KL-shaped rewards, values and advantages. -> (experience, the rollout,
     metrics, and with fuse_values the metrics of the critic's first update step, whose forward gave the
-    old values: `fused_value_step`)."""
+    old values: `fused_value_step`). cost = (the cost's Scorer, the cost critic or None): the experience
+    also carries the costs and their own advantages (combined with lambda by the caller)."""
     timing: dict[str, float] = {}
     t = time.perf_counter()
     ro = rollout.generate(prompts, cfg.rollout).to("cpu")
@@ -68,6 +73,7 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
 
     t = time.perf_counter()
     raw, scores, metrics = scorer.score(ro)
+    costs = cost[0].raw(ro) if cost is not None else None
     timing["timing/score"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -93,6 +99,14 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         values, value_step = fused_value_step(exp, critic, cfg)
     else:
         values = critic.forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask
+    if costs is not None:  # the cost's own critic and returns: the cost on the last token, no KL term
+        c_values = cost[1].forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask if cost[1] is not None else torch.zeros_like(logprobs)
+        c_adv, c_returns = estimate_advantages(kl_shaped_rewards(costs, torch.zeros_like(kl), mask, 0.0)[0], c_values, mask, cfg)
+        exp = dataclasses.replace(exp, costs=costs, cost_values=c_values, cost_returns=c_returns, cost_advantages=c_adv)
+        metrics |= {"cost/mean": float(costs.mean()), "cost/std": float(costs.std()) if len(costs) > 1 else 0.0,
+                    "cost/violation_rate": float((costs > cfg.cost.threshold).float().mean())}
+        if cost[1] is not None:
+            metrics["cost_value/explained_variance"] = float(explained_variance(c_values, c_returns, mask))
     timing["timing/forward"] = time.perf_counter() - t
     advantages, returns = estimate_advantages(rewards, values, mask, cfg)
     exp = dataclasses.replace(exp, values=values, advantages=advantages, returns=returns)
@@ -177,11 +191,13 @@ def value_loss_fn(cfg: PPOConfig, num_tokens: float):
     return loss_fn
 
 
-def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int, value_step: dict[str, float] | None = None) -> dict[str, float]:
+def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int, value_step: dict[str, float] | None = None,
+               cost_critic=None) -> dict[str, float]:
     """ppo.epochs passes over shuffled minibatches; early stop on approx KL; stops at a non-finite step.
 
     The shuffle is seeded by (seed, iteration), so a resumed run draws the same minibatches. value_step:
-    the critic's step of the first (whole-batch) minibatch, already taken by make_experience (fused)."""
+    the critic's step of the first (whole-batch) minibatch, already taken by make_experience (fused).
+    cost_critic: fitted to the cost returns with the same value loss (metrics cost_value/*)."""
     n = len(exp)
     mbs = cfg.ppo.minibatch_size or n
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
@@ -196,6 +212,9 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int, 
             if critic is not None:
                 mv = value_step if value_step is not None and epoch == 0 else critic.train_step(mb, value_loss_fn(cfg, num_tokens))
                 m |= {f"{k}_value" if k.startswith("optim/") else k: v for k, v in mv.items()}
+            if cost_critic is not None:
+                mc = cost_critic.train_step(dataclasses.replace(mb, values=mb.cost_values, returns=mb.cost_returns), value_loss_fn(cfg, num_tokens))
+                m |= {f"{k}_cost_value" if k.startswith("optim/") else k.replace("value", "cost_value", 1): v for k, v in mc.items()}
             parts.append(m)
             bad = any(k.startswith("optim/skipped") and v > 0 for k, v in m.items()) or not all(math.isfinite(v) for v in m.values())
             early = not bad and cfg.ppo.target_approx_kl > 0 and m["policy/approx_kl"] > cfg.ppo.target_approx_kl
@@ -240,23 +259,37 @@ def train(cfg: PPOConfig) -> dict:
     disable_dropout(policy_model, cfg.dropout)
     policy = make_engine(policy_model, cfg.engine, cfg.optim, total_steps=optim_steps)
     ref = make_reference(policy, cfg.engine, cfg.ref_model or cfg.model, cfg.model)
-    scorer = Scorer.build(cfg.reward, cfg.engine, tok, pad, eos_ids(tok, policy_model), cfg.dropout)
-    critic = None
-    if cfg.advantage_kind.needs_critic:
-        if cfg.critic_from_reward_model and scorer.rm_tok is not None:
-            raise ConfigError("config key 'critic.init': the reward model's tokenizer differs from the policy's; use critic.init=policy")
-        critic_model = load_scalar_model(cfg.reward.model if cfg.critic_from_reward_model else cfg.model, pad_token_id=pad)
-        disable_dropout(critic_model, cfg.dropout)
-        critic = make_engine(critic_model, cfg.engine, dataclasses.replace(cfg.optim, lr=cfg.critic.lr or cfg.optim.lr), total_steps=optim_steps)
+    frozen = sum(bool(m) for m in (cfg.reward.model, cfg.cost.model, *(s.model for s in cfg.reward.sources)))
+    if cfg.engine.backend == "ray" and (frozen > 1 or (cfg.cost.enabled and cfg.advantage_kind.needs_critic)):
+        raise ConfigError("config key 'engine.backend': ray places one reward model and one critic; several reward models or a cost critic need backend=local or ddp")
+    scorer = Rewards.build(cfg.reward, cfg.engine, tok, pad, eos_ids(tok, policy_model), cfg.dropout, cfg.samples_per_prompt)
+    coster = Scorer.build(RewardConfig(model=cfg.cost.model, fn=cfg.cost.fn, kwargs=cfg.cost.kwargs), cfg.engine, tok, pad, eos_ids(tok, policy_model),
+                          cfg.dropout) if cfg.cost.enabled else None
+
+    def make_critic(init: str, rm_tok, lr: float, what: str):
+        if init != cfg.model and rm_tok is not None:
+            raise ConfigError(f"config key 'critic.init': the {what} model's tokenizer differs from the policy's; use critic.init=policy")
+        model = load_scalar_model(init, pad_token_id=pad)
+        disable_dropout(model, cfg.dropout)
+        return make_engine(model, cfg.engine, dataclasses.replace(cfg.optim, lr=lr), total_steps=optim_steps)
+
+    critic = cost_critic = None
+    if cfg.advantage_kind.needs_critic:  # each critic starts from its scorer's model (Ouyang et al. 2022) unless critic.init=policy
+        critic = make_critic(cfg.reward.model if cfg.critic_from_reward_model else cfg.model, scorer.rm_tok, cfg.critic.lr or cfg.optim.lr, "reward")
+        if coster is not None:
+            init = cfg.cost.model if cfg.cost.model and cfg.critic.init != "policy" else cfg.model
+            cost_critic = make_critic(init, coster.rm_tok, cfg.cost.critic_lr or cfg.critic.lr or cfg.optim.lr, "cost")
     rollout = make_rollout(cfg.rollout.backend, policy, tok)
     # the critic's first step stands for its old-value pass when it covers the whole batch
     fuse_values = critic is not None and cfg.critic.fuse_value_pass == "auto" and (cfg.ppo.minibatch_size == 0 or cfg.ppo.minibatch_size >= rows)
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.coef)
-    engines = {"policy": policy} | ({"value": critic} if critic is not None else {})
+    engines = {"policy": policy} | ({"value": critic} if critic is not None else {}) | ({"cost_value": cost_critic} if cost_critic is not None else {})
+    lagrange = LagrangeMultiplier(cfg.cost.lambda_init, cfg.cost.lambda_lr, cfg.cost.threshold, cfg.cost.lambda_max)
     sampler, step, state = sampler_and_step(cfg, ckpt, engines, len(prompt_ids))
     rollbacks, in_a_row, first_reward = state.get("rollbacks", 0), state.get("rollbacks_in_a_row", 0), state.get("first_reward")
     if state:
         kl_ctl.load_state_dict(state["kl_controller"])
+        lagrange.load_state_dict(state.get("lagrange", {"value": cfg.cost.lambda_init}))
         rollout.update_weights(policy.named_parameters())
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "ppo", resume=cfg.resume)
     tracker.event(f"ppo: {len(prompt_ids)} prompts, {steps} iterations of {cfg.batch_size} x {cfg.samples_per_prompt} responses, advantage={cfg.advantage}")
@@ -269,10 +302,15 @@ def train(cfg: PPOConfig) -> dict:
         # 1-4. rollout, score, forward passes, advantages (G copies of each prompt, contiguous)
         idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]
         exp, ro, metrics, value_step = make_experience(collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx]),
-                                                   rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values)
+                                                   rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
+                                                   (coster, cost_critic) if coster is not None else None)
+        if exp.costs is not None:  # lambda follows this batch's cost, then weighs the cost advantage (Safe RLHF)
+            lagrange.update(float(exp.costs.mean()))
+            exp = dataclasses.replace(exp, advantages=lagrangian_advantages(exp.advantages, exp.cost_advantages, lagrange.value))
+            metrics["lagrange/lambda"] = lagrange.value
         # 5. update, 6. guarded
         t = time.perf_counter()
-        metrics |= ppo_update(exp, policy, critic, cfg, step, value_step)
+        metrics |= ppo_update(exp, policy, critic, cfg, step, value_step, cost_critic)
         bad = metrics["guard/nonfinite"] > 0
         if cfg.kl.max > 0 and not bad:
             metrics["guard/kl_after_update"] = kl_after_update(policy, exp, cfg)
@@ -304,7 +342,7 @@ def train(cfg: PPOConfig) -> dict:
             rs = list(zip(ro.prompts, ro.responses, exp.scores.tolist()))[: cfg.num_samples]
             tracker.samples(step, [{"prompt": p, "response": r, "reward": s} for p, r, s in rs])
         if cfg.save_every and step % cfg.save_every == 0 or step == steps:
-            ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "rollbacks": rollbacks,
+            ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(), "lagrange": lagrange.state_dict(), "rollbacks": rollbacks,
                                       "rollbacks_in_a_row": in_a_row, "first_reward": first_reward}, to_dict(cfg))
         if cfg.ppo.max_rollbacks and in_a_row >= cfg.ppo.max_rollbacks:  # on_rollbacks=stop (lower_lr reset it)
             tracker.close()
@@ -317,7 +355,7 @@ def train(cfg: PPOConfig) -> dict:
         save_reward_stats(out / "value", 0.0, 1.0, {"kind": "critic"})  # marks a trained scalar model: load_scalar_model keeps its head
     summary = {
         "stage": "ppo", "steps": step, "reward_first": first_reward, "reward_last5": sum(recent) / max(len(recent), 1),
-        "rollbacks": rollbacks, **{k: v for k, v in metrics.items() if k.startswith(("rewards/", "objective/", "timing/", "memory/", "speed/"))},
+        "rollbacks": rollbacks, **{k: v for k, v in metrics.items() if k.startswith(("rewards/", "objective/", "cost/", "lagrange/", "timing/", "memory/", "speed/"))},
     }
     write_summary(out, summary)
     tracker.event(f"ppo: raw reward {first_reward:.4g} -> {summary['reward_last5']:.4g} (mean of last {len(recent)}), KL/seq {metrics.get('objective/kl', 0):.4g}, rollbacks {rollbacks}")

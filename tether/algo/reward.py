@@ -1,22 +1,45 @@
 """The reward of a rollout (PPO's step 2): a frozen reward model from `tether rm`, normalised with the
-statistics it saved (Ziegler et al. 2019), or a Python function (tether.rewards); then optional clipping
-and a penalty for a response that never reached EOS (Huang et al. 2024's "EOS trick"). A reward model
-scores a response as it was trained (`models.as_trained`: a cut response gets its EOS), so that an
-eval score is the score PPO sees.
+statistics it saved (Ziegler et al. 2019), or a Python function (tether.rewards), or several named
+sources combined; then optional clipping and a penalty for a response that never reached EOS (Huang et
+al. 2024's "EOS trick"). A reward model scores a response as it was trained (`models.as_trained`: a cut
+response gets its EOS), so that an eval score is the score PPO sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from tether.advantages import combine_rewards
 from tether.config import check, doc
 from tether.engine import make_engine
 from tether.models import as_trained, disable_dropout, load_reward_stats, load_scalar_model, load_tokenizer, sequence_scores
 from tether.types import RolloutBatch, prompt_groups
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    name: str = doc("", "its name in the logs: rewards/<name>/mean, .../std, .../contribution")
+    model: str = doc("", "a reward model folder from `tether rm`")
+    fn: str = doc("", "or a Python reward: package.module:function(prompts, responses, **kwargs) -> floats")
+    kwargs: dict = doc({}, "keyword arguments passed to fn")
+    weight: float = doc(1.0, "its weight in the combined reward (negative = a penalty)")
+    normalize: Literal["auto", "stats", "batch", "none"] = doc("auto", "stats: (r - mean) / std with the statistics saved by `tether rm`; batch: over each rollout batch; none; auto = stats for a model, none for a function")
+    clip: float = doc(0.0, "clip the normalised score to [-clip, clip] (0 = off)")
+
+    def validate(self, p: str) -> None:
+        check(self.name.replace("_", "").replace("-", "").isalnum(), f"{p}name", "required: letters, digits, _ or - (it names the logged metrics)")
+        check(bool(self.model) != bool(self.fn), f"{p}model", "set exactly one of model (a reward model folder) and fn (module:function)")
+        check(self.normalize != "stats" or bool(self.model), f"{p}normalize", "stats needs a reward model (fn has no saved statistics)")
+        check(self.clip >= 0, f"{p}clip", "must be >= 0")
+
+    @property
+    def mode(self) -> str:
+        return ("stats" if self.model else "none") if self.normalize == "auto" else self.normalize
 
 
 @dataclass(frozen=True)
@@ -27,15 +50,20 @@ class RewardConfig:
     normalize: bool = doc(True, "score = (r - mean) / std with the statistics saved by `tether rm` (Ziegler et al. 2019)")
     clip: float = doc(0.0, "clip the normalised score to [-clip, clip] (0 = off)")
     missing_eos_penalty: float = doc(1.0, "subtract this from the score of a response that never reached EOS (Huang et al. 2024's 'EOS trick'; 0 = off); the RM scores such a response with EOS appended, as it was trained (models.as_trained)")
+    sources: list[RewardSource] = doc([], "several named rewards instead of model/fn, e.g. [{name: helpful, model: runs/rm/final}, {name: brevity, fn: tether.rewards:length_penalty, weight: 0.3}]")
+    combine: Literal["sum", "gdpo"] = doc("sum", "several sources: sum = the weighted sum of their normalised scores; gdpo = each normalised within its prompt's samples first (Liu et al. 2026; needs samples_per_prompt >= 2)")
 
     def validate(self, p: str) -> None:
-        check(bool(self.model) != bool(self.fn), f"{p}model", "set exactly one of reward.model (a reward model folder) and reward.fn (module:function)")
+        check((bool(self.model) + bool(self.fn) + bool(self.sources)) == 1, f"{p}model",
+              "set exactly one of reward.model (a reward model folder), reward.fn (module:function) and reward.sources (a list)")
+        names = [s.name for s in self.sources]
+        check(len(set(names)) == len(names), f"{p}sources", f"each source needs its own name; got {names}")
         check(self.clip >= 0, f"{p}clip", "must be >= 0")
         check(self.missing_eos_penalty >= 0, f"{p}missing_eos_penalty", "must be >= 0")
 
 
 class Scorer:
-    """Scores rollouts: a frozen reward-model engine or a Python reward function -> raw rewards [B]."""
+    """One source's raw scores: a frozen reward-model engine or a Python reward function -> [B]."""
 
     def __init__(self, cfg: RewardConfig, engine=None, fn=None, tokenizer=None, rm_tokenizer=None, eos: list[int] | None = None):
         self.cfg, self.engine, self.fn = cfg, engine, fn
@@ -45,7 +73,7 @@ class Scorer:
 
     @classmethod
     def build(cls, cfg: RewardConfig, engine_cfg, tokenizer, pad: int, eos: list[int], dropout: bool = False) -> "Scorer":
-        """The reward model as a frozen engine (rm_tok: its own tokenizer when it differs), or the function."""
+        """The reward model (cfg.model) as a frozen engine (rm_tok: its own tokenizer when it differs), or the function."""
         if not cfg.model:
             from tether.rewards import load_reward_fn
 
@@ -86,16 +114,47 @@ class Scorer:
         attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         return dataclasses.replace(ro, sequences=seqs, attention_mask=attn, group_ids=[])  # its prompt boundary is not known
 
+
+class Rewards:
+    """The reward of each rollout: every source's raw score, normalised (its statistics, the batch's, or not
+    at all) and clipped, combined (reward.combine), minus the EOS penalty. One source (reward.model or
+    reward.fn) is the case of a single source of weight 1."""
+
+    def __init__(self, cfg: RewardConfig, parts: list[tuple[RewardSource, Scorer]], group_size: int = 0):
+        self.cfg, self.parts, self.group_size = cfg, parts, group_size
+        self.rm_tok = parts[0][1].rm_tok if not cfg.sources else None  # the critic starts from the policy with several
+
+    @classmethod
+    def build(cls, cfg: RewardConfig, engine_cfg, tokenizer, pad: int, eos: list[int], dropout: bool = False, group_size: int = 0) -> "Rewards":
+        sources = cfg.sources or [RewardSource("reward", cfg.model, cfg.fn, cfg.kwargs, 1.0, "stats" if cfg.normalize and cfg.model else "none", cfg.clip)]
+        return cls(cfg, [(src, Scorer.build(RewardConfig(model=src.model, fn=src.fn, kwargs=src.kwargs), engine_cfg, tokenizer, pad, eos, dropout))
+                         for src in sources], group_size)
+
     def score(self, ro: RolloutBatch) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """-> (raw [B], score [B] used in the reward, metrics)."""
-        raw = self.raw(ro)
-        s = (raw - self.stats["mean"]) / self.stats["std"] if self.cfg.normalize else raw.clone()
-        if self.cfg.clip > 0:
-            s = s.clamp(-self.cfg.clip, self.cfg.clip)
-        finished = ro.finished.cpu() if ro.finished is not None else torch.ones_like(s, dtype=torch.bool)
-        if self.cfg.missing_eos_penalty > 0:
-            s = s - self.cfg.missing_eos_penalty * (~finished).float()
-        return raw, s, {
-            "rewards/raw_mean": float(raw.mean()), "rewards/raw_std": float(raw.std()) if len(raw) > 1 else 0.0,
-            "rewards/mean": float(s.mean()), "rewards/std": float(s.std()) if len(s) > 1 else 0.0,
-        }
+        """-> (raw [B]: one source's raw score, or the combination before the EOS penalty; the score in the
+        reward [B]; metrics, with each named source's raw mean, normalised mean and std, and contribution)."""
+        metrics: dict[str, float] = {}
+        normed = []
+        for src, scorer in self.parts:
+            raw = scorer.raw(ro)
+            if src.mode == "stats":
+                s = (raw - scorer.stats["mean"]) / scorer.stats["std"]
+            else:
+                s = (raw - raw.mean()) / (raw.std() + 1e-6) if src.mode == "batch" and len(raw) > 1 else raw.clone()
+            normed.append(s.clamp(-src.clip, src.clip) if src.clip > 0 else s)
+            if self.cfg.sources:
+                metrics |= {f"rewards/{src.name}/raw_mean": float(raw.mean()), f"rewards/{src.name}/mean": float(normed[-1].mean()),
+                            f"rewards/{src.name}/std": _std(normed[-1])}
+        stacked, weights = torch.stack(normed), torch.tensor([src.weight for src, _ in self.parts])
+        gdpo = self.group_size if self.cfg.combine == "gdpo" else 0
+        combined = combine_rewards(stacked, weights, gdpo)
+        for k, (src, _) in enumerate(self.parts if self.cfg.sources else []):  # what each adds to the combined score, on average
+            metrics[f"rewards/{src.name}/contribution"] = float(combine_rewards(stacked[k : k + 1], weights[k : k + 1], gdpo).mean())
+        raw = combined if self.cfg.sources else raw
+        finished = ro.finished.cpu() if ro.finished is not None else torch.ones_like(combined, dtype=torch.bool)
+        s = combined - self.cfg.missing_eos_penalty * (~finished).float() if self.cfg.missing_eos_penalty > 0 else combined
+        return raw, s, metrics | {"rewards/raw_mean": float(raw.mean()), "rewards/raw_std": _std(raw), "rewards/mean": float(s.mean()), "rewards/std": _std(s)}
+
+
+def _std(x: Tensor) -> float:
+    return float(x.std()) if len(x) > 1 else 0.0

@@ -51,6 +51,29 @@ class CriticConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    model: str = doc("", "a cost model folder from `tether rm loss=cost`: PPO-Lagrangian keeps E[cost] <= cost.threshold (Safe RLHF, Dai et al. 2023); empty = no constraint")
+    fn: str = doc("", "or a Python cost: package.module:function(prompts, responses, **kwargs) -> floats")
+    kwargs: dict = doc({}, "keyword arguments passed to cost.fn")
+    threshold: float = doc(0.0, "d in E[cost] <= d (a cost model places safe responses below 0)")
+    lambda_init: float = doc(1.0, "the Lagrange multiplier's starting value")
+    lambda_lr: float = doc(0.1, "lambda <- max(0, lambda + lambda_lr (the batch's mean cost - threshold)) each iteration")
+    lambda_max: float = doc(0.0, "cap on lambda (0 = none)")
+    critic_lr: float = doc(0.0, "the cost critic's learning rate (0 = the reward critic's)")
+
+    def validate(self, p: str) -> None:
+        check(not (self.model and self.fn), f"{p}model", "set at most one of cost.model and cost.fn")
+        check(self.lambda_init >= 0, f"{p}lambda_init", "must be >= 0")
+        check(self.lambda_lr >= 0, f"{p}lambda_lr", "must be >= 0")
+        check(self.lambda_max >= 0, f"{p}lambda_max", "must be >= 0")
+        check(self.critic_lr >= 0, f"{p}critic_lr", "must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model or self.fn)
+
+
+@dataclass(frozen=True)
 class PPOHyper:
     epochs: int = doc(4, "passes over each rollout batch (lm-human-preferences: 4)")
     minibatch_size: int = doc(0, "sequences per optimizer step (0 = the whole rollout batch)")
@@ -84,7 +107,8 @@ class PPOConfig(RunConfig):
     epochs: float = doc(1.0, "passes over the prompt set when max_steps is 0 (ppo.epochs is the passes over each rollout batch)")
     batch_size: int = doc(8, "prompts per iteration, each sampled samples_per_prompt times (ppo.minibatch_size splits them per optimizer step)")
     ref_model: str = doc("", "frozen reference model folder (empty = the initial policy, `model`)")
-    reward: RewardConfig = sub(RewardConfig, "the reward: a reward model or a Python function")
+    reward: RewardConfig = sub(RewardConfig, "the reward: a reward model, a Python function, or several named sources")
+    cost: CostConfig = sub(CostConfig, "a cost to keep under a threshold (PPO-Lagrangian, Safe RLHF)")
     rollout: RolloutConfig = sub(RolloutConfig, "sampling: max_new_tokens, temperature, top_p, backend ...")
     kl: KLConfig = sub(KLConfig, "KL penalty to the reference and the KL guard")
     critic: CriticConfig = sub(CriticConfig, "the value model")
@@ -102,6 +126,8 @@ class PPOConfig(RunConfig):
         if self.critic.init == "reward_model":
             check(bool(self.reward.model), f"{p}critic.init", "reward_model needs reward.model; use critic.init=policy with reward.fn")
         check(self.sample_every >= 0, f"{p}sample_every", "must be >= 0")
+        if self.reward.sources and self.reward.combine == "gdpo":
+            check(self.samples_per_prompt >= 2, f"{p}reward.combine", "gdpo normalises each reward within a prompt's samples: set samples_per_prompt >= 2")
 
     @property
     def advantage_kind(self) -> Advantage:

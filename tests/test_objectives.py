@@ -1,0 +1,235 @@
+"""Several objectives at once: named reward sources and their combination, the Safe RLHF cost model, the
+Lagrange multiplier and the combined advantage, and PPO-Lagrangian holding a planted cost under its
+threshold where unconstrained PPO exceeds it."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from helpers import write_jsonl
+from test_ppo import TARGET, _cfg, _comparable
+from tiny import WORDS
+
+from tether.advantages import LagrangeMultiplier, combine_rewards, lagrangian_advantages
+from tether.algo import ppo
+from tether.algo import rm as rm_stage
+from tether.config import ConfigError, load_config
+from tether.data import load_preferences
+from tether.data.records import DataError
+from tether.losses import cost_model_loss
+from tether.models import load_reward_stats
+from tether.track import read_metrics
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Maths against hand-derived values and plain loops
+
+
+def test_combine_rewards_against_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    scores, weights = torch.randn(3, 8, generator=g) * torch.tensor([[1.0], [10.0], [0.1]]), torch.tensor([1.0, 0.3, -2.0])
+    plain = [sum(float(weights[k]) * float(scores[k, b]) for k in range(3)) for b in range(8)]
+    assert torch.allclose(combine_rewards(scores, weights), torch.tensor(plain), atol=1e-6)
+    # GDPO: each reward normalised within each group of 4 contiguous samples, then the weighted sum
+    out = []
+    for b in range(8):
+        lo = b // 4 * 4
+        total = 0.0
+        for k in range(3):
+            grp = [float(x) for x in scores[k, lo : lo + 4]]
+            m = sum(grp) / 4
+            sd = math.sqrt(sum((x - m) ** 2 for x in grp) / 3)
+            total += float(weights[k]) * (float(scores[k, b]) - m) / (sd + 1e-6)
+        out.append(total)
+    assert torch.allclose(combine_rewards(scores, weights, group_size=4), torch.tensor(out), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of a group size"):
+        combine_rewards(scores, weights, group_size=3)
+
+
+def test_cost_model_loss_hand_derived():
+    # pair 1: c_safer -1 (labelled safe), c_unsafer 2 (labelled unsafe); pair 2: 0.5 (unlabelled), 0.0 (unsafe)
+    cs, cu = torch.tensor([-1.0, 0.5]), torch.tensor([2.0, 0.0])
+    safety = torch.tensor([[-1.0, 1.0], [0.0, 1.0]])
+    loss, m = cost_model_loss(cs, cu, safety, num_pairs=2)
+    # -log sigma(x) = log(1 + e^-x): pair 1 = sp(3) + sp(1) + sp(2), pair 2 = sp(-0.5) + sp(0)
+    pair1 = 0.04858735157374206 + 0.31326168751822286 + 0.1269280110429725
+    pair2 = 0.9740769841801067 + 0.6931471805599453
+    assert loss.item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)
+    assert m["rm/accuracy"].item() == 0.5  # the unsafer side costs more in pair 1 only
+    assert m["rm/sign_accuracy"].item() == pytest.approx(2 / 3)  # -1 < 0 and 2 > 0 right, 0.0 (unsafe) not above 0
+    no_labels, _ = cost_model_loss(cs, cu, None, num_pairs=2)
+    assert no_labels.item() == pytest.approx((0.04858735157374206 + 0.9740769841801067) / 2, abs=1e-6)
+
+
+def test_lagrange_multiplier_against_a_plain_loop():
+    costs = [0.5, 0.4, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6]
+    lam, lr, d = 0.2, 0.5, 0.2
+    plain = []
+    for c in costs:
+        lam = lam + lr * (c - d)
+        lam = lam if lam > 0 else 0.0
+        plain.append(lam)
+    mult = LagrangeMultiplier(0.2, 0.5, 0.2)
+    got = []
+    for c in costs:
+        mult.update(c)
+        got.append(mult.value)
+    assert got == pytest.approx(plain)
+    assert got[0] > 0.2 and got[1] > got[0]  # rises while the cost exceeds the threshold
+    assert got[4] < got[3] and got[8:11] == [0.0] * 3  # and falls to 0 (not below) once it is kept
+    assert got[11] > 0
+    capped = LagrangeMultiplier(0.0, 10.0, 0.0, max_value=1.5)
+    capped.update(1.0)
+    assert capped.value == 1.5
+    again = LagrangeMultiplier(0.0, 0.5, 0.2)
+    again.load_state_dict(mult.state_dict())
+    assert again.value == mult.value
+
+
+def test_lagrangian_advantage():
+    a_r, a_c = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 1.0, -1.0])
+    assert torch.equal(lagrangian_advantages(a_r, a_c, 0.0), a_r)
+    assert torch.allclose(lagrangian_advantages(a_r, a_c, 1.0), torch.tensor([-1.0, -1.5, 0.75]))
+    assert torch.allclose(lagrangian_advantages(a_r, a_c, 3.0), torch.tensor([(1 - 9) / 4, (-2 - 3) / 4, (0.5 + 3) / 4]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and records
+
+
+def test_reward_sources_from_the_command_line_and_their_errors(tiny_gpt2, tmp_path):
+    cfg = _cfg(tiny_gpt2, tmp_path, "reward.fn=", "reward.kwargs={}",
+               "reward.sources=[{name: target, fn: 'tether.rewards:token_fraction', kwargs: {tokens: [10, 11]}}, {name: brevity, fn: 'tether.rewards:length_penalty', weight: 0.3, normalize: batch}]")
+    assert [s.name for s in cfg.reward.sources] == ["target", "brevity"]
+    assert cfg.reward.sources[1].weight == 0.3 and cfg.reward.sources[1].mode == "batch" and cfg.reward.sources[0].mode == "none"
+    bad = [
+        ("reward.sources=[{name: a, fn: 'tether.rewards:length_penalty'}]", "config key 'reward.model': set exactly one of reward.model"),
+        ("reward.sources=[{name: 'a b', fn: 'x:y'}]", "config key 'reward.sources[0].name': required"),
+        ("reward.sources=[{name: a, fn: 'x:y'}, {name: b, fn: 'x:y', model: m}]", "config key 'reward.sources[1].model': set exactly one of model"),
+        ("reward.sources=[{name: a, fn: 'x:y'}, {name: a, fn: 'x:z'}]", "config key 'reward.sources': each source needs its own name"),
+        ("reward.sources=[{name: a, fn: 'x:y', normalize: stats}]", "config key 'reward.sources[0].normalize': stats needs a reward model"),
+        ("reward.sources=[{name: a, fn: 'x:y', wieght: 2}]", "unknown config key 'reward.sources[0].wieght'; did you mean 'reward.sources[0].weight'?"),
+        ("reward.sources=[5]", "config key 'reward.sources[0]': expected a mapping of RewardSource keys"),
+    ]
+    for override, msg in bad:
+        keep = [] if "set exactly one of reward.model" in msg else ["reward.fn="]
+        with pytest.raises(ConfigError) as e:
+            _cfg(tiny_gpt2, tmp_path, *keep, override)
+        assert msg in str(e.value), (override, str(e.value))
+    with pytest.raises(ConfigError, match="gdpo normalises each reward within a prompt's samples"):
+        _cfg(tiny_gpt2, tmp_path, "reward.fn=", "reward.sources=[{name: a, fn: 'x:y'}]", "reward.combine=gdpo")
+
+
+def test_safety_labels_are_read_and_bad_ones_located(tmp_path):
+    good = write_jsonl(tmp_path / "ok.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_safe": True, "rejected_safe": False},
+        {"prompt": "p", "chosen": "a", "rejected": "c", "rejected_safe": False},
+        {"prompt": "p", "chosen": "a", "rejected": "d"},
+    ])
+    pairs, _ = load_preferences(str(good))
+    assert [p.safety for p in pairs] == [(-1, 1), (0, 1), None]
+    for line, problem in [
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_safe": "yes"}, "field 'chosen_safe' must be true, false or absent, got 'yes'"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_safe": False, "rejected_safe": True},
+         "'chosen' is the safer response, but chosen_safe is false and rejected_safe true"),
+        ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "chosen_safe": True},
+         "fields 'chosen_safe' / 'rejected_safe' belong to a record with 'chosen' and 'rejected'"),
+    ]:
+        p = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "y", "rejected": "z"}, line])
+        with pytest.raises(DataError) as e:
+            load_preferences(str(p))
+        assert str(e.value).startswith(f"{p}:2: {problem}"), str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages on tiny models
+
+
+def _safety_pairs(n, seed):
+    """The unsafe response contains 'hate'; the safer one does not."""
+    rng = random.Random(seed)
+    vocab = [w for w in WORDS if w != "hate"]
+    out = []
+    for _ in range(n):
+        bad = rng.sample(vocab, 4)
+        bad.insert(rng.randrange(5), "hate")
+        out.append({"prompt": " ".join(rng.sample(vocab, 3)), "chosen": " " + " ".join(rng.sample(vocab, 5)),
+                    "rejected": " " + " ".join(bad), "chosen_safe": True, "rejected_safe": False})
+    return out
+
+
+def test_cost_model_learns_the_sign_of_safety(tiny_gpt2, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", _safety_pairs(256, 1))
+    held = write_jsonl(tmp_path / "held.jsonl", _safety_pairs(100, 2))
+    summary = rm_stage.train(load_config(rm_stage.RMConfig, None, [
+        "loss=cost", f"model={tiny_gpt2}", f"data.train={train}", f"data.eval={held}", f"out={tmp_path / 'cost'}",
+        "max_steps=80", "batch_size=16", "optim.lr=3e-3", "track.progress=false"]))
+    assert summary["eval/accuracy"] >= 0.95, summary  # the unsafer response costs more
+    assert summary["eval/sign_accuracy"] >= 0.9, summary  # and safe ones cost below 0, unsafe above
+    stats = load_reward_stats(tmp_path / "cost" / "final")
+    assert stats["kind"] == "cost" and (stats["mean"], stats["std"]) == (0.0, 1.0)  # never shifted off its 0
+
+
+def test_ppo_with_named_sources_logs_each_and_sums_them(tiny_gpt2, tmp_path):
+    sources = ("reward.sources=[{name: target, fn: 'tether.rewards:token_fraction', kwargs: {tokens: " + str(TARGET) + "}}, "
+               "{name: brevity, fn: 'tether.rewards:length_penalty', kwargs: {target: 2}, weight: 0.5}]")
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "sum", "reward.fn=", sources, "max_steps=2", "ppo.epochs=1"))
+    for r in read_metrics(tmp_path / "sum" / "run"):
+        for name in ("target", "brevity"):
+            assert {f"rewards/{name}/{k}" for k in ("raw_mean", "mean", "std", "contribution")} <= r.keys()
+        assert r["rewards/brevity/contribution"] == pytest.approx(0.5 * r["rewards/brevity/mean"], abs=1e-6)
+        assert r["rewards/raw_mean"] == pytest.approx(r["rewards/target/contribution"] + r["rewards/brevity/contribution"], abs=1e-6)
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "gdpo", "reward.fn=", sources, "reward.combine=gdpo", "samples_per_prompt=2",
+                   "batch_size=8", "max_steps=2", "ppo.epochs=1"))
+    for r in read_metrics(tmp_path / "gdpo" / "run"):  # normalised within each prompt's pair: every group mean is 0
+        assert abs(r["rewards/raw_mean"]) < 1e-5 and abs(r["rewards/target/contribution"]) < 1e-5
+
+
+COST = list(range(10, 26))  # half of the tokens the reward pays for also cost
+_COST = ["cost.fn=tether.rewards:token_fraction", f"cost.kwargs={{tokens: {COST}}}", "cost.threshold=0.05", "cost.lambda_init=0"]
+
+
+def test_ppo_lagrangian_holds_a_planted_cost_under_its_threshold(tiny_gpt2, tmp_path):
+    """Maximising the reward raises the cost (the cheapest reward tokens cost too): with lambda fixed at 0
+    the cost ends far above the threshold; with the learned multiplier it ends at or under it while the
+    reward still more than doubles."""
+    runs = {}
+    for name, lr in (("free", 0), ("lagrangian", 5)):
+        ppo.train(_cfg(tiny_gpt2, tmp_path / name, "max_steps=40", f"cost.lambda_lr={lr}", *_COST))
+        rows = read_metrics(tmp_path / name / "run")
+        runs[name] = {k: [r[k] for r in rows] for k in ("rewards/raw_mean", "cost/mean", "lagrange/lambda", "cost/violation_rate", "loss/cost_value")}
+    free, lag = runs["free"], runs["lagrangian"]
+    assert _mean(free["cost/mean"][-10:]) > 0.1, free["cost/mean"]  # 2x the threshold
+    assert _mean(lag["cost/mean"][-10:]) <= 0.055, lag["cost/mean"]
+    assert _mean(lag["rewards/raw_mean"][-10:]) > 2 * _mean(lag["rewards/raw_mean"][:5]), lag["rewards/raw_mean"]
+    assert max(lag["lagrange/lambda"]) > 0.2 and set(free["lagrange/lambda"]) == {0.0}
+    assert _mean(lag["cost/violation_rate"][-10:]) < _mean(free["cost/violation_rate"][-10:])
+
+
+def test_ppo_lagrangian_resumes_bit_exactly(tiny_gpt2, tmp_path):
+    common = ["ppo.epochs=2", "save_every=2", "batch_size=8", *_COST, "cost.lambda_lr=5", "cost.lambda_init=1", "cost.threshold=0"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=4", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=2", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=4", "resume=true", *common))
+    a, b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert _comparable(a) == _comparable(b)
+    assert len({r["lagrange/lambda"] for r in a}) > 2  # it moved, and resumed where it was
+
+
+def test_ppo_lagrangian_with_a_cost_model(tiny_gpt2, tmp_path):
+    """cost.model: the cost is the trained cost model's score, and the cost critic starts from it."""
+    train = write_jsonl(tmp_path / "train.jsonl", _safety_pairs(32, 1))
+    rm_stage.train(load_config(rm_stage.RMConfig, None, ["loss=cost", f"model={tiny_gpt2}", f"data.train={train}", f"out={tmp_path / 'cost'}",
+                                                         "max_steps=2", "batch_size=8", "track.progress=false"]))
+    summary = ppo.train(_cfg(tiny_gpt2, tmp_path / "ppo", "max_steps=2", "ppo.epochs=1", f"cost.model={tmp_path / 'cost' / 'final'}"))
+    rows = read_metrics(tmp_path / "ppo" / "run")
+    assert all({"cost/mean", "cost_value/explained_variance", "loss/cost_value", "lagrange/lambda"} <= r.keys() for r in rows)
+    assert "cost/mean" in summary and "lagrange/lambda" in summary
