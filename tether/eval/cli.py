@@ -7,6 +7,8 @@ hacking the reward?", "is it sycophantic?" and "is my preference data sound?".
     tether eval sycophancy --model runs/rm/final --out reports/syc
     tether eval sycophancy --conflict 0,0.25,0.5,0.75,1 --base-model runs/sft/final --out reports/conflict
     tether eval data prefs.jsonl more.jsonl --out reports/data
+    tether eval refusal --data completions.csv --out reports/refusal
+    tether eval redteam --model runs/ppo/final --out reports/redteam
 
 Each writes OUT/report.md, OUT/metrics.json and PNG plots. Metric definitions: docs/eval.md.
 """
@@ -14,6 +16,7 @@ Each writes OUT/report.md, OUT/metrics.json and PNG plots. Metric definitions: d
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -93,7 +96,64 @@ def parser() -> argparse.ArgumentParser:
     da.add_argument("files", nargs="+", help="preference files (each reported separately)")
     da.add_argument("--out", required=True, help="report folder")
     da.add_argument("--near-threshold", type=float, default=0.8, help="word-3-shingle Jaccard at which two prompts are near duplicates")
+    rf = sub.add_parser("refusal", help="the refusal judge on prompt/completion rows; agreement with human labels (XSTest's final_label)")
+    rf.add_argument("--data", nargs="+", required=True, help="CSV or jsonl files with prompt and completion (each reported separately)")
+    _refusal_judge_args(rf)
+    rf.add_argument("--out", required=True, help="report folder (one subfolder per file when several)")
+
+    rt = sub.add_parser("redteam", help="harmful compliance and over-refusal of a policy on XSTest's prompts, by type, with CIs")
+    rt.add_argument("--model", required=True, help="the policy folder")
+    rt.add_argument("--prompts", default=None, help="XSTest-format prompts CSV (default: xstest/xstest_prompts.csv in the shared data)")
+    rt.add_argument("--n", type=int, default=0, help="use N prompts spread evenly over the file (0 = all 450)")
+    rt.add_argument("--max-new-tokens", type=int, default=64)
+    rt.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    rt.add_argument("--seed", type=int, default=0)
+    _refusal_judge_args(rt)
+    _common(rt)
     return ap
+
+
+def _refusal_judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", choices=["rules+embedding", "rules"], default="rules+embedding",
+                   help="rules alone, or rules + an embedding classifier (needs tether[safety])")
+    p.add_argument("--fit", nargs="*", default=None,
+                   help="labelled files the classifier is fitted on (default: XSTest's three, minus any file being scored)")
+    p.add_argument("--threshold", type=float, default=0.7, help="classifier probability above which a completion refuses")
+
+
+def _refusal_judge(a, scored: list[str]):
+    from tether.judges.refusal import RefusalJudge, fit_judge
+
+    if a.judge == "rules":
+        return RefusalJudge()
+    return fit_judge(a.fit or None, exclude=scored, threshold=a.threshold)
+
+
+def run_refusal(a) -> Path:
+    from tether.eval.redteam import agreement, write_refusal_report
+
+    files = _files(a.data)
+    path = None
+    for f in files:
+        print(f"tether eval refusal: judging {f}", file=sys.stderr)
+        out = Path(a.out) / Path(f).stem if len(files) > 1 else Path(a.out)
+        path = write_refusal_report(out, agreement(f, _refusal_judge(a, [f])))
+        res = json.loads((out / "metrics.json").read_text())
+        if "accuracy" in res:
+            print(f"  {Path(f).name}: agreement {100 * res['accuracy']:.1f}% over {res['rows']} rows", file=sys.stderr)
+    return path
+
+
+def run_redteam(a) -> Path:
+    from tether.eval.redteam import load_xstest_prompts, redteam, write_redteam_report
+
+    prompts = load_xstest_prompts(a.prompts)
+    if a.n and a.n < len(prompts):
+        prompts = [prompts[i * len(prompts) // a.n] for i in range(a.n)]
+    res = redteam(a.model, _refusal_judge(a, []), prompts, a.max_new_tokens, a.temperature, a.seed, a.batch_size, a.device)
+    print(f"  harmful compliance {100 * res['harmful_compliance']['rate']:.1f}%, over-refusal {100 * res['over_refusal']['rate']:.1f}%",
+          file=sys.stderr)
+    return write_redteam_report(a.out, res)
 
 
 def run_rm(a) -> Path:
@@ -181,7 +241,8 @@ def main(argv: list[str]) -> int:
     from tether.models import ModelError
 
     try:
-        path = {"rm": run_rm, "policy": run_policy, "sycophancy": run_sycophancy, "data": run_data}[a.cmd](a)
+        path = {"rm": run_rm, "policy": run_policy, "sycophancy": run_sycophancy, "data": run_data, "refusal": run_refusal,
+                "redteam": run_redteam}[a.cmd](a)
     except (DataError, ModelError, FileNotFoundError, ValueError) as e:
         print(f"tether eval {a.cmd}: {e}", file=sys.stderr)
         return 2
