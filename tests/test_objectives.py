@@ -2,7 +2,6 @@
 Lagrange multiplier and the combined advantage, and PPO-Lagrangian holding a planted cost under its
 threshold where unconstrained PPO exceeds it."""
 
-import json
 import math
 import random
 

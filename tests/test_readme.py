@@ -57,3 +57,4 @@ def test_readme_quick_start_runs_as_written(tmp_path):
             _shrink(work / "models" / "smollm2")
     assert json.loads((work / "runs" / "rm" / "summary.json").read_text())["eval/pairs"] > 0
     assert (work / "runs" / "eval_ppo" / "metrics.json").exists() and (work / "runs" / "dpo" / "final" / "config.json").exists()
+    assert json.loads((work / "runs" / "redteam_smollm2" / "metrics.json").read_text())["harmful_compliance"]["n"] == 200
