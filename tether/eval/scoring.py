@@ -166,6 +166,11 @@ def sample(model_dir: str | Path, prompts: list, k: int = 1, max_new_tokens: int
     repeated = [p for p in prompts for _ in range(k)]
     cfg = DataConfig(max_length=max_prompt_length + max_new_tokens, max_prompt_length=max_prompt_length)
     ids = tokenize_prompts([PromptExample(p, f"prompt[{i}]") for i, p in enumerate(repeated)], tok, cfg)
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    longest = max((len(i) for i in ids), default=0)
+    if ctx and longest + max_new_tokens > ctx:
+        raise ValueError(f"{model_dir}: the longest prompt is {longest} tokens, and {max_new_tokens} new tokens would reach "
+                         f"{longest + max_new_tokens}, past the model's context of {ctx}; lower the new tokens to {max(ctx - longest, 0)} or fewer")
     pad = pad_id(tok)
     rollout = HFRollout(model, tok, dev)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
