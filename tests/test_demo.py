@@ -205,3 +205,32 @@ def test_stages_are_the_stage_configs_with_the_demos_settings():
     assert stage_config(fn, "ppo", {"model": "m", "out": "o", "reward": {"model": "r"}}).reward.model == ""  # yours, not the RM
     with pytest.raises(ConfigError, match="unknown config key 'ppo.kl.cof'; did you mean 'ppo.kl.coef'"):
         load_config(DemoConfig, None, ["ppo.kl.cof=1"])  # at load, before any stage runs
+
+
+def test_constrained_experiment_on_the_quick_demo(quick_run, tmp_path):
+    """python -m tether.demo.constrained: every variant trained with its λ settings, the report's numbers
+    are the metrics file's, and each policy's cost is the gold rule on its own held-out responses."""
+    from tether.demo.constrained import main
+    from tether.track import read_metrics
+
+    out = tmp_path / "constrained"
+    assert main(["--demo", str(quick_run), "--out", str(out), "--weights", "4", "--n-prompts", "8", "--lambda-lr", "50"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["policies"]) == ["SFT", "unconstrained", "lagrangian", "fixed w=4"]
+    logs = {n: read_metrics(out / "runs" / d / "metrics.jsonl") for n, d in
+            (("unconstrained", "unconstrained"), ("lagrangian", "lagrangian"), ("fixed", "fixed_w4"))}
+    assert all(x["lagrange/lambda"] == 0 for x in logs["unconstrained"])  # measured, never used
+    assert all(x["lagrange/lambda"] == 4 for x in logs["fixed"])
+    lam = [x["lagrange/lambda"] for x in logs["lagrangian"]]
+    costs = [x["cost/mean"] for x in logs["lagrangian"]]
+    # λ_t = max(0, λ_{t-1} + lr (cost_t - threshold)), from λ_0 = 1
+    expect, ref = [], 1.0
+    for c in costs:
+        ref = max(0.0, ref + 50 * (c - m["threshold"]))
+        expect.append(ref)
+    assert lam == pytest.approx(expect, abs=1e-6) and m["lambda_trajectory"] == lam
+    report = (out / "report.md").read_text()
+    for name, r in m["policies"].items():
+        assert f"| {name} | {r['gold_reward']:.3f} | {r['win_rate_vs_sft']:.3f} | {r['cost']:.3f} |" in report
+    assert (out / "frontier.png").exists()
+    assert main(["--demo", str(tmp_path / "nothing"), "--out", str(out)]) == 2

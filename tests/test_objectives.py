@@ -232,3 +232,11 @@ def test_ppo_lagrangian_with_a_cost_model(tiny_gpt2, tmp_path):
     rows = read_metrics(tmp_path / "ppo" / "run")
     assert all({"cost/mean", "cost_value/explained_variance", "loss/cost_value", "lagrange/lambda"} <= r.keys() for r in rows)
     assert "cost/mean" in summary and "lagrange/lambda" in summary
+
+
+def test_repetition_cost_by_hand():
+    from tether.rewards import repetition
+
+    # 6 words, 4 distinct: 1 - 4/6; bigrams ab, ba, ab: 1 - 2/3; too short and empty: 0
+    assert repetition([], ["like a good , like a funny", "Like LIKE like", "", "a"]) == pytest.approx([1 / 3, 2 / 3, 0.0, 0.0])
+    assert repetition([], ["a b a b", "a"], n=2) == pytest.approx([1 / 3, 0.0])

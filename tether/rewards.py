@@ -93,3 +93,15 @@ def token_fraction(prompts: list[str], responses: list[str], response_ids: list[
 def length_penalty(prompts: list[str], responses: list[str], target: int = 20) -> list[float]:
     """-|len(words) - target| / target: prefers responses of about `target` words."""
     return [-abs(len(r.split()) - target) / max(target, 1) for r in responses]
+
+
+def repetition(prompts: list[str], responses: list[str], n: int = 1) -> list[float]:
+    """seq-rep-n of each response: 1 - unique word n-grams / word n-grams (Welleck et al. 2019); 0 for
+    responses shorter than n words. A degeneracy cost: PPO on a sentiment reward raises it by repeating
+    its pet phrases."""
+    out = []
+    for r in responses:
+        ws = [w.lower() for w in _WORD.findall(r)]
+        grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+        out.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+    return out
