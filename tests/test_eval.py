@@ -448,3 +448,14 @@ def test_an_eval_score_is_the_score_ppo_sees(tiny_gpt2, tmp_path):
     # a cut response is not scored as its raw tokens: that reads an ending the RM never saw in training
     raw_cut = engine.forward(ro, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask))
     assert not torch.allclose(raw_cut[1:], eval_scores[1:], atol=1e-3)
+
+
+def test_run_report_plots_each_reward_source_and_the_constraint():
+    from tether.eval.policy_report import logged_keys
+
+    logged = [{"step": 1, "rewards/raw_mean": 0.1, "rewards/mean": 0.0, "rewards/helpful/mean": 0.2, "rewards/helpful/raw_mean": 3.0,
+               "rewards/brevity/contribution": -0.1, "rewards/brevity/mean": 0.5, "rewards/helpful/contribution": 0.2,
+               "cost/mean": 0.3, "lagrange/lambda": 1.0, "objective/kl": 0.01}]
+    assert logged_keys(logged) == ["rewards/raw_mean", "rewards/mean", "objective/kl", "cost/mean", "lagrange/lambda",
+                                   "rewards/brevity/contribution", "rewards/brevity/mean", "rewards/helpful/contribution",
+                                   "rewards/helpful/mean"]

@@ -197,7 +197,15 @@ def evaluate_run(run: str | Path, ref: str, prompts: list, scorer=None, judges: 
     return {"run": str(run), "ref": ref, "checkpoints": rows, "flags": flags, "logged": logged}
 
 
-LOGGED_KEYS = ("rewards/raw_mean", "rewards/mean", "objective/kl", "response/length_mean")
+LOGGED_KEYS = ("rewards/raw_mean", "rewards/mean", "objective/kl", "response/length_mean", "cost/mean", "cost/violation_rate",
+               "lagrange/lambda")
+
+
+def logged_keys(logged: list[dict]) -> list[str]:
+    """The fixed curves, then each named reward source's mean and contribution (reward.sources)."""
+    seen = {k for r in logged for k in r}
+    per_source = sorted(k for k in seen if k.startswith("rewards/") and k.endswith(("/mean", "/contribution")) and k.count("/") == 2)
+    return [k for k in LOGGED_KEYS if k in seen] + per_source
 
 
 def write_run_report(out_dir: str | Path, res: dict) -> Path:
@@ -235,10 +243,9 @@ def write_run_report(out_dir: str | Path, res: dict) -> Path:
     axes[2].legend(fontsize=8)
     rep.save_figure(fig, "checkpoints", "Signals across checkpoints")
     logged = res["logged"]
-    keys = [k for k in LOGGED_KEYS if any(k in r for r in logged)]
+    keys = logged_keys(logged)
     if keys:
-        fig, axes = Report.figure(len(keys), 4.0, 3.2)
-        axes = axes if len(keys) > 1 else [axes]
+        fig, axes = Report.grid(len(keys))
         for ax, key in zip(axes, keys):
             pts = [(r["step"], r[key]) for r in logged if isinstance(r.get(key), (int, float))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-")

@@ -84,6 +84,16 @@ class Report:
         fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
         return fig, (axes[0] if ncols > 1 else axes[0][0])
 
+    @staticmethod
+    def grid(n: int, per_row: int = 4, width: float = 4.0, height: float = 3.2):
+        """n panels in rows of per_row (spare panels hidden): the figure and a flat list of n axes."""
+        cols, rows = min(n, per_row), -(-n // per_row)
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+        flat = [a for row in axes for a in row]
+        for a in flat[n:]:
+            a.set_visible(False)
+        return fig, flat[:n]
+
     def save_figure(self, fig, name: str, caption: str) -> str:
         fname = f"{slug(name)}.png"
         fig.tight_layout()
