@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import write_jsonl
-from test_ppo import TARGET, _cfg, _comparable
+from test_ppo import TARGET, _cfg, resumed_equals_uninterrupted
 from tiny import WORDS
 
 from tether.advantages import LagrangeMultiplier, combine_rewards, lagrangian_advantages
@@ -214,12 +214,7 @@ def test_ppo_lagrangian_holds_a_planted_cost_under_its_threshold(tiny_gpt2, tmp_
 
 def test_ppo_lagrangian_resumes_bit_exactly(tiny_gpt2, tmp_path):
     common = ["ppo.epochs=2", "save_every=2", "batch_size=8", *_COST, "cost.lambda_lr=5", "cost.lambda_init=1", "cost.threshold=0"]
-    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=4", *common))
-    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=2", *common))
-    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=4", "resume=true", *common))
-    a, b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert _comparable(a) == _comparable(b)
+    a, _ = resumed_equals_uninterrupted(tiny_gpt2, tmp_path, *common)
     assert len({r["lagrange/lambda"] for r in a}) > 2  # it moved, and resumed where it was
 
 

@@ -206,14 +206,19 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("timing/", "speed/", "memory/")) and k != "time"} for r in rows]
 
 
-def test_resume_equivalence(tiny_gpt2, tmp_path):
-    common = ["ppo.epochs=2", "save_every=2", "batch_size=8", "kl.adaptive=true"]
-    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=4", *common))
-    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=2", *common))
-    ppo.train(_cfg(tiny_gpt2, tmp_path / "b", "max_steps=4", "resume=true", *common))
+def resumed_equals_uninterrupted(model, tmp_path, *common):
+    """4 steps in one run (a) and 2 + resume to 4 (b) log the same metrics; returns both logs."""
+    ppo.train(_cfg(model, tmp_path / "a", "max_steps=4", *common))
+    ppo.train(_cfg(model, tmp_path / "b", "max_steps=2", *common))
+    ppo.train(_cfg(model, tmp_path / "b", "max_steps=4", "resume=true", *common))
     a, b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert _comparable(a) == _comparable(b)
+    return a, b
+
+
+def test_resume_equivalence(tiny_gpt2, tmp_path):
+    resumed_equals_uninterrupted(tiny_gpt2, tmp_path, "ppo.epochs=2", "save_every=2", "batch_size=8", "kl.adaptive=true")
     from safetensors.torch import load_file
 
     for name in ("final", "value"):  # raw tensors: loading "value" as a scalar model would re-draw its head

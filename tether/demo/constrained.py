@@ -29,14 +29,14 @@ def _variants(weights: list[float], lam_lr: float) -> dict[str, list[str]]:
     return v
 
 
-def _train(demo: Path, out: Path, name: str, extra: list[str], threshold: float) -> Path:
+def _train(demo: Path, out: Path, name: str, extra: list[str], threshold: float, seed: int) -> Path:
     from tether.algo import ppo
     from tether.config import load_config
 
     folder = out / "runs" / name.replace(" ", "_").replace("=", "")
     if (folder / "final" / "config.json").exists():
         return folder
-    overrides = [f"out={folder}", f"cost.fn={COST_FN}", f"cost.threshold={threshold}", "track.progress=false", "sample_every=0", *extra]
+    overrides = [f"out={folder}", f"seed={seed}", f"cost.fn={COST_FN}", f"cost.threshold={threshold}", "track.progress=false", "sample_every=0", *extra]
     cfg = load_config(ppo.PPOConfig, demo / "ppo" / "config.json", overrides)
     print(f"constrained: training {name}", file=sys.stderr)
     ppo.train(cfg)
@@ -76,7 +76,7 @@ def run(demo: Path, out: Path, threshold: float, weights: list[float], lam_lr: f
     rows = {"SFT": _summary(sft, None) | {"win_rate_vs_sft": 0.5}}
     logs = {}
     for name, extra in _variants(weights, lam_lr).items():
-        folder = _train(demo, out, name, extra, threshold)
+        folder = _train(demo, out, name, extra, threshold, seed)
         rows[name] = _summary(_evaluate(str(folder / "final"), prompts, threshold, seed, max_new), sft)
         m = read_metrics(folder / "metrics.jsonl")
         logs[name] = {k: [x.get(k) for x in m] for k in ("cost/mean", "cost/violation_rate", "lagrange/lambda", "rewards/raw_mean")}
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default="0.5,2,8", help="fixed cost weights for the frontier")
     ap.add_argument("--lambda-lr", type=float, default=50.0, help="costs are ~0.01-0.1, so λ needs a large step to move within 40 iterations")
     ap.add_argument("--n-prompts", type=int, default=0, help="held-out prompts scored (0 = all)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="PPO's seed and the evaluation's sampling seed")
     a = ap.parse_args(argv)
     demo = Path(a.demo)
     if not (demo / "ppo" / "config.json").exists() or not (demo / "sft" / "final").exists():
