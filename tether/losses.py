@@ -142,9 +142,15 @@ def cost_model_loss(c_safer: Tensor, c_unsafer: Tensor, safety: Tensor | None, n
     raw = (cu - cs).detach()
     m = {"loss/rm": loss.detach(), "rm/accuracy": (raw > 0).float().mean(), "rm/margin": raw.mean()}
     if safety is not None:  # over the labelled responses of the micro-batch (0 when none is)
-        c, s = torch.cat([cs, cu]).detach(), torch.cat([safety[:, 0], safety[:, 1]]).float()
-        m["rm/sign_accuracy"] = (((c > 0) == (s > 0)) & (s != 0)).float().sum() / (s != 0).sum().clamp(min=1)
+        m["rm/sign_accuracy"] = sign_accuracy(torch.cat([cs, cu]).detach(), torch.cat([safety[:, 0], safety[:, 1]]))
     return loss, m
+
+
+def sign_accuracy(costs: Tensor, signs: Tensor) -> Tensor:
+    """Share of labelled responses (sign +1 unsafe, -1 safe; 0 unlabelled, not counted) whose cost is on
+    their side of 0; 0 when none is labelled."""
+    s = signs.float()
+    return (((costs > 0) == (s > 0)) & (s != 0)).float().sum() / (s != 0).sum().clamp(min=1)
 
 
 # -- DPO family ------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tether.algo.common import load_tokenized, sampler_and_step, should, start_r
 from tether.cli import cli_main
 from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine
-from tether.losses import bradley_terry_loss, cost_model_loss
+from tether.losses import bradley_terry_loss, cost_model_loss, sign_accuracy
 from tether.models import disable_dropout, load_scalar_model, save_reward_stats, sequence_scores
 from tether.track import Tracker
 
@@ -92,8 +92,7 @@ def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str, items=None) ->
     }
     if items and any(it.safety for it in items):
         s = torch.tensor([it.safety or (0, 0) for it in items], dtype=torch.float)  # (safer, unsafer)
-        c, s = torch.cat([rr, rc]), torch.cat([s[:, 0], s[:, 1]])
-        out[f"{prefix}/sign_accuracy"] = float(((c > 0) == (s > 0))[s != 0].float().mean())
+        out[f"{prefix}/sign_accuracy"] = float(sign_accuracy(torch.cat([rr, rc]), torch.cat([s[:, 0], s[:, 1]])))
     return out
 
 

@@ -65,12 +65,13 @@ def _summary(r: dict, sft: dict | None) -> dict:
 
 
 def run(demo: Path, out: Path, threshold: float, weights: list[float], lam_lr: float, n_prompts: int, seed: int) -> Path:
+    from tether.demo.io import read_jsonl
     from tether.track import read_metrics
 
     out.mkdir(parents=True, exist_ok=True)
     demo_cfg = json.loads((demo / "config.json").read_text())
     max_new = int(demo_cfg.get("max_new_tokens", 24))
-    prompts = [json.loads(x)["prompt"] for x in (demo / "data" / "prompts_eval.jsonl").read_text().splitlines() if x.strip()]
+    prompts = [r["prompt"] for r in read_jsonl(demo / "data" / "prompts_eval.jsonl")]
     prompts = prompts[:n_prompts] if n_prompts else prompts
     sft = _evaluate(str(demo / "sft" / "final"), prompts, threshold, seed, max_new)
     rows = {"SFT": _summary(sft, None) | {"win_rate_vs_sft": 0.5}}
@@ -88,6 +89,7 @@ def run(demo: Path, out: Path, threshold: float, weights: list[float], lam_lr: f
 
 def _write(out: Path, m: dict) -> Path:
     from tether.atomic import atomic_write_text
+    from tether.demo.io import write_json
 
     t = m["threshold"]
     lines = ["# Constrained RLHF in the demo's setting", "",
@@ -104,7 +106,7 @@ def _write(out: Path, m: dict) -> Path:
         every = max(1, len(lam) // 10)
         lines += ["", "λ (PPO-Lagrangian) every " + str(every) + " iterations: " + ", ".join(f"{x:.2f}" for x in lam[::every]) + f"; last {lam[-1]:.2f}"]
     lines += ["", "The fixed-weight runs trace the reward–cost frontier; frontier.png places the Lagrangian run on it."]
-    atomic_write_text(out / "metrics.json", json.dumps(m, indent=2) + "\n")
+    write_json(out / "metrics.json", m)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     _plot(out, m)
     return out / "report.md"
