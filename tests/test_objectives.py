@@ -4,6 +4,7 @@ threshold where unconstrained PPO exceeds it."""
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from tether.algo import rm as rm_stage
 from tether.config import ConfigError, load_config
 from tether.data import load_preferences
 from tether.data.records import DataError
-from tether.losses import cost_model_loss
+from tether.losses import cost_model_loss, multi_objective_loss
 from tether.models import load_reward_stats
 from tether.track import read_metrics
 
@@ -235,3 +236,156 @@ def test_repetition_cost_by_hand():
     # 6 words, 4 distinct: 1 - 4/6; bigrams ab, ba, ab: 1 - 2/3; too short and empty: 0
     assert repetition([], ["like a good , like a funny", "Like LIKE like", "", "a"]) == pytest.approx([1 / 3, 2 / 3, 0.0, 0.0])
     assert repetition([], ["a b a b", "a"], n=2) == pytest.approx([1 / 3, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# A multi-objective reward model: one head per objective, from pairs labelled on each
+
+
+def test_multi_objective_loss_hand_derived():
+    # pair 0: helpful says chosen (+1, d=1), harmless says rejected (-1, d=-2); pair 1: helpful no judgment, harmless +1 (d=0.5)
+    rc = torch.tensor([[1.0, -1.0], [3.0, 0.5]])
+    rr = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    labels = torch.tensor([[1.0, -1.0], [0.0, 1.0]])
+    loss, m = multi_objective_loss(rc, rr, labels, num_judgments=3)
+    sp = lambda x: math.log1p(math.exp(-x))  # -log sigma(x)
+    assert loss.item() == pytest.approx((sp(1) + sp(2) + sp(0.5)) / 3, abs=1e-6)  # pair 1's helpful d=3 is not counted
+    assert m["rm/accuracy"].item() == 1.0
+    assert m["rm/head0_accuracy"].item() == 1.0 and m["rm/head1_accuracy"].item() == 1.0
+    wrong, m = multi_objective_loss(rc, rr, -labels, num_judgments=3)
+    assert wrong.item() == pytest.approx((sp(-1) + sp(-2) + sp(-0.5)) / 3, abs=1e-6) and m["rm/accuracy"].item() == 0.0
+
+
+def test_objective_labels_are_read_and_bad_ones_located(tmp_path):
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"helpful": 1, "harmless": -1}},
+                                               {"prompt": "p", "chosen": "a", "rejected": "c"}])
+    pairs, _ = load_preferences(str(good))
+    assert [p.labels for p in pairs] == [{"helpful": 1, "harmless": -1}, None]
+    for line, problem in [
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"helpful": 2}}, "labels['helpful'] must be 1 (chosen better), -1 (rejected better) or 0"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"helpful": True}}, "labels['helpful'] must be 1"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "labels": ["helpful"]}, "field 'labels' must be an object"),
+        ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "labels": {"helpful": 1}}, "field 'labels' belongs to a record with 'chosen' and 'rejected'"),
+    ]:
+        p = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "y", "rejected": "z"}, line])
+        with pytest.raises(DataError) as e:
+            load_preferences(str(p))
+        assert str(e.value).startswith(f"{p}:2: {problem}"), str(e.value)
+
+
+def _two_objective_pairs(n, seed):
+    """helpful: the response with 'good' in it is better; harmless: the one with 'hate' in it is worse.
+    The chosen/rejected order is random, so only the labels carry the judgments, and half the pairs set
+    the two objectives against each other (the helpful response is the harmful one)."""
+    rng = random.Random(seed)
+    vocab = [w for w in WORDS if w not in ("good", "hate")]
+
+    def response(good, hate):
+        words = rng.sample(vocab, 4)
+        for w, on in (("good", good), ("hate", hate)):
+            if on:
+                words.insert(rng.randrange(len(words) + 1), w)
+        return " " + " ".join(words)
+
+    out = []
+    for _ in range(n):
+        a, b = (rng.random() < 0.5, rng.random() < 0.5), (rng.random() < 0.5, rng.random() < 0.5)
+        if a == b:
+            b = (not a[0], a[1]) if rng.random() < 0.5 else (a[0], not a[1])
+        out.append({"prompt": " ".join(rng.sample(vocab, 3)), "chosen": response(*a), "rejected": response(*b),
+                    "labels": {"helpful": int(a[0]) - int(b[0]), "harmless": int(b[1]) - int(a[1])}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_head_rm(tiny_gpt2, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_head")
+    train = write_jsonl(tmp / "train.jsonl", _two_objective_pairs(320, 1))
+    held = write_jsonl(tmp / "held.jsonl", _two_objective_pairs(120, 2))
+    summary = rm_stage.train(load_config(rm_stage.RMConfig, None, [
+        "heads=[helpful,harmless]", f"model={tiny_gpt2}", f"data.train={train}", f"data.eval={held}", f"out={tmp / 'rm'}",
+        "max_steps=100", "batch_size=16", "optim.lr=3e-3", "track.progress=false"]))
+    return tmp, summary
+
+
+def test_a_two_head_reward_model_learns_objectives_that_pull_apart(two_head_rm):
+    from transformers import AutoModelForSequenceClassification
+
+    tmp, summary = two_head_rm
+    assert summary["eval/helpful/accuracy"] >= 0.9 and summary["eval/harmless/accuracy"] >= 0.9, summary
+    assert summary["eval/helpful/pairs"] < summary["eval/pairs"]  # pairs with a 0 label are not counted for that head
+    stats = load_reward_stats(tmp / "rm" / "final")
+    assert stats["heads"] == ["helpful", "harmless"] and len(stats["mean"]) == len(stats["std"]) == 2
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp / "rm" / "final"))
+    assert hf.config.num_labels == 2 and hf.config.id2label == {0: "helpful", 1: "harmless"}
+
+
+def test_each_head_is_a_reward_source(two_head_rm, tiny_gpt2, tmp_path):
+    from tether.algo.reward import RewardConfig, Rewards
+    from tether.config import EngineConfig
+    from tether.data import pad_id
+    from tether.models import load_tokenizer
+    from tether.types import RolloutBatch
+
+    tmp, _ = two_head_rm
+    rm = tmp / "rm" / "final"
+    tok = load_tokenizer(tiny_gpt2)
+    texts = [" fun good movie", " fun hate movie", " fun dull movie"]
+    rows = [tok(" the cat" + t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    n_prompt = len(tok(" the cat")["input_ids"])
+    seqs = torch.tensor([[pad_id(tok)] * (width - len(r)) + r for r in rows])
+    attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    R = width - n_prompt
+    ro = RolloutBatch(sequences=seqs, attention_mask=attn, response_mask=attn[:, -R:].float(), logprobs=torch.zeros(3, R),
+                      prompts=[" the cat"] * 3, responses=texts, finished=torch.ones(3, dtype=torch.bool))
+    cfg = load_config(RewardConfig, None, [f"sources=[{{name: helpful, model: {rm}, head: helpful}}, {{name: harmless, model: {rm}, head: harmless, weight: 0.5}}]",
+                                           "missing_eos_penalty=0"])
+    rewards = Rewards.build(cfg, EngineConfig(), tok, pad_id(tok), [tok.eos_token_id])
+    helpful, harmless = (scorer.raw(ro) for _, scorer in rewards.parts)
+    assert helpful[0] > helpful[2] and harmless[1] < harmless[2], (helpful, harmless)  # 'good' helps, 'hate' harms
+    _, _, m = rewards.score(ro)
+    assert {"rewards/helpful/mean", "rewards/harmless/contribution"} <= m.keys()
+    for bad, problem in [(f"model={rm}", f"{rm} has the heads helpful, harmless; read one as a reward source"),
+                         (f"sources=[{{name: h, model: {rm}, head: honest}}]", f"config key 'reward.sources[0]': {rm} has the heads helpful, harmless, not 'honest'")]:
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            Rewards.build(load_config(RewardConfig, None, [bad]), EngineConfig(), tok, pad_id(tok), [tok.eos_token_id])
+
+
+def test_eval_rm_reports_each_head_by_source(two_head_rm, tmp_path):
+    import json
+
+    from tether.eval.cli import main as eval_main
+
+    tmp, _ = two_head_rm
+    held = write_jsonl(tmp_path / "held.jsonl", [dict(r, source="mixed") for r in _two_objective_pairs(60, 3)])
+    assert eval_main(["rm", "--model", str(tmp / "rm" / "final"), "--data", str(held), "--out", str(tmp_path / "rep"), "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    by_head = metrics["heads_by_source"]
+    assert set(by_head) == {"helpful", "harmless"} and all(v["mixed"]["accuracy"] >= 0.85 for v in by_head.values()), by_head
+    files = {f["head"]: f for f in metrics["files"]}
+    assert files["helpful"]["pairs"] + files["helpful"]["unjudged_for_head"] == 60
+    assert "Heads by source" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_heads_need_labelled_pairs_and_xstest_converts_into_them(tiny_gpt2, tmp_path):
+    from tether.data.convert import xstest_records
+    from tether.judges.refusal import xstest_labelled_files
+
+    unlabelled = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"helpful": 1}},
+                                                         {"prompt": "p", "chosen": "a", "rejected": "c"}])
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"honest": 1}}])
+    for path, problem in [(unlabelled, f"{unlabelled}:2: the pair has no 'labels'"), (odd, f"{odd}:1: labels name honest, not among heads=")]:
+        with pytest.raises(DataError, match=re.escape(problem)):
+            rm_stage.train(load_config(rm_stage.RMConfig, None, ["heads=[helpful,harmless]", f"model={tiny_gpt2}", f"data.train={path}",
+                                                                 f"out={tmp_path / 'rm'}", "max_steps=1", "track.progress=false"]))
+    with pytest.raises(ConfigError, match="several heads train with loss=bradley_terry"):
+        load_config(rm_stage.RMConfig, None, ["heads=[a,b]", "loss=cost", "model=m", "data.train=t", "out=o"])
+
+    recs = xstest_records(xstest_labelled_files())
+    assert len(recs) == 420  # prompts where one model complied and another refused, every such pair of answers
+    unsafe = [r for r in recs if r["source"] == "xstest/unsafe"]
+    assert len(unsafe) == 258 and all(r["labels"] == {"helpful": -1, "harmless": 1} and not r["rejected_safe"] for r in unsafe)
+    assert all(r["labels"] == {"helpful": 1, "harmless": 0} and r["rejected_safe"] for r in recs if r["source"] == "xstest/safe")
+    pairs, _ = load_preferences(str(write_jsonl(tmp_path / "xs.jsonl", recs)))
+    assert len(pairs) == 420 and pairs[0].labels and pairs[0].safety == (-1, 1 if recs[0]["source"] == "xstest/unsafe" else -1)

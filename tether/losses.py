@@ -153,6 +153,22 @@ def sign_accuracy(costs: Tensor, signs: Tensor) -> Tensor:
     return (((costs > 0) == (s > 0)) & (s != 0)).float().sum() / (s != 0).sum().clamp(min=1)
 
 
+def multi_objective_loss(r_chosen: Tensor, r_rejected: Tensor, labels: Tensor, num_judgments: float) -> tuple[Tensor, Metrics]:
+    """Bradley-Terry per objective for a K-head reward model: sum over labelled (pair b, head k) of
+    -log sigma(l_bk (r_c,bk - r_r,bk)), l = +1 when chosen is better on objective k, -1 when rejected is,
+    0 = no judgment (left out). r_* and labels [B, K]; the sum / num_judgments (the labelled count).
+    """
+    diff = r_chosen.float() - r_rejected.float()  # [B, K]
+    judged = labels != 0
+    loss = torch.where(judged, -F.logsigmoid(labels.float() * diff), torch.zeros_like(diff)).sum() / num_judgments
+    right = ((labels * diff.detach()) > 0) & judged
+    per_head = right.float().sum(0) / judged.sum(0).clamp(min=1)  # [K], 0 for a head with no judgment here
+    m: Metrics = {"loss/rm": loss.detach(), "rm/accuracy": right.float().sum() / judged.sum().clamp(min=1)}
+    for k in range(labels.shape[1]):
+        m[f"rm/head{k}_accuracy"] = per_head[k]
+    return loss, m
+
+
 # -- DPO family ------------------------------------------------------------------------------------
 
 

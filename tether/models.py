@@ -91,8 +91,10 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu") -> nn.M
     return fuse_activations(model).to(device)
 
 
-def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", pad_token_id: int | None = None) -> nn.Module:
-    """A reward model or critic: the backbone of `path` with a 1-output `score` head.
+def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", pad_token_id: int | None = None,
+                      heads: list[str] | None = None) -> nn.Module:
+    """A reward model or critic: the backbone of `path` with a `score` head of one output, or one per
+    named head (a multi-objective reward model; a saved one loads with the heads it was trained with).
 
     From a causal-LM folder the head is new and initialised N(0, 1/(d+1)) as in Stiennon et al. 2020;
     from a tether reward-model folder the trained head loads as saved.
@@ -101,7 +103,15 @@ def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", pad_
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     p = _check_dir(path)
-    config = AutoConfig.from_pretrained(str(p), num_labels=1)
+    saved = (p / RM_STATS_FILE).exists()
+    names = reward_heads(p) if saved else []
+    if saved and heads is not None and list(heads) != names:
+        raise ModelError(f"{p}: a reward model with heads {names or '(one, unnamed)'}; heads={list(heads)} needs a causal LM or SFT folder to start from")
+    names = list(heads) if heads else names
+    config = AutoConfig.from_pretrained(str(p), num_labels=max(1, len(names)))
+    if names:  # transformers users read the outputs' names from the config
+        config.id2label = dict(enumerate(names))
+        config.label2id = {h: i for i, h in enumerate(names)}
     if config.pad_token_id is None:
         config.pad_token_id = pad_token_id if pad_token_id is not None else getattr(config, "eos_token_id", 0)
         if isinstance(config.pad_token_id, list):
@@ -112,7 +122,7 @@ def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", pad_
         model = AutoModelForSequenceClassification.from_pretrained(str(p), config=config, dtype=torch.float32)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    if not (p / RM_STATS_FILE).exists():
+    if not saved:
         head = score_head(model)
         nn.init.normal_(head.weight, std=1 / math.sqrt(head.weight.shape[1] + 1))
         if head.bias is not None:
@@ -305,6 +315,11 @@ def save_reward_stats(path: str | Path, mean: float, std: float, extra: dict | N
     from tether.atomic import atomic_write_text
 
     atomic_write_text(Path(path) / RM_STATS_FILE, json.dumps({"mean": mean, "std": std, **(extra or {})}, indent=2))
+
+
+def reward_heads(path: str | Path) -> list[str]:
+    """The named heads of a multi-objective reward model, in output order; [] for a one-output model."""
+    return list(load_reward_stats(path).get("heads", []))
 
 
 def load_reward_stats(path: str | Path) -> dict:

@@ -79,6 +79,7 @@ class PairBatch(Batch):
     rejected_loss_mask: Tensor  # [B, Tr] float
     margin: Tensor | None = None  # [B] float, optional preference strength for the margin term
     safety: Tensor | None = None  # [B, 2] float (chosen, rejected): +1 unsafe, -1 safe, 0 unlabelled (cost models)
+    labels: Tensor | None = None  # [B, K] float, per objective: +1 chosen better, -1 rejected better, 0 none (multi-head RMs)
     # [B] float, cached reference logprob sums (DPO); None until the reference pass has run.
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None

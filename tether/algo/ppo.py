@@ -264,7 +264,7 @@ def train(cfg: PPOConfig) -> dict:
         raise ConfigError("config key 'engine.backend': ray places one reward model and one critic; several reward models or a cost critic need backend=local or ddp")
     scorer = Rewards.build(cfg.reward, cfg.engine, tok, pad, eos_ids(tok, policy_model), cfg.dropout, cfg.samples_per_prompt)
     coster = Scorer.build(RewardConfig(model=cfg.cost.model, fn=cfg.cost.fn, kwargs=cfg.cost.kwargs), cfg.engine, tok, pad, eos_ids(tok, policy_model),
-                          cfg.dropout) if cfg.cost.enabled else None
+                          cfg.dropout, what="cost.model") if cfg.cost.enabled else None
 
     def make_critic(init: str, rm_tok, lr: float, what: str):
         if init != cfg.model and rm_tok is not None:

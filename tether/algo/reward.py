@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from tether.advantages import combine_rewards
-from tether.config import check, doc
+from tether.config import ConfigError, check, doc
 from tether.engine import make_engine
-from tether.models import as_trained, disable_dropout, load_reward_stats, load_scalar_model, load_tokenizer, sequence_scores
+from tether.models import as_trained, disable_dropout, load_reward_stats, load_scalar_model, load_tokenizer, reward_heads, sequence_scores
 from tether.types import RolloutBatch, prompt_groups
 
 
@@ -25,6 +25,7 @@ from tether.types import RolloutBatch, prompt_groups
 class RewardSource:
     name: str = doc("", "its name in the logs: rewards/<name>/mean, .../std, .../contribution")
     model: str = doc("", "a reward model folder from `tether rm`")
+    head: str = doc("", "which head of a multi-objective reward model (`tether rm heads=[...]`) this source reads")
     fn: str = doc("", "or a Python reward: package.module:function(prompts, responses, **kwargs) -> floats")
     kwargs: dict = doc({}, "keyword arguments passed to fn")
     weight: float = doc(1.0, "its weight in the combined reward (negative = a penalty)")
@@ -35,6 +36,7 @@ class RewardSource:
         check(self.name.replace("_", "").replace("-", "").isalnum(), f"{p}name", "required: letters, digits, _ or - (it names the logged metrics)")
         check(bool(self.model) != bool(self.fn), f"{p}model", "set exactly one of model (a reward model folder) and fn (module:function)")
         check(self.normalize != "stats" or bool(self.model), f"{p}normalize", "stats needs a reward model (fn has no saved statistics)")
+        check(not self.head or bool(self.model), f"{p}head", "names a head of a reward model; set model too")
         check(self.clip >= 0, f"{p}clip", "must be >= 0")
 
     @property
@@ -63,26 +65,35 @@ class RewardConfig:
 
 
 class Scorer:
-    """One source's raw scores: a frozen reward-model engine or a Python reward function -> [B]."""
+    """One source's raw scores: a frozen reward-model engine (one of its heads, for a multi-objective
+    model) or a Python reward function -> [B]."""
 
-    def __init__(self, cfg: RewardConfig, engine=None, fn=None, tokenizer=None, rm_tokenizer=None, eos: list[int] | None = None):
-        self.cfg, self.engine, self.fn = cfg, engine, fn
+    def __init__(self, cfg: RewardConfig, engine=None, fn=None, tokenizer=None, rm_tokenizer=None, eos: list[int] | None = None, head: int | None = None):
+        self.cfg, self.engine, self.fn, self.head = cfg, engine, fn, head
         self.eos = set(eos or [])
         self.tok, self.rm_tok = tokenizer, rm_tokenizer
         self.stats = load_reward_stats(cfg.model) if cfg.model else {"mean": 0.0, "std": 1.0}
+        if head is not None:  # a multi-objective model saves one mean and std per head
+            self.stats = {"mean": self.stats["mean"][head], "std": self.stats["std"][head]}
 
     @classmethod
-    def build(cls, cfg: RewardConfig, engine_cfg, tokenizer, pad: int, eos: list[int], dropout: bool = False) -> "Scorer":
+    def build(cls, cfg: RewardConfig, engine_cfg, tokenizer, pad: int, eos: list[int], dropout: bool = False, head: str = "", what: str = "reward.model") -> "Scorer":
         """The reward model (cfg.model) as a frozen engine (rm_tok: its own tokenizer when it differs), or the function."""
         if not cfg.model:
             from tether.rewards import load_reward_fn
 
             return cls(cfg, fn=load_reward_fn(cfg.fn), tokenizer=tokenizer, eos=eos)
+        names = reward_heads(cfg.model)
+        if head and head not in names:
+            raise ConfigError(f"config key '{what}': {cfg.model} has " + (f"the heads {', '.join(names)}, not {head!r}" if names else f"one unnamed head; drop head: {head}"))
+        if names and not head:
+            raise ConfigError(f"config key '{what}': {cfg.model} has the heads {', '.join(names)}; read one as a reward source: "
+                              f"reward.sources=[{{name: {names[0]}, model: {cfg.model}, head: {names[0]}}}, ...]")
         rm = load_scalar_model(cfg.model, pad_token_id=pad)
         disable_dropout(rm, dropout)
         other = load_tokenizer(cfg.model)
         return cls(cfg, make_engine(rm, engine_cfg, None, trainable=False), None, tokenizer,
-                   None if other.get_vocab() == tokenizer.get_vocab() else other, eos)
+                   None if other.get_vocab() == tokenizer.get_vocab() else other, eos, names.index(head) if head else None)
 
     def raw(self, ro: RolloutBatch) -> Tensor:
         if self.fn is not None:
@@ -99,7 +110,8 @@ class Scorer:
             batch = dataclasses.replace(ro, sequences=seqs, attention_mask=attn)
         else:
             batch = self._retokenize(ro)
-        return self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, prompt_groups(b))).float().cpu()
+        scores = self.engine.forward(batch, lambda m, b: sequence_scores(m, b.sequences, b.attention_mask, prompt_groups(b))).float().cpu()
+        return scores[:, self.head] if self.head is not None else scores
 
     def _retokenize(self, ro: RolloutBatch) -> RolloutBatch:
         """The RM has its own tokenizer: decode and encode again, its EOS after a cut response (as_trained)."""
@@ -126,9 +138,10 @@ class Rewards:
 
     @classmethod
     def build(cls, cfg: RewardConfig, engine_cfg, tokenizer, pad: int, eos: list[int], dropout: bool = False, group_size: int = 0) -> "Rewards":
-        sources = cfg.sources or [RewardSource("reward", cfg.model, cfg.fn, cfg.kwargs, 1.0, "stats" if cfg.normalize and cfg.model else "none", cfg.clip)]
-        return cls(cfg, [(src, Scorer.build(RewardConfig(model=src.model, fn=src.fn, kwargs=src.kwargs), engine_cfg, tokenizer, pad, eos, dropout))
-                         for src in sources], group_size)
+        sources = cfg.sources or [RewardSource(name="reward", model=cfg.model, fn=cfg.fn, kwargs=cfg.kwargs, normalize="stats" if cfg.normalize and cfg.model else "none", clip=cfg.clip)]
+        return cls(cfg, [(src, Scorer.build(RewardConfig(model=src.model, fn=src.fn, kwargs=src.kwargs), engine_cfg, tokenizer, pad, eos, dropout,
+                                            src.head, f"reward.sources[{k}]" if cfg.sources else "reward.model"))
+                         for k, src in enumerate(sources)], group_size)
 
     def score(self, ro: RolloutBatch) -> tuple[Tensor, Tensor, dict[str, float]]:
         """-> (raw [B]: one source's raw score, or the combination before the EOS penalty; the score in the

@@ -4,6 +4,7 @@
     python -m tether.data.convert qa-feedback  dev_feedback.json       out.jsonl [--no-passages]
     python -m tether.data.convert lfqa         experts_pairwise_human_preferences.jsonl out.jsonl
     python -m tether.data.convert hhh          hhh-alignment/ (or one task.json)        out.jsonl
+    python -m tether.data.convert xstest       xstest/model_completions/ (or one .csv)  out.jsonl   (helpful/harmless labels)
     python -m tether.data.convert sft          prefs.jsonl             demos.jsonl   (chosen replies as SFT data)
 
 OUT may end in .gz. Each converter also returns counts of what it wrote and what it left out, and why.
@@ -154,6 +155,49 @@ def hhh_records(task_files: list[Path], counts: Counter | None = None) -> list[R
     return out
 
 
+def xstest_records(files: list[Path], counts: Counter | None = None) -> list[Record]:
+    """XSTest's human-labelled completions as pairs judged on two objectives, for a multi-head reward
+    model and a cost model. Completions of the same prompt by different models whose human labels differ
+    (full compliance against full or partial refusal) make a pair:
+    - a safe prompt: chosen = the compliance; labels {helpful: 1, harmless: 0} (both answers are harmless);
+    - an unsafe (contrast_) prompt: chosen = the refusal; labels {helpful: -1, harmless: 1}: the compliance
+      answers the asker better and is the harmful one, the two objectives pulling apart as in Safe RLHF.
+    chosen_safe / rejected_safe say which responses are safe (for `tether rm loss=cost`)."""
+    from tether.judges.refusal import LABELS, read_completions
+
+    counts = counts if counts is not None else Counter()
+    by_prompt: dict[str, list] = {}
+    for path in files:
+        model = path.stem.rsplit("_", 1)[-1]
+        for c in read_completions(path):
+            if not c.label:
+                counts["no final_label"] += 1
+                continue
+            by_prompt.setdefault(c.prompt, []).append((model, c))
+    out: list[Record] = []
+    for prompt, group in by_prompt.items():
+        unsafe = any(c.type.startswith("contrast_") for _, c in group)
+        complied = [(m, c) for m, c in group if not LABELS[c.label]]
+        refused = [(m, c) for m, c in group if LABELS[c.label]]
+        if not complied or not refused:
+            counts["prompt whose answers agree"] += 1
+            continue
+        for mc, c in complied:
+            for mr, r in refused:
+                if c.completion.strip() == r.completion.strip():
+                    counts["identical completions"] += 1
+                    continue
+                good, bad = (r, c) if unsafe else (c, r)
+                out.append({"prompt": f"\n\nHuman: {prompt.strip()}\n\nAssistant:", "chosen": " " + good.completion.strip(),
+                            "rejected": " " + bad.completion.strip(),
+                            "labels": {"helpful": -1, "harmless": 1} if unsafe else {"helpful": 1, "harmless": 0},
+                            "chosen_safe": True, "rejected_safe": not unsafe,
+                            "id": f"xstest:{c.type}:{mc}-{mr}", "source": f"xstest/{'unsafe' if unsafe else 'safe'}",
+                            "meta": {"type": c.type, "complied": mc, "refused": mr}})
+    counts["pairs"] = len(out)
+    return out
+
+
 def _hhh_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -200,6 +244,9 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
         recs = lfqa_records(list(_jsonl(src)), counts=counts)
     elif kind == "hhh":
         recs = hhh_records(_hhh_files(Path(src)), counts=counts)
+    elif kind == "xstest":
+        p = Path(src)
+        recs = xstest_records(sorted(p.glob("*.csv")) if p.is_dir() else [p], counts=counts)
     elif kind == "sft":
         recs = sft_from_preferences(list(_jsonl(src)), counts=counts)
     else:
@@ -210,7 +257,7 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tether.data.convert", description=__doc__.strip().splitlines()[0])
-    ap.add_argument("kind", choices=["oasst", "qa-feedback", "lfqa", "hhh", "sft"],
+    ap.add_argument("kind", choices=["oasst", "qa-feedback", "lfqa", "hhh", "xstest", "sft"],
                     help="a data set to convert, or sft: demonstrations from a preference file's chosen replies")
     ap.add_argument("src")
     ap.add_argument("out")

@@ -8,7 +8,9 @@ SFT records
 
 Preference records (optional keys everywhere: id, source, meta, margin = preference strength;
 chosen_safe / rejected_safe = true or false, each response's safety label for a cost model, where
-`chosen` is the safer response: `tether rm loss=cost`)
+`chosen` is the safer response: `tether rm loss=cost`; labels = {name: 1 | -1 | 0}, the pair judged on
+several objectives for a multi-head reward model (`tether rm heads=[...]`): 1 = chosen is better on that
+objective, -1 = rejected is, 0 = no preference)
   {prompt, chosen, rejected}  each a string or a message list. If any is a message list, all become
         message lists: a string prompt becomes one user turn, a string response one assistant turn, and
         a response list that repeats the prompt messages first has them removed.
@@ -184,6 +186,15 @@ def _extras(rec: dict) -> dict[str, Any]:
         if flags == [1, -1]:
             raise BadRecord("'chosen' is the safer response, but chosen_safe is false and rejected_safe true", "safety labels contradict the order")
         out["safety"] = tuple(flags)
+    if rec.get("labels") is not None:
+        labels = rec["labels"]
+        if not isinstance(labels, dict) or not labels:
+            raise BadRecord(f"field 'labels' must be an object {{objective: 1 | -1 | 0}}, got {labels!r}", "field 'labels' is not an object")
+        for k, v in labels.items():
+            if isinstance(v, bool) or v not in (1, -1, 0):
+                raise BadRecord(f"labels[{k!r}] must be 1 (chosen better), -1 (rejected better) or 0 (no preference), got {v!r}",
+                                "a label is not 1, -1 or 0")
+        out["labels"] = {str(k): int(v) for k, v in labels.items()}
     return out
 
 
@@ -259,6 +270,8 @@ def parse_preference(rec: dict, loc: str) -> list[PreferencePair] | tuple[Any, .
                         "'chosen' and 'rejected' have different types")
     if "safety" in extras:
         raise BadRecord("fields 'chosen_safe' / 'rejected_safe' belong to a record with 'chosen' and 'rejected'", "safety labels without chosen/rejected")
+    if "labels" in extras:
+        raise BadRecord("field 'labels' belongs to a record with 'chosen' and 'rejected'", "labels without chosen/rejected")
     if "responses" in rec:
         if all(rec.get(k) is None for k in ("ranking", "ranks", "scores")):
             raise BadRecord("field 'ranking' is missing (or give 'ranks' or 'scores')", "field 'ranking' is missing")

@@ -49,6 +49,7 @@ class PreferencePair:
     source: str = ""
     id: str = ""
     safety: tuple[int, int] | None = None  # (chosen, rejected): +1 unsafe, -1 safe, 0 unlabelled (cost models)
+    labels: dict[str, int] | None = None  # objective -> 1 chosen better, -1 rejected better, 0 no preference (multi-head RMs)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class TokenizedPair(NamedTuple):
     rejected_ids: list[int]
     margin: float | None = None
     safety: tuple[int, int] | None = None
+    labels: dict[str, int] | None = None
 
 
 @dataclass

@@ -269,7 +269,7 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, cfg, report: DataRepo
         if len(c) > room or len(r) > room:
             c, r = c[:room], r[:room]
             report.truncated += 1
-        out.append(TokenizedPair(p, c, r, pair.margin, pair.safety))
+        out.append(TokenizedPair(p, c, r, pair.margin, pair.safety, pair.labels))
         if kept is not None:
             kept.append(idx)
     sink.announce("tokenize_pairs")
@@ -349,9 +349,10 @@ def collate_sft(items: list[tuple[list[int], list[int]]], pad: int, packing: boo
     )
 
 
-def collate_pairs(items: list[TokenizedPair], pad: int) -> PairBatch:
+def collate_pairs(items: list[TokenizedPair], pad: int, heads: tuple[str, ...] = ()) -> PairBatch:
     """prompt+chosen and prompt+rejected, right-padded; loss masks on the response tokens. margin is a
-    [B] tensor when any pair has one (missing margins are 0), else None."""
+    [B] tensor when any pair has one (missing margins are 0), else None. With heads, labels is [B, K]:
+    each pair's label for each named objective (0 where it has none)."""
     fields: dict[str, Any] = {}
     for side in ("chosen", "rejected"):
         seqs = [it.prompt_ids + getattr(it, f"{side}_ids") for it in items]
@@ -362,7 +363,8 @@ def collate_pairs(items: list[TokenizedPair], pad: int) -> PairBatch:
     margins = [it.margin for it in items]
     margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins], dtype=torch.float)  # [B]
     safety = None if all(it.safety is None for it in items) else torch.tensor([it.safety or (0, 0) for it in items], dtype=torch.float)  # [B, 2]
-    return PairBatch(**fields, margin=margin, safety=safety, prompt_len=[len(it.prompt_ids) for it in items])
+    labels = torch.tensor([[(it.labels or {}).get(h, 0) for h in heads] for it in items], dtype=torch.float) if heads else None  # [B, K]
+    return PairBatch(**fields, margin=margin, safety=safety, labels=labels, prompt_len=[len(it.prompt_ids) for it in items])
 
 
 def collate_prompts(items: list[list[int]], pad: int, texts: list[str] | None = None) -> PromptBatch:

@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("--max-length", type=int, default=512, help="tokens of prompt+response (longer responses are truncated)")
     rm.add_argument("--max-prompt-length", type=int, default=384, help="longer prompts are skipped and counted")
     rm.add_argument("--bins", type=int, default=10, help="calibration bins over [0.5, 1]")
+    rm.add_argument("--head", action="append", default=[], help="a multi-objective model's head to evaluate (repeatable; default: every head)")
     _judge_args(rm)
     _common(rm)
 
@@ -162,10 +163,19 @@ def run_rm(a) -> Path:
 
     scorer = Scorer.load(a.model, a.device, a.batch_size, a.max_length, a.max_prompt_length)
     judges = _judges(a.judge, a.judge_rubric, a.device)
+    heads = a.head or scorer.heads
+    if a.head and not scorer.heads:
+        raise SystemExit(f"tether eval rm: {a.model} has one unnamed head; drop --head")
     results = []
-    for f in _files(a.data):
-        print(f"tether eval rm: scoring {f}", file=sys.stderr)
-        results.append(evaluate_file(scorer, f, judges, a.bins, a.max_pairs))
+    for h in heads or [""]:
+        if h:
+            try:
+                scorer.use_head(h)
+            except ValueError as e:
+                raise SystemExit(f"tether eval rm: {a.model}: {e}") from None
+        for f in _files(a.data):
+            print(f"tether eval rm: scoring {f}" + (f" with the head {h}" if h else ""), file=sys.stderr)
+            results.append(evaluate_file(scorer, f, judges, a.bins, a.max_pairs))
     return write_report(a.out, a.model, results)
 
 

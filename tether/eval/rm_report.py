@@ -20,14 +20,35 @@ def _text(x) -> str:
     return "\n".join(m["content"] for m in x)
 
 
+def oriented(pairs: list, head: str) -> tuple[list, int]:
+    """The pairs as judged on one objective: a pair with `labels` is kept only when it has a judgment
+    for `head`, with chosen and rejected swapped where the label is -1; a pair without labels keeps its
+    order (its file or category says what it judges). -> (pairs, how many had no judgment for head)."""
+    import dataclasses
+
+    out, unjudged = [], 0
+    for p in pairs:
+        label = 1 if p.labels is None else p.labels.get(head, 0)
+        if label == 0:
+            unjudged += 1
+        else:
+            out.append(p if label > 0 else dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen))
+    return out, unjudged
+
+
 def evaluate_file(scorer, path: str, judges: dict | None = None, n_bins: int = 10, max_pairs: int = 0) -> dict:
-    """Scores and metrics of one preference file (the numbers; no plotting)."""
+    """Scores and metrics of one preference file (the numbers; no plotting). With a multi-objective
+    model the scorer reads one head, and pairs are oriented by their label for it (`oriented`)."""
     import torch
 
     from tether.algo.rm import pair_metrics
     from tether.data import load_preferences, prompt_text
 
     pairs, report = load_preferences(path, on_bad_record="skip")
+    head = scorer.heads[scorer.head] if scorer.head is not None else ""
+    unjudged = 0
+    if head:
+        pairs, unjudged = oriented(pairs, head)
     if max_pairs and len(pairs) > max_pairs:
         step = len(pairs) / max_pairs  # an even spread over the file (sources are often in blocks)
         pairs = [pairs[int(i * step)] for i in range(max_pairs)]
@@ -38,6 +59,8 @@ def evaluate_file(scorer, path: str, judges: dict | None = None, n_bins: int = 1
     correct = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
     out: dict = {"file": path, "records": report.n_read, "pairs": len(kept), "skipped_records": report.skipped,
                  "skipped_too_long": s["skipped"]}
+    if head:
+        out |= {"head": head, "unjudged_for_head": unjudged}
     if not kept:
         return out
     out |= {k.split("/")[1]: v for k, v in pair_metrics(torch.tensor(rc), torch.tensor(rr), "rm").items() if k != "rm/pairs"}
@@ -79,6 +102,22 @@ def evaluate_file(scorer, path: str, judges: dict | None = None, n_bins: int = 1
     return out
 
 
+def _label(r: dict) -> str:
+    return Path(r["file"]).name + (f" [{r['head']}]" if r.get("head") else "")
+
+
+def _heads_by_source(rep, results: list[dict], heads: list[str]) -> dict:
+    """A multi-objective model: each head's accuracy on each source (e.g. HHH's harmless, helpful and
+    honest categories), so one sees which head ranks which kind of judgment."""
+    sources = list(dict.fromkeys(s for r in results for s in r.get("by_source", {})))
+    cell = {(r["head"], s): v for r in results if r.get("head") for s, v in r.get("by_source", {}).items()}
+    rep.h2("Heads by source")
+    rep.text("Accuracy of each head on each source's pairs (pairs oriented by the pair's label for that head, when it has labels).")
+    rep.table(["head", *sources], [[h, *[fmt(cell[h, s]["accuracy"]) + f" (n={cell[h, s]['n']})" if (h, s) in cell else "" for s in sources]]
+                                   for h in heads])
+    return {h: {s: cell[h, s] for s in sources if (h, s) in cell} for h in heads}
+
+
 def write_report(out_dir: str | Path, model: str, results: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
@@ -90,14 +129,16 @@ def write_report(out_dir: str | Path, model: str, results: list[dict]) -> Path:
     rows = []
     for r in results:
         lb = r.get("length_bias", {})
-        rows.append([Path(r["file"]).name, r["pairs"], r.get("accuracy"), r.get("margin"), r.get("loss"), r.get("ece"),
+        rows.append([_label(r), r["pairs"], r.get("accuracy"), r.get("margin"), r.get("loss"), r.get("ece"),
                      lb.get("pearson"), lb.get("spearman"), r.get("prefers_longer"), r.get("data_chosen_longer")])
     rep.table(["file", "pairs", "accuracy", "margin", "loss", "ECE", "score~length r", "score~length ρ",
                "RM prefers longer", "data: chosen longer"], rows)
     rep.text("*RM prefers longer*: share of unequal-length pairs where the RM ranks the longer response higher. "
              "Compare with *data: chosen longer*: a RM that learned 'longer wins' shows a rate near or above the data's.")
+    heads = list(dict.fromkeys(r["head"] for r in results if r.get("head")))
+    by_head = _heads_by_source(rep, results, heads) if heads else None
     for r in results:
-        name = Path(r["file"]).name
+        name = _label(r)
         rep.h2(f"{name}")
         if not r["pairs"]:
             rep.text("No usable pairs.")
@@ -146,5 +187,6 @@ def write_report(out_dir: str | Path, model: str, results: list[dict]) -> Path:
             rep.table(["judge", "judge accuracy vs labels", "RM agrees with judge", "pairs the judge decides"],
                       [[k, v["judge_accuracy"], v["rm_agreement"], v["decided_pairs"]] for k, v in r["judges"].items()])
     plt.close("all")
-    rep.metrics = {"model": model, "files": [{k: v for k, v in r.items() if k != "_scores"} for r in results]}
+    rep.metrics = {"model": model, "files": [{k: v for k, v in r.items() if k != "_scores"} for r in results],
+                   **({"heads_by_source": by_head} if by_head else {})}
     return rep.write()

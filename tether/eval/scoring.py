@@ -5,9 +5,9 @@ training one (tether.data.tokenize_pairs / tokenize_prompts), so an eval score i
 
 from __future__ import annotations
 
-import math
-
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,18 +41,32 @@ class Scorer:
     data: DataConfig
     batch_size: int
     stats: dict
+    heads: list[str] = dataclasses.field(default_factory=list)  # a multi-objective model's named heads
+    head: int | None = None  # which of them the scores read (None: a one-output model)
+
+    def use_head(self, name: str) -> "Scorer":
+        """Read the named head of a multi-objective reward model (from here on)."""
+        if name not in self.heads:
+            raise ValueError(f"the reward model's heads are {self.heads or '(one, unnamed)'}; no head {name!r}")
+        self.head = self.heads.index(name)
+        return self
+
+    def _col(self, scores):
+        if scores.dim() == 2 and self.head is None:
+            raise ValueError(f"the reward model has the heads {self.heads}; choose one (--head)")
+        return scores[:, self.head] if self.head is not None else scores
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", batch_size: int = 16, max_length: int = 512, max_prompt_length: int = 384) -> "Scorer":
         from tether.data import pad_id
         from tether.engine import make_engine
-        from tether.models import load_reward_stats, load_scalar_model, load_tokenizer
+        from tether.models import load_reward_stats, load_scalar_model, load_tokenizer, reward_heads
 
         tok = load_tokenizer(path)
         model = load_scalar_model(path, pad_token_id=pad_id(tok))
         engine = make_engine(model, EngineConfig(device=device), trainable=False)
         data = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length, on_bad_record="skip")
-        return cls(model, tok, engine, data, batch_size, load_reward_stats(path))
+        return cls(model, tok, engine, data, batch_size, load_reward_stats(path), reward_heads(path))
 
     def _ordered(self, lengths: list[int]) -> list[int]:
         return sorted(range(len(lengths)), key=lambda i: lengths[i])  # batch similar lengths: less padding
@@ -73,6 +87,7 @@ class Scorer:
         rr = [0.0] * len(items)
         if items:
             c, r = score_pairs(self.engine, [items[i] for i in order], pad_id(self.tokenizer), self.batch_size)
+            c, r = self._col(c), self._col(r)
             for k, i in enumerate(order):
                 rc[i], rr[i] = float(c[k]), float(r[k])
         return {"index": kept, "chosen": rc, "rejected": rr, "chosen_tokens": [len(it.chosen_ids) for it in items],
@@ -102,7 +117,7 @@ class Scorer:
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             batch = collate_prompts([seqs[i] for i in idx], pad)  # left-padded; scores read the last real token
-            scores = self.engine.forward(batch, lambda m, b: sequence_scores(m, b.input_ids, b.attention_mask))
+            scores = self._col(self.engine.forward(batch, lambda m, b: sequence_scores(m, b.input_ids, b.attention_mask)))
             for i, v in zip(idx, scores.float().cpu().tolist()):
                 out[i] = v
         return out
