@@ -389,3 +389,13 @@ def test_heads_need_labelled_pairs_and_xstest_converts_into_them(tiny_gpt2, tmp_
     assert all(r["labels"] == {"helpful": 1, "harmless": 0} and r["rejected_safe"] for r in recs if r["source"] == "xstest/safe")
     pairs, _ = load_preferences(str(write_jsonl(tmp_path / "xs.jsonl", recs)))
     assert len(pairs) == 420 and pairs[0].labels and pairs[0].safety == (-1, 1 if recs[0]["source"] == "xstest/unsafe" else -1)
+
+
+def test_a_held_out_split_keeps_safety_and_objective_labels(tiny_gpt2, tmp_path):
+    recs = [dict(r, chosen_safe=True, rejected_safe=False) for r in _two_objective_pairs(20, 4)]
+    train = write_jsonl(tmp_path / "train.jsonl", recs)
+    rm_stage.train(load_config(rm_stage.RMConfig, None, ["heads=[helpful,harmless]", f"model={tiny_gpt2}", f"data.train={train}",
+                                                         "data.eval_fraction=0.25", f"out={tmp_path / 'rm'}", "max_steps=1", "track.progress=false"]))
+    held, _ = load_preferences(str(tmp_path / "rm" / "held_out.jsonl"))
+    by_chosen = {r["chosen"]: r for r in recs}
+    assert held and all(p.safety == (-1, 1) and p.labels == by_chosen[p.chosen]["labels"] for p in held)

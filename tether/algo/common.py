@@ -42,13 +42,22 @@ def load_train_eval(loader: Callable, cfg) -> tuple[list, list, Any]:
     elif cfg.data.eval_fraction > 0:
         train, held_out = split_eval(train, cfg.data.eval_fraction, cfg.seed)
         # the held-out records as a file the loaders read: `tether eval` on what the model never saw
-        rows = ({k: v for k, v in dataclasses.asdict(x).items() if k != "loc" and v is not None} for x in held_out)
+        rows = (_as_record(x) for x in held_out)
         atomic_write_text(Path(cfg.out) / HELD_OUT, "".join(json.dumps(r) + "\n" for r in rows))
         console.print(f"held-out split ({len(held_out)} records) -> {Path(cfg.out) / HELD_OUT}", highlight=False)
     else:
         held_out = []
     console.print(f"train data: {report.summary()}", highlight=False)
     return train, held_out, report
+
+
+def _as_record(x) -> dict:
+    """A loaded example as a record the readers take again (a pair's safety as chosen_safe / rejected_safe)."""
+    rec = {k: v for k, v in dataclasses.asdict(x).items() if k not in ("loc", "safety") and v is not None}
+    for side, flag in zip(("chosen_safe", "rejected_safe"), getattr(x, "safety", None) or ()):
+        if flag:
+            rec[side] = flag < 0
+    return rec
 
 
 def load_tokenized(cfg, load: Callable, tokenize: Callable) -> tuple[Any, list, list, Any, int, int]:
