@@ -33,6 +33,36 @@ def _batches(prompts: list, tokenizer, batch_size: int, max_prompt_length: int):
         yield chunk, collate_prompts(ids, pad, [prompt_text(p) for p in chunk])
 
 
+class Sampler:
+    """A checkpoint loaded once that samples responses: `tether generate`, the label app's generator, and
+    red teaming's target model (called on every PPO batch, so it must not reload)."""
+
+    def __init__(self, model_dir: str, device: str = "auto", max_prompt_length: int = 512):
+        from tether.models import load_causal_lm, load_tokenizer, resolve_device
+        from tether.rollout.hf import HFRollout
+
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.rollout = HFRollout(load_causal_lm(model_dir, self.device).eval(), self.tokenizer, self.device)
+        self.max_prompt_length = max_prompt_length
+
+    def __call__(self, prompts: list, k: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, batch_size: int = 16, min_new_tokens: int = 0) -> list[list[str]]:
+        """k sampled responses for each prompt (a string or a message list); temperature 0 = greedy."""
+        torch.manual_seed(seed)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p)
+        repeated = [p for p in prompts for _ in range(k)]
+        responses: list[str] = []
+        cfg = self.rollout.model.config
+        ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or self.max_prompt_length + max_new_tokens
+        if max_new_tokens >= ctx:
+            raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's context of {ctx}")
+        # a prompt keeps its last tokens: the answer must fit in the model's context
+        for _, batch in _batches(repeated, self.tokenizer, batch_size, min(self.max_prompt_length, ctx - max_new_tokens)):
+            responses += self.rollout.generate(batch, sampling).responses
+        return [responses[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def sample_responses(
     model_dir: str,
     prompts: list,
@@ -46,23 +76,7 @@ def sample_responses(
     device: str = "auto",
 ) -> list[list[str]]:
     """k sampled responses for each prompt (a string or a message list)."""
-    from tether.models import load_causal_lm, load_tokenizer, resolve_device
-    from tether.rollout.hf import HFRollout
-
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, dev)
-    rollout = HFRollout(model, tok, dev)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    out: list[list[str]] = []
-    repeated = [p for p in prompts for _ in range(k)]
-    responses: list[str] = []
-    for _, batch in _batches(repeated, tok, batch_size, max_prompt_length):
-        responses += rollout.generate(batch, sampling).responses
-    for i in range(len(prompts)):
-        out.append(responses[i * k : (i + 1) * k])
-    return out
+    return Sampler(model_dir, device, max_prompt_length)(prompts, k, max_new_tokens, temperature, top_p, seed, batch_size)
 
 
 def main(argv: list[str]) -> int:
