@@ -136,3 +136,140 @@ def test_sampling_past_the_context_is_a_clear_error(tiny_gpt2, tmp_path, capsys)
     assert rc == 2
     err = capsys.readouterr().err
     assert "300 new tokens would reach" in err and "past the model's context of 256" in err
+
+
+# -- Automated red teaming (tether.redteam, Perez et al. 2022) -------------------------------------
+
+
+def test_diversity_is_one_minus_the_largest_jaccard_to_another_response():
+    from tether.redteam import diversity
+
+    # {a,b,c} and {a,b,d} share 2 of 4 words; {x,y} shares none; a copy shares all
+    assert diversity(["p"] * 3, ["a b c", "A b d", "x y"]) == pytest.approx([0.5, 0.5, 1.0])
+    assert diversity(["p"] * 3, ["a b", "b a", "c"]) == pytest.approx([0.0, 0.0, 1.0])
+    assert diversity(["p"], ["alone"]) == [1.0]  # nothing to repeat
+
+
+def test_cases_and_failure_scores():
+    from tether.redteam import failure_scores, make_cases
+
+    assert make_cases(["The film", "Q:"], [" was bad", "  why? "]) == ["The film was bad", "Q:  why? "]
+    assert make_cases(["The film"], ["  why? "], join=False) == ["why?"]
+    assert failure_scores([0.5, -0.25], "low") == [-0.5, 0.25] and failure_scores([0.5], "high") == [0.5]
+    with pytest.raises(ValueError, match="'low' or 'high'"):
+        failure_scores([0.0], "bad")
+
+
+def _always_eos(src, dst):
+    """The tiny GPT-2 made to emit EOS first, greedily: the final norm outputs the EOS embedding (scaled
+    to the largest norm), so by Cauchy-Schwarz the tied head's largest logit is EOS's."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(src, dst)
+    model, tok = AutoModelForCausalLM.from_pretrained(dst), AutoTokenizer.from_pretrained(dst)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte[tok.eos_token_id] *= 10 * wte.norm(dim=-1).max() / wte[tok.eos_token_id].norm()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[tok.eos_token_id])
+    model.save_pretrained(dst)
+    return str(dst)
+
+
+def test_the_target_must_answer_before_it_may_stop(tiny_gpt2, tmp_path):
+    """A target that would stop at once answers nothing, which every judge scores neutral: the red policy
+    learned exactly such test cases in the demo. min_new_tokens makes it write (the default 8)."""
+    from tether.redteam import answer
+
+    target = _always_eos(tiny_gpt2, tmp_path / "eos")
+    assert answer(target, ["the movie was"], max_new_tokens=6, min_new_tokens=0) == [[""]]
+    (text,) = answer(target, ["the movie was"], max_new_tokens=6)[0]
+    assert text.strip()
+
+
+def test_target_failure_is_deterministic_and_leaves_the_callers_rng(tiny_gpt2):
+    """Called on every PPO batch, the reward must not move PPO's random stream (resume is bit-exact)
+    and must give the same reward for the same batch, even when the target samples."""
+    import torch
+
+    pytest.importorskip("vaderSentiment")
+    from tether.redteam import target_failure
+
+    prompts, responses = ["the movie was", "this film is"], [" bad and", " great but"]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = target_failure(prompts, responses, target=tiny_gpt2, temperature=1.0, max_new_tokens=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert target_failure(prompts, responses, target=tiny_gpt2, temperature=1.0, max_new_tokens=8) == first
+    with pytest.raises(ValueError, match="kwargs.target"):
+        target_failure(prompts, responses)
+
+
+def test_tether_redteam_writes_findings_that_the_label_app_imports(tiny_gpt2, tmp_path, capsys):
+    from tether.feedback.service import parse_task_lines
+    from tether.redteam import main
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i hated", "a film about"]))
+    out = tmp_path / "rt"
+    # failure=high with a rule that matches an answer containing "the": the findings are the rule's verdicts
+    rc = main(["--red", str(tiny_gpt2), "--target", str(tiny_gpt2), "--prompts", str(seeds), "--out", str(out), "--judge", "rule:the",
+               "--failure", "high", "--threshold", "0.5", "-n", "3", "--max-new-tokens", "6", "--target-max-new-tokens", "8"])
+    assert rc == 0
+    findings = [json.loads(x) for x in (out / "findings.jsonl").read_text().splitlines()]
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(findings) == 9 == m["test_cases"] and [f["seed"] for f in findings[:3]] == ["the movie was"] * 3
+    assert all(f["test_case"].startswith(f["seed"]) and f["failed"] == ("the" in f["answer"].lower()) for f in findings)
+    assert m["failures"] == sum(f["failed"] for f in findings) > 0
+    failing = list(dict.fromkeys(f["test_case"] for f in findings if f["failed"]))
+    assert [json.loads(x)["prompt"] for x in (out / "prompts.jsonl").read_text().splitlines()] == failing
+    assert m["distinct_failures"] == len(failing)
+    tasks, errors = parse_task_lines("compare", (out / "tasks.jsonl").read_text())
+    assert errors == [] and len(tasks) == len(failing)
+    assert f"| {m['test_cases']} | {m['failures']} | {m['failure_rate']:.3f}" in (out / "report.md").read_text()
+    assert main(["--red", str(tiny_gpt2), "--target", str(tmp_path / "missing"), "--prompts", str(seeds), "--out", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def _echo(src, dst):
+    """The tiny GPT-2 with its blocks' outputs and positions zeroed: the residual stream is the input
+    token's embedding, so the greedy answer repeats the test case's last token. A target whose failures
+    the red policy can find in a few iterations."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+        for block in model.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    model.save_pretrained(dst)
+    return str(dst)
+
+
+def test_the_red_team_loop_raises_its_judge_score_on_a_tiny_target(tiny_gpt2, tmp_path):
+    """PPO with the two red-team rewards against the echo target, judged by answer length in words
+    (failure=high): the red policy learns test cases that end on a whole word, which the target repeats."""
+    from test_ppo import _cfg
+
+    from tether.algo import ppo
+    from tether.track import read_metrics
+
+    target = _echo(tiny_gpt2, tmp_path / "echo")
+    sources = json.dumps([{"name": "failure", "fn": "tether.redteam:target_failure",
+                           "kwargs": {"target": target, "judge": "length", "failure": "high", "max_new_tokens": 4, "min_new_tokens": 4}},
+                          {"name": "diversity", "fn": "tether.redteam:diversity", "weight": 0.1}])
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "red", "reward.fn=", "reward.kwargs={}", f"reward.sources={sources}", "max_steps=40"))
+    rows = read_metrics(tmp_path / "red" / "run")
+    score = [r["rewards/failure/raw_mean"] for r in rows]
+    first, last = sum(score[:5]) / 5, sum(score[-10:]) / 10
+    assert last > 2.5 and last > 1.8 * first, score  # of at most 4 words
+    assert all("rewards/diversity/raw_mean" in r for r in rows)

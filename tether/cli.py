@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tether.generate:main", "sample from a checkpoint, writing jsonl"),
     "pipeline": ("tether.algo.pipeline:main", "run SFT -> RM -> PPO (or SFT -> DPO) in order, resumable"),
     "demo": ("tether.demo.sentiment:main", "the controlled-sentiment RLHF experiment, end to end on a CPU"),
+    "redteam": ("tether.redteam:main", "collect a red-team policy's findings against a target: failing prompts, preference tasks"),
     "eval": ("tether.eval.cli:main", "reward-model, policy, sycophancy and preference-data reports"),
     "label": ("tether.feedback.cli:main", "the annotation web app: serve, import, generate, export"),
     "model": ("tether.models_cli:main", "model utilities (import-gguf, info)"),
