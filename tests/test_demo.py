@@ -234,3 +234,30 @@ def test_constrained_experiment_on_the_quick_demo(quick_run, tmp_path):
         assert f"| {name} | {r['gold_reward']:.3f} | {r['win_rate_vs_sft']:.3f} | {r['cost']:.3f} |" in report
     assert (out / "frontier.png").exists()
     assert main(["--demo", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_redteam_experiment_on_the_quick_demo(quick_run, tmp_path):
+    """python -m tether.demo.redteam: both red policies trained on the two named rewards, the report's
+    rows are the metrics file's, and the findings are files the rest of tether reads."""
+    from tether.demo.redteam import main
+    from tether.feedback.service import parse_task_lines
+    from tether.track import read_metrics
+
+    out = tmp_path / "redteam"
+    assert main(["--demo", str(quick_run), "--out", str(out), "--steps", "3", "--n-prompts", "6", "-k", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["red_policies"]) == ["SFT (untrained red)", "red (diversity)", "red (no diversity)"]
+    rows = read_metrics(out / "red" / "metrics.jsonl")
+    assert len(rows) == 3 and all("rewards/failure/raw_mean" in r and "rewards/diversity/raw_mean" in r for r in rows)
+    assert not any("rewards/diversity/raw_mean" in r for r in read_metrics(out / "red_no_diversity" / "metrics.jsonl"))
+    report = (out / "report.md").read_text()
+    for name, r in m["red_policies"].items():
+        assert r["test_cases"] == 12 and f"| {name} | 12 | {r['failure_rate']:.3f}" in report
+    findings = [json.loads(x) for x in (out / "findings" / "findings.jsonl").read_text().splitlines()]
+    assert sum(f["failed"] for f in findings) == m["red_policies"]["red (diversity)"]["failures"]
+    assert all(f["failed"] == (f["score"] < m["threshold"]) for f in findings)
+    failing = list(dict.fromkeys(f["test_case"] for f in findings if f["failed"]))
+    assert len(failing) == m["red_policies"]["red (diversity)"]["distinct_failures"]
+    assert [json.loads(x)["prompt"] for x in (out / "findings" / "prompts.jsonl").read_text().splitlines()] == failing
+    assert parse_task_lines("compare", (out / "findings" / "tasks.jsonl").read_text())[1] == []
+    assert main(["--demo", str(tmp_path / "nothing"), "--out", str(out)]) == 2
