@@ -399,3 +399,27 @@ def test_a_held_out_split_keeps_safety_and_objective_labels(tiny_gpt2, tmp_path)
     held, _ = load_preferences(str(tmp_path / "rm" / "held_out.jsonl"))
     by_chosen = {r["chosen"]: r for r in recs}
     assert held and all(p.safety == (-1, 1) and p.labels == by_chosen[p.chosen]["labels"] for p in held)
+
+
+def test_eval_policy_scores_with_the_head_asked_for(two_head_rm, tiny_gpt2, tmp_path, capsys):
+    """A multi-objective reward model in `tether eval policy`: --reward-head picks the head; without it
+    the command stops before sampling, naming the heads and the option (it was a ValueError after)."""
+    import json
+
+    from tether.eval.cli import main as eval_main
+
+    tmp, _ = two_head_rm
+    rm = str(tmp / "rm" / "final")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in ["the movie was", "i think"]])
+    common = ["policy", "--model", str(tiny_gpt2), "--ref", str(tiny_gpt2), "--prompts", str(prompts), "--reward-model", rm,
+              "--max-new-tokens", "6", "-k", "2", "--device", "cpu"]
+    assert eval_main(common + ["--out", str(tmp_path / "none")]) == 2
+    assert f"{rm} has the heads helpful, harmless; choose one with --reward-head" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    wins = {}
+    for head in ("helpful", "harmless"):
+        assert eval_main(common + ["--reward-head", head, "--out", str(tmp_path / head)]) == 0
+        wins[head] = json.loads((tmp_path / head / "metrics.json").read_text())["win_rate"]["reward"]["n"]
+    assert wins == {"helpful": 4, "harmless": 4}
+    assert eval_main(common + ["--reward-head", "honest", "--out", str(tmp_path / "x")]) == 2
+    assert "no head 'honest'" in capsys.readouterr().err

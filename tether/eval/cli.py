@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     po.add_argument("--ref", required=True, help="the reference policy folder (e.g. the SFT model)")
     po.add_argument("--prompts", required=True, help="prompt file (jsonl/json/txt; any format tether reads prompts from)")
     po.add_argument("--reward-model", help="the proxy reward model folder (optional)")
+    po.add_argument("--reward-head", help="which head of a multi-objective reward model (`tether rm heads=[...]`) scores")
     po.add_argument("--n-prompts", type=int, default=64, help="use the first N prompts (0 = all)")
     po.add_argument("-k", "--samples", type=int, default=1, help="samples per prompt")
     po.add_argument("--max-new-tokens", type=int, default=48)
@@ -197,6 +198,10 @@ def run_policy(a) -> Path:
         from tether.eval.scoring import Scorer
 
         scorer = Scorer.load(a.reward_model, a.device, a.batch_size)
+        if a.reward_head:
+            scorer.use_head(a.reward_head)
+        elif scorer.heads:  # before any sampling, not after it
+            raise ValueError(f"{a.reward_model} has the heads {', '.join(scorer.heads)}; choose one with --reward-head")
     judges = _judges(a.judge, a.judge_rubric, a.device)
     prompts = _prompts(a.prompts, a.n_prompts)
     kw = dict(scorer=scorer, judges=judges, k=a.samples, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
