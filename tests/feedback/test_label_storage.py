@@ -268,3 +268,59 @@ def test_export_rank_and_rate(db, fast_hasher):
     assert sorted((r["chosen"], r["rejected"]) for r in rt) == sorted([("good", "ok"), ("good", "bad"), ("ok", "bad")])
     # all votes: a gives 3 pairs, b ties good/ok -> 2 pairs
     assert len(rt_all) == 5
+
+
+def test_annotators_racing_for_the_last_slots_never_hear_none_while_work_remains(db, fast_hasher):
+    """40 annotators ask for an item at the same moment. With 50 free items each gets one; with 25, exactly
+    25 do. On PostgreSQL every request used to try the same 8 candidates and give up when they were
+    taken: 17-25 of 50 heard "nothing left" while hundreds of slots were open."""
+    n = 40
+    for items, served in ((50, n), (25, 25)):
+        db_tasks = jl(*[{"prompt": f"p{i}", "responses": ["a", "b"], "id": f"t{items}-{i}"} for i in range(items)])
+        with db.write() as s:
+            p = sv.create_project(s, f"race-{items}", "compare", "", 1)
+            users = [sv.create_user(s, f"r{items}-{i}", f"password{i}", hasher=fast_hasher) for i in range(n)]
+            for u in users:
+                sv.add_member(s, p, u)
+            sv.import_tasks(s, p, db_tasks)
+            pid, uids = p.id, [u.id for u in users]
+        barrier = threading.Barrier(n)
+
+        def ask(uid):
+            barrier.wait()
+            return take(db, pid, uid)
+
+        with ThreadPoolExecutor(n) as ex:
+            got = list(ex.map(ask, uids))
+        assert sum(t is not None for t in got) == served, got
+        assert len({t for t in got if t is not None}) == served  # overlap 1: never one item twice
+        with db.read() as s:
+            assert s.scalar(select(func.sum(Task.n_claims)).where(Task.project_id == pid)) == served
+
+
+def test_a_double_click_at_overlap_one_is_a_duplicate_not_a_conflict(db, fast_hasher):
+    """The same judgment sent 4 times at once, at overlap 1, for 12 items (half reserved by /next first,
+    half not): one is stored per item, the others answer the stored judgment (on PostgreSQL most
+    answered 409 "already has all the judgments")."""
+    pid, (u, *_rest) = setup(db, fast_hasher, overlap=1, n_users=2,
+                             tasks=jl(*[{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(12)]))
+    with db.read() as s:
+        tids = s.scalars(select(Task.id).order_by(Task.id)).all()
+    barrier = threading.Barrier(4)
+
+    def send(tid):
+        barrier.wait()
+        try:
+            return sv.submit(db, pid, u, tid, {"choice": "A"})
+        except sv.Conflict as e:
+            return e
+
+    for k, tid in enumerate(tids):
+        if k % 2 == 0:
+            assert take(db, pid, u) == tid
+        with ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(send, [tid] * 4))
+        assert not any(isinstance(r, sv.Conflict) for r in results), (k, results)
+        assert sum(not r.duplicate for r in results) == 1 and len({r.judgment.id for r in results}) == 1
+    with db.read() as s:
+        assert {t.n_claims for t in s.scalars(select(Task))} == {1} and s.scalar(select(func.count(Assignment.id))) == 0

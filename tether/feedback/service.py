@@ -353,27 +353,35 @@ def next_task(s: Session, project: Project, user: User, lease: timedelta = DEFAU
     reserved = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
     # finish items that others started first (agreement becomes measurable early), then in import order
     order = case((Task.is_gold.is_(True), 0), else_=Task.n_claims)
-    candidates = s.scalars(
-        select(Task.id)
-        .where(Task.project_id == project.id, _claimable(project), ~judged, ~reserved)
-        .order_by(order.desc(), Task.id)
-        .limit(8)
-    ).all()
-    now = utcnow()
-    for tid in candidates:
-        try:
-            with s.begin_nested():
-                res = s.execute(
-                    update(Task).where(Task.id == tid, _claimable(project)).values(n_claims=Task.n_claims + 1)
-                )
-                if res.rowcount != 1:
-                    continue  # someone else took the last slot
-                s.add(Assignment(project_id=project.id, task_id=tid, user_id=user.id, created_at=now, expires_at=now + lease))
-                s.flush()
-        except IntegrityError:
-            continue
-        return s.get(Task, tid)
-    return None
+    lost: set[int] = set()
+    while True:
+        # Asked again after every lost race: on PostgreSQL (read committed) each query sees what the
+        # winners committed, so the loop ends with an item or with none left, never with "none" while
+        # one is free. (Concurrent callers all read the same top candidates.)
+        candidates = s.scalars(
+            select(Task.id)
+            .where(Task.project_id == project.id, _claimable(project), ~judged, ~reserved, Task.id.not_in(lost))
+            .order_by(order.desc(), Task.id)
+            .limit(8)
+        ).all()
+        if not candidates:
+            return None
+        now = utcnow()
+        for tid in candidates:
+            try:
+                with s.begin_nested():
+                    res = s.execute(
+                        update(Task).where(Task.id == tid, _claimable(project)).values(n_claims=Task.n_claims + 1)
+                    )
+                    if res.rowcount != 1:
+                        lost.add(tid)  # someone else took the last slot
+                        continue
+                    s.add(Assignment(project_id=project.id, task_id=tid, user_id=user.id, created_at=now, expires_at=now + lease))
+                    s.flush()
+            except IntegrityError:
+                lost.add(tid)  # this annotator reserved it in another request at the same moment
+                continue
+            return s.get(Task, tid)
 
 
 # ---------------------------------------------------------------- judgments
@@ -483,6 +491,11 @@ def _submit(s: Session, project_id: int, user_id: int, task_id: int, data: dict)
     else:
         res = s.execute(update(Task).where(Task.id == task_id, _claimable(project)).values(n_claims=Task.n_claims + 1))
         if res.rowcount != 1:
+            # a concurrent copy of this submission may have used the slot and committed meanwhile (the
+            # update waited for it): that is a duplicate, not a conflict
+            again = s.scalar(select(Judgment).where(Judgment.task_id == task_id, Judgment.user_id == user_id))
+            if again is not None:
+                return SubmitResult(again, True)
             raise Conflict("this item already has all the judgments it needs; take the next one")
     j = Judgment(
         project_id=project_id,
