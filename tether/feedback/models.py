@@ -80,7 +80,7 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         UniqueConstraint("project_id", "external_id", name="uq_tasks_project_external"),
-        Index("ix_tasks_project_claims", "project_id", "n_claims"),
+        Index("ix_tasks_next", "project_id", "is_gold", "n_claims", "id"),  # next_task's ordered walk per tier
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
