@@ -347,11 +347,15 @@ def next_task(s: Session, project: Project, user: User, lease: timedelta = DEFAU
         # winners committed, so the loop ends with an item or with none left, never with "none" while
         # one is free. (Concurrent callers all read the same top candidates.)
         candidates: list[int] = []
-        for tier in tiers:
-            candidates = s.scalars(  # (gold: the least seen first)
-                select(Task.id).where(Task.project_id == project.id, tier, ~judged, ~reserved, Task.id.not_in(lost))
-                .order_by(Task.n_claims, Task.id).limit(8)
-            ).all()
+        # PostgreSQL: first the top item no one else is taking (row lock, SKIP LOCKED: concurrent callers
+        # spread out instead of queueing on one row); then, if all are being taken, the top 8, waiting
+        for skip in (True, False):
+            for tier in tiers:
+                q = (select(Task.id).where(Task.project_id == project.id, tier, ~judged, ~reserved, Task.id.not_in(lost))
+                     .order_by(Task.n_claims, Task.id))  # (gold: the least seen first)
+                q = q.limit(1).with_for_update(skip_locked=True, of=Task) if skip else q.limit(8)
+                if candidates := s.scalars(q).all():
+                    break
             if candidates:
                 break
         if not candidates:
