@@ -14,6 +14,7 @@ Security model
 """
 
 import json
+import logging
 import random
 import secrets
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ COOKIE = "tether_session"
 LOGIN_CSRF_COOKIE = "tether_login_csrf"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 MAX_UPLOAD = 50 * 1024 * 1024
+log = logging.getLogger("tether.label")
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -92,15 +94,16 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
     @app.middleware("http")
     async def headers(request: Request, call_next):  # noqa: ANN001, ANN202
-        if request.method in UNSAFE:
-            origin = request.headers.get("origin")
-            if origin and origin != "null":
-                o = urlsplit(origin)
-                if o.netloc != request.headers.get("host", ""):
-                    return PlainTextResponse("cross-origin request refused", status_code=403)
-            elif origin == "null":
-                return PlainTextResponse("cross-origin request refused", status_code=403)
-        resp = await call_next(request)
+        origin = request.headers.get("origin")
+        if request.method in UNSAFE and origin and (origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")):
+            resp: Response = PlainTextResponse("cross-origin request refused", status_code=403)
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:  # an unexpected bug: its transaction was rolled back; answer a 500 with the headers below
+                log.exception("unhandled error in %s %s", request.method, request.url.path)
+                resp = (JSONResponse({"error": "internal server error"}, status_code=500) if request.url.path.startswith("/api/")
+                        else PlainTextResponse("internal server error", status_code=500))
         resp.headers["Content-Security-Policy"] = CSP
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["X-Frame-Options"] = "DENY"
