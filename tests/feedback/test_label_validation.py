@@ -56,6 +56,69 @@ def count(db, col):
         return s.scalar(select(func.count(col)))
 
 
+API_BAD = [  # raw JSON (T: the rate item, R: the rank item) and the field the message must name
+    ('{"task_id": T, "rating": 1e400}', "rating"),
+    ('{"task_id": T, "rating": true}', "rating"),
+    ('{"task_id": T, "rating": " 4 "}', "rating"),
+    ('{"task_id": T, "rating": "\\u0663"}', "rating"),
+    ('{"task_id": T, "rating": 4.5}', "rating"),
+    ('{"task_id": T, "rating": 4, "client_ms": 1e400}', "client_ms"),
+    ('{"task_id": T, "rating": 4, "client_ms": "soon"}', "client_ms"),
+    ('{"task_id": 9223372036854775808, "rating": 4}', "task_id"),
+    ('{"task_id": 2147483648, "rating": 4}', "task_id"),
+    ('{"task_id": T.5, "rating": 4}', "task_id"),
+    ('{"task_id": true, "rating": 4}', "task_id"),
+    ('{"rating": 4}', "task_id"),
+    ('{"task_id": T, "rating": 4, "rationale": "a\\ud800b"}', "rationale"),
+    ('{"task_id": T, "rating": 4, "rationale": "a\\u0000b"}', "rationale"),
+    ('{"task_id": T, "rating": 4, "rationale": 7}', "rationale"),
+    ('{"task_id": T, "rating": 4, "reason": "because I say so"}', "reason"),
+    ('{"task_id": T, "rating": 4, "submission_id": "a\\u0000"}', "submission_id"),
+    ('{"task_id": R, "ranking": "\\u0663,2,1,0"}', "ranking"),
+    ('[1, 2]', "JSON object"),
+]
+FORM_BAD = [
+    ({"rating": "1e400"}, "rating"),
+    ({"rating": "inf"}, "rating"),
+    ({"rating": " 4 "}, "rating"),
+    ({"rating": "٣"}, "rating"),
+    ({"rating": "4", "client_ms": "1e400"}, "client_ms"),
+    ({"rating": "4", "client_ms": "inf"}, "client_ms"),
+    ({"rating": "4", "task_id": "9223372036854775808"}, "task_id"),
+    ({"rating": "4", "task_id": "T.5"}, "task_id"),
+    ({"rating": "4", "rationale": "a\x00b"}, "rationale"),
+    ({"rating": "4", "reason": "because I say so"}, "reason"),
+    ({"ranking": "٣,2,1,0", "task_id": "R"}, "ranking"),
+]
+
+
+def test_bad_judgments_answer_4xx_naming_the_field(env):
+    app, db, ids = env
+    c, h = client(app)
+    sub = lambda v: v.replace("T", str(ids["t"])).replace("R", str(ids["r"]))  # noqa: E731
+    for body, field in API_BAD:
+        pid = ids["rank"] if ": R," in body else ids["rate"]
+        body = sub(body)
+        r = c.post(f"/api/projects/{pid}/judgments", content=body.encode(), headers={**h, "Content-Type": "application/json"})
+        refused(r, field)
+    for data, field in FORM_BAD:
+        data = {"task_id": str(ids["t"]), **{k: sub(v) if k == "task_id" else v for k, v in data.items()}}
+        pid = ids["rank"] if data["task_id"] == str(ids["r"]) else ids["rate"]
+        refused(c.post(f"/p/{pid}/submit", data=data, headers=h), field)
+    refused(c.get("/api/projects/99999999999999999999/progress"), "no such project")
+    assert count(db, Judgment.id) == 0
+    # the strict schema still takes what the page and a JSON client send
+    r = c.post(f"/api/projects/{ids['rate']}/judgments", json={"task_id": ids["t"], "rating": 4, "client_ms": 1200,
+                                                              "reason": "more helpful", "rationale": "ok"}, headers=h)
+    assert r.status_code == 201 and r.json()["value"] == {"rating": 4}, r.text
+    r = c.post(f"/p/{ids['rank']}/submit", data={"task_id": str(ids["r"]), "ranking": "3,2,1,0", "client_ms": "900", "reason": ""},
+               headers=h)
+    assert r.status_code == 303 and r.headers["location"].endswith("msg=saved")
+    with db.read() as s:
+        assert [(j.value, j.client_ms, j.reason) for j in s.scalars(select(Judgment).order_by(Judgment.id))] == [
+            ({"rating": 4}, 1200, "more helpful"), ({"ranking": [3, 2, 1, 0]}, 900, None)]
+
+
 def test_every_response_has_the_security_headers_even_a_500(env, monkeypatch):
     app, _db, ids = env
     c, h = client(app)

@@ -170,7 +170,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return auth
 
     def project_for(s, pid: int, auth: Auth) -> Project:  # noqa: ANN001
-        p = s.get(Project, pid)
+        p = s.get(Project, pid) if 0 < pid <= sv.INT_MAX else None
         if p is None or not (auth.is_admin or s.get(Membership, (pid, auth.user_id)) is not None):
             raise HTTPError(404, "no such project")
         return p
@@ -297,7 +297,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         request: Request,
         pid: int,
         auth: Annotated[Auth, Depends(csrf_auth)],
-        task_id: Annotated[int, Form()],
+        task_id: Annotated[str | None, Form()] = None,
         choice: Annotated[str | None, Form()] = None,
         ranking: Annotated[str | None, Form()] = None,
         rating: Annotated[str | None, Form()] = None,
@@ -351,16 +351,13 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         try:
             body = await request.json()
-            task_id = int(body["task_id"])
         except Exception:  # noqa: BLE001
-            raise HTTPError(400, "expected a JSON object with task_id") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "expected a JSON object")
+            raise HTTPError(400, "invalid JSON") from None
 
         def work() -> JSONResponse:
             with database.read() as s:
                 project_for(s, pid, auth)
-            res = sv.submit(database, pid, auth.user_id, task_id, body)
+            res = sv.submit(database, pid, auth.user_id, body.get("task_id") if isinstance(body, dict) else None, body)
             j = res.judgment
             return JSONResponse({"id": j.id, "task_id": j.task_id, "value": j.value, "duplicate": res.duplicate},
                                 status_code=200 if res.duplicate else 201)

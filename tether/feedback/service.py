@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ COMPARE_CHOICES = ("A", "B", "tie", "skip")
 RANK_GOLD_THRESHOLD = 0.75  # a gold ranking counts as correct if at least this share of pairs agree
 RATE_GOLD_TOLERANCE = 1  # a gold rating counts as correct within +-1
 DEFAULT_LEASE = timedelta(minutes=30)
+INT_MAX = 2**31 - 1  # ids and counts are 32-bit INTEGER columns (PostgreSQL)
 
 
 class ServiceError(Exception):
@@ -69,6 +71,43 @@ class ImportRejected(ServiceError):
         shown = "; ".join(f"line {n}: {r}" for n, r in errors[:10])
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
         super().__init__(f"import rejected, nothing imported: {shown}{more}")
+
+
+# ---------------------------------------------------------------- input values (one strict schema for the JSON API,
+# the HTML forms and the CLI)
+
+
+def as_int(field: str, v: Any, lo: int = 0, hi: int = INT_MAX) -> int:
+    """A JSON integer (not true/false, not 2.0) or, from a form, a string of ASCII digits; within [lo, hi]."""
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 10:
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise Invalid(f"{field} must be an integer from {lo} to {hi}")
+    return v
+
+
+def _bad_text(v: str) -> str | None:
+    """Why a database cannot store this string (PostgreSQL refuses NUL; no driver encodes a lone surrogate)."""
+    if "\x00" in v:
+        return "contains a NUL character"
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (not valid Unicode)"
+    return None
+
+
+def as_text(field: str, v: Any, max_len: int = MAX_TEXT, optional: bool = False) -> str | None:
+    """A string of at most max_len characters that the database can store (optional: None or "" give None)."""
+    if optional and (v is None or v == ""):
+        return None
+    if not isinstance(v, str):
+        raise Invalid(f"{field} must be a string")
+    if len(v) > max_len:
+        raise Invalid(f"{field}: at most {max_len} characters")
+    if bad := _bad_text(v):
+        raise Invalid(f"{field} {bad}")
+    return v
 
 
 # ---------------------------------------------------------------- users and projects
@@ -391,23 +430,30 @@ def normalize_value(project: Project, task: Task, data: dict) -> tuple[dict, boo
         return {"skip": True}, True
     if project.kind == "rank":
         r = data.get("ranking")
-        if isinstance(r, str):
-            try:
-                r = [int(x) for x in r.split(",") if x.strip() != ""]
-            except ValueError:
-                raise Invalid("ranking must be comma-separated response indices") from None
+        if isinstance(r, str):  # the form's "2,0,3,1"
+            r = [int(x) if x.isascii() and x.isdigit() and len(x) < 3 else -1 for x in r.split(",")]
         try:
             return {"ranking": _check_ranking(r, n)}, False
         except ValueError as e:
             raise Invalid(str(e)) from None
-    rating = data.get("rating")
-    try:
-        rating = int(rating)
-    except (TypeError, ValueError):
-        raise Invalid("rating must be an integer from 1 to 5") from None
-    if not 1 <= rating <= 5 or (isinstance(data.get("rating"), float) and data["rating"] != rating):
-        raise Invalid("rating must be an integer from 1 to 5")
-    return {"rating": rating}, False
+    return {"rating": as_int("rating", data.get("rating"), 1, 5)}, False
+
+
+def clean_judgment(task_id: Any, data: Any) -> tuple[int, dict]:
+    """The fields every kind shares (the JSON API and the form alike); normalize_value checks the answer."""
+    if not isinstance(data, dict):
+        raise Invalid("expected a JSON object")
+    reason = as_text("reason", data.get("reason"), 64, optional=True)
+    if reason is not None and reason not in REASONS:
+        raise Invalid(f"reason must be one of {REASONS}")
+    ms = data.get("client_ms")
+    return as_int("task_id", task_id, 1), {
+        **data,
+        "reason": reason,
+        "rationale": as_text("rationale", data.get("rationale"), MAX_RATIONALE, optional=True),
+        "submission_id": as_text("submission_id", data.get("submission_id"), 64, optional=True),
+        "client_ms": None if ms is None or ms == "" else min(as_int("client_ms", ms), 86_400_000),
+    }
 
 
 def _truthy(v: Any) -> bool:
@@ -440,6 +486,7 @@ class SubmitResult:
 
 def submit(db, project_id: int, user_id: int, task_id: int, data: dict) -> SubmitResult:  # noqa: ANN001
     """Record one judgment in its own transaction (committed before this returns)."""
+    task_id, data = clean_judgment(task_id, data)
     try:
         with db.write() as s:
             return _submit(s, project_id, user_id, task_id, data)
@@ -461,20 +508,7 @@ def _submit(s: Session, project_id: int, user_id: int, task_id: int, data: dict)
     if old is not None:
         return SubmitResult(old, True)
     value, skipped = normalize_value(project, task, data)
-    reason = data.get("reason") or None
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 64):
-        raise Invalid("reason: at most 64 characters")
-    rationale = data.get("rationale") or None
-    if rationale is not None and (not isinstance(rationale, str) or len(rationale) > MAX_RATIONALE):
-        raise Invalid(f"rationale: at most {MAX_RATIONALE} characters")
-    sub_id = data.get("submission_id") or None
-    if sub_id is not None:
-        sub_id = str(sub_id)[:64]
-    client_ms = data.get("client_ms")
-    try:
-        client_ms = None if client_ms in (None, "") else max(0, min(int(float(client_ms)), 86_400_000))
-    except (TypeError, ValueError):
-        client_ms = None
+    reason, rationale, sub_id, client_ms = (data[k] for k in ("reason", "rationale", "submission_id", "client_ms"))
     now = utcnow()
     a = s.scalar(select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user_id))
     server_ms = None
