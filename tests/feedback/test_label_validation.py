@@ -119,6 +119,39 @@ def test_bad_judgments_answer_4xx_naming_the_field(env):
             ({"rating": 4}, 1200, "more helpful"), ({"ranking": [3, 2, 1, 0]}, 900, None)]
 
 
+BAD_LINES = [  # one line of a task file and what its error must say
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"prompt": "p", "responses": ["a"], "n": ' + "9" * 5000 + "}", "too many digits"),
+    ('{"prompt": "p\\u0000", "responses": ["a"]}', "'prompt' contains a NUL character"),
+    ('{"prompt": "p", "responses": ["a\\ud800"]}', "'responses[0]' contains a lone surrogate"),
+    ('{"prompt": "p", "responses": ["a"], "meta": {"x": NaN}}', "'meta.x' is not a finite number"),
+    ('{"prompt": "p", "responses": ["a"], "score": 1e400}', "'score' is not a finite number"),
+    ('{"prompt": "p", "responses": ["a"], "meta": ' + "[" * 40 + "]" * 40 + "}", "nested deeper than"),
+]
+
+
+def test_bad_import_lines_are_reported_by_line(env):
+    app, db, ids = env
+    c, h = client(app, "root", "rootpass1")
+    text = "\n".join(['{"prompt": "fine", "responses": ["a"], "id": "ok"}', *(line for line, _ in BAD_LINES)]) + "\n"
+    for send in ("api", "form"):
+        if send == "api":
+            r = c.post(f"/api/admin/projects/{ids['rate']}/tasks", content=text.encode(), headers=h)
+            refused(r)
+            errors = [(e["line"], e["reason"]) for e in r.json()["errors"]]
+            assert [n for n, _ in errors] == list(range(2, len(BAD_LINES) + 2)), errors
+            for (_n, reason), (_line, want) in zip(errors, BAD_LINES):
+                assert want in reason, (reason, want)
+        else:
+            r = c.post(f"/admin/p/{ids['rate']}/import", files={"tasks": ("t.jsonl", text.encode())}, headers=h)
+            refused(r, "Nothing was imported", "nested too deeply", "too many digits", "lone surrogate")
+    # non-UTF-8 is refused by the API as by the form (it was stored as U+FFFD)
+    latin1 = '{"prompt": "café", "responses": ["a"]}\n'.encode("latin-1")
+    refused(c.post(f"/api/admin/projects/{ids['rate']}/tasks", content=latin1, headers=h), "UTF-8")
+    refused(c.post(f"/admin/p/{ids['rate']}/import", files={"tasks": ("t.jsonl", latin1)}, headers=h), "UTF-8")
+    assert count(db, Task.id) == 3  # the two rate items and the rank item of the fixture
+
+
 def test_every_response_has_the_security_headers_even_a_500(env, monkeypatch):
     app, _db, ids = env
     c, h = client(app)

@@ -516,7 +516,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         def work() -> JSONResponse:
             with database.write() as s:
-                n = sv.import_tasks(s, project_for(s, pid, auth), raw.decode("utf-8", errors="replace"))
+                n = sv.import_tasks(s, project_for(s, pid, auth), _utf8(raw))
             return JSONResponse({"imported": n}, status_code=201)
 
         return await run_in_threadpool(work)
@@ -583,6 +583,10 @@ def _read_upload(f: UploadFile | None) -> str:
     data = f.file.read(MAX_UPLOAD + 1)
     if len(data) > MAX_UPLOAD:
         raise HTTPError(413, "file too large")
+    return _utf8(data)
+
+
+def _utf8(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -216,6 +216,9 @@ def parse_task_lines(kind: str, text: str) -> tuple[list[ParsedTask], list[tuple
         except json.JSONDecodeError as e:
             errors.append((lineno, f"invalid JSON: {e.msg} at column {e.colno}"))
             continue
+        except (ValueError, RecursionError) as e:  # the parser's own limits
+            errors.append((lineno, "invalid JSON: " + ("nested too deeply" if isinstance(e, RecursionError) else "a number with too many digits")))
+            continue
         try:
             parsed = _parse_obj(kind, obj, lineno)
         except ValueError as e:
@@ -235,6 +238,7 @@ def parse_task_lines(kind: str, text: str) -> tuple[list[ParsedTask], list[tuple
 def _parse_obj(kind: str, obj: Any, lineno: int) -> list[ParsedTask]:
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
+    _check_storable(obj)
     prompt = obj.get("prompt")
     if "prompt" not in obj:
         raise ValueError("missing field 'prompt'")
@@ -286,6 +290,24 @@ def _parse_obj(kind: str, obj: Any, lineno: int) -> list[ParsedTask]:
             eid = ext if n == 1 else f"{ext}#{i}"
             out.append(ParsedTask(eid, ext, prompt, [responses[i]], [i], g, meta))
     return out
+
+
+def _check_storable(obj: dict, max_depth: int = 32) -> None:
+    """Refuse what a database cannot store or a reader cannot parse back: NUL characters, lone
+    surrogates, NaN and infinite numbers, nesting deeper than max_depth."""
+    stack: list[tuple[str, Any, int]] = [(k, v, 1) for k, v in obj.items()]
+    while stack:
+        path, v, depth = stack.pop()
+        if (bad := _bad_text(path)) or (isinstance(v, str) and (bad := _bad_text(v))):
+            raise ValueError(f"{path[:80]!r} {bad}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{path[:80]!r} is not a finite number")
+        if isinstance(v, (dict, list)) and depth >= max_depth:
+            raise ValueError(f"{path[:80]!r} is nested deeper than {max_depth} levels")
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}", x, depth + 1) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x, depth + 1) for i, x in enumerate(v))
 
 
 def _parse_gold(kind: str, gold: Any, n: int) -> Any:
