@@ -152,6 +152,34 @@ def test_bad_import_lines_are_reported_by_line(env):
     assert count(db, Task.id) == 3  # the two rate items and the rank item of the fixture
 
 
+def test_bad_projects_and_users_answer_4xx(env):
+    app, db, ids = env
+    c, h = client(app, "root", "rootpass1")
+    ok = {"name": "new", "kind": "rate"}
+    for body, field in [({**ok, "overlap": "abc"}, "overlap"), ({**ok, "overlap": 2.7}, "overlap"), ({**ok, "overlap": True}, "overlap"),
+                        ({**ok, "overlap": " 2"}, "overlap"), ({**ok, "tasks": ['{"prompt": "p", "responses": ["a"]}']}, "tasks"),
+                        ({**ok, "name": 5}, "name"), ({**ok, "name": "a\x00b"}, "name"), ({**ok, "guidelines": "g\x00"}, "guidelines"),
+                        ({**ok, "kind": ["rate"]}, "kind")]:
+        refused(c.post("/api/admin/projects", json=body, headers=h), field)
+    for overlap in ("abc", "2.7", "٣", "99999999999999999999"):
+        refused(c.post("/admin/projects", data={**ok, "overlap": overlap}, headers=h), "overlap")
+    user = {"username": "carol", "password": "carolpass"}
+    for body, words in [({**user, "projects": 5}, ["projects"]), ({**user, "projects": [{"id": 1}]}, ["project"]),
+                        ({**user, "projects": [99999999999999999999]}, ["no project"]), ({**user, "projects": ["٣"]}, ["no project"]),
+                        ({**user, "username": 5}, ["username"]), ({**user, "username": "\u0430dmin"}, ["username", "ASCII"]),
+                        ({**user, "password": 12345678}, ["password"])]:
+        refused(c.post("/api/admin/users", json=body, headers=h), *words)
+    refused(c.post(f"/api/admin/projects/{ids['rate']}/members", json={"username": "a\x00"}, headers=h), "username")
+    for data, words in [({"project_id": "abc"}, ["project_id"]), ({"project_id": "99999999999999999999"}, ["project_id"]),
+                        ({"username": "\u0430nn"}, ["username", "ASCII"]), ({"username": "ｒｏｏｔ"}, ["exists"])]:
+        refused(c.post("/admin/users", data={**user, **data}, headers=h), *words)
+    assert count(db, Project.id) == 2 and count(db, User.id) == 2
+    # the strict schema still takes what the forms and a JSON client send
+    assert c.post("/admin/projects", data={**ok, "overlap": "3"}, headers=h).status_code == 303
+    r = c.post("/api/admin/users", json={**user, "projects": ["new", ids["rate"], str(ids["rank"])]}, headers=h)
+    assert r.status_code == 201, r.text
+
+
 def test_every_response_has_the_security_headers_even_a_500(env, monkeypatch):
     app, _db, ids = env
     c, h = client(app)

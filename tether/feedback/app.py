@@ -403,7 +403,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         auth: Annotated[Auth, Depends(csrf_auth)],
         name: Annotated[str, Form()],
         kind: Annotated[str, Form()],
-        overlap: Annotated[int, Form()] = 2,
+        overlap: Annotated[str, Form()] = "2",
         guidelines: Annotated[str, Form()] = "",
         tasks: Annotated[UploadFile | None, File()] = None,
     ) -> Response:
@@ -450,7 +450,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         with database.write() as s:
             u = sv.create_user(s, username, password, role)
             if project_id:
-                sv.add_member(s, project_for(s, int(project_id), auth), u)
+                sv.add_member(s, project_for(s, sv.as_int("project_id", project_id, 1), auth), u)
         return RedirectResponse("/admin?msg=user", status_code=303)
 
     @app.get("/admin/p/{pid}/export")
@@ -498,10 +498,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         from starlette.concurrency import run_in_threadpool
 
         def work() -> JSONResponse:
+            tasks = body.get("tasks") or ""
+            if not isinstance(tasks, str):
+                raise sv.Invalid("tasks must be a string: the task file's jsonl text")
             with database.write() as s:
-                p = sv.create_project(s, str(body.get("name", "")), str(body.get("kind", "")), str(body.get("guidelines", "")),
-                                      int(body.get("overlap", 2)))
-                n = sv.import_tasks(s, p, body["tasks"]) if isinstance(body.get("tasks"), str) and body["tasks"].strip() else 0
+                p = sv.create_project(s, body.get("name", ""), body.get("kind", ""), body.get("guidelines", ""), body.get("overlap", 2))
+                n = sv.import_tasks(s, p, tasks) if tasks.strip() else 0
                 return JSONResponse(_project_json(p) | {"imported": n}, status_code=201)
 
         return await run_in_threadpool(work)
@@ -528,9 +530,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         from starlette.concurrency import run_in_threadpool
 
         def work() -> JSONResponse:
+            projects = body.get("projects") or []
+            if not isinstance(projects, list):
+                raise sv.Invalid("projects must be a list of project ids or names")
             with database.write() as s:
-                u = sv.create_user(s, str(body.get("username", "")), str(body.get("password", "")), str(body.get("role", "annotator")))
-                for pref in body.get("projects", []) or []:
+                u = sv.create_user(s, body.get("username", ""), body.get("password", ""), body.get("role", "annotator"))
+                for pref in projects:
                     sv.add_member(s, sv.get_project(s, pref), u)
                 return JSONResponse({"id": u.id, "username": u.username, "role": u.role}, status_code=201)
 
@@ -544,7 +549,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         def work() -> dict:
             with database.write() as s:
-                sv.add_member(s, project_for(s, pid, auth), sv.get_user(s, str(body.get("username", ""))))
+                sv.add_member(s, project_for(s, pid, auth), sv.get_user(s, body.get("username", "")))
             return {"ok": True}
 
         return await run_in_threadpool(work)

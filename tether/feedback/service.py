@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import statistics
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -114,9 +115,12 @@ def as_text(field: str, v: Any, max_len: int = MAX_TEXT, optional: bool = False)
 
 
 def create_user(s: Session, username: str, password: str, role: str = "annotator", hasher=None) -> User:  # noqa: ANN001
-    username = username.strip()
-    if not username or len(username) > 64 or not all(c.isalnum() or c in "._-@" for c in username):
-        raise Invalid("username: 1-64 characters, letters, digits and . _ - @")
+    """Usernames are NFKC-normalised (fullwidth "ａｄｍｉｎ" is "admin") and then must be ASCII letters, digits
+    and . _ - @, so no look-alike letter of another script ("\u0430dmin", Cyrillic a) can pass for a user."""
+    username = unicodedata.normalize("NFKC", as_text("username", username, 256)).strip()
+    if not username or len(username) > 64 or not all(c.isascii() and (c.isalnum() or c in "._-@") for c in username):
+        raise Invalid("username: 1-64 characters, ASCII letters, digits and . _ - @")
+    as_text("password", password, 4096)
     if role not in ROLES:
         raise Invalid(f"role must be one of {ROLES}")
     if s.scalar(select(User.id).where(User.username == username)) is not None:
@@ -132,34 +136,34 @@ def create_user(s: Session, username: str, password: str, role: str = "annotator
 
 
 def get_user(s: Session, username: str) -> User:
-    u = s.scalar(select(User).where(User.username == username))
+    u = s.scalar(select(User).where(User.username == as_text("username", username, 256)))
     if u is None:
         raise NotFound(f"no user {username!r}")
     return u
 
 
 def create_project(s: Session, name: str, kind: str, guidelines: str = "", overlap: int = 2) -> Project:
-    name = name.strip()
+    name = as_text("name", name, 1024).strip()
     if not name or len(name) > 128:
         raise Invalid("project name: 1-128 characters")
     if kind not in KINDS:
         raise Invalid(f"kind must be one of {KINDS}")
-    if not 1 <= int(overlap) <= 50:
-        raise Invalid("overlap must be between 1 and 50")
+    overlap, guidelines = as_int("overlap", overlap, 1, 50), as_text("guidelines", guidelines or "")
     if s.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise Conflict(f"project {name!r} exists")
-    p = Project(name=name, kind=kind, guidelines=guidelines or "", overlap=int(overlap))
+    p = Project(name=name, kind=kind, guidelines=guidelines, overlap=overlap)
     s.add(p)
     s.flush()
     return p
 
 
 def get_project(s: Session, ref: str | int) -> Project:
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-        p = s.get(Project, int(ref))
-        if p is None and isinstance(ref, str):
-            p = s.scalar(select(Project).where(Project.name == ref))
-    else:
+    """A project by id (an integer or a string of ASCII digits) or by name."""
+    if isinstance(ref, bool) or not isinstance(ref, (int, str)) or (isinstance(ref, str) and _bad_text(ref)):
+        raise Invalid("a project is given by its id or its name")
+    pid = ref if isinstance(ref, int) else int(ref) if ref.isascii() and ref.isdigit() and len(ref) <= 10 else 0
+    p = s.get(Project, pid) if 0 < pid <= INT_MAX else None
+    if p is None and isinstance(ref, str):
         p = s.scalar(select(Project).where(Project.name == ref))
     if p is None:
         raise NotFound(f"no project {ref!r}")
