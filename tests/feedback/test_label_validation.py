@@ -195,3 +195,26 @@ def test_every_response_has_the_security_headers_even_a_500(env, monkeypatch):
     r = c.get("/")
     assert r.status_code == 500 and "unexpected bug" not in r.text
     secure(r)
+
+
+def test_label_page_reserves_only_on_post_or_same_origin_navigation(env):
+    app, db, ids = env
+    c, h = client(app)
+    pid = ids["rate"]
+    for nav in ({}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+        r = c.get(f"/p/{pid}", headers=nav)
+        assert r.status_code == 200 and f'action="/p/{pid}/next"' in r.text and 'name="task_id"' not in r.text
+        secure(r)
+    assert count(db, Assignment.id) == 0
+    assert c.post(f"/p/{pid}/next").status_code == 403  # needs the CSRF token
+    r = c.post(f"/p/{pid}/next", headers=h)
+    assert r.status_code == 303 and r.headers["location"] == f"/p/{pid}"
+    assert count(db, Assignment.id) == 1
+    r = c.get(f"/p/{pid}")  # the reserved item is shown, nothing more is reserved
+    assert f'name="task_id" value="{ids["t"]}"' in r.text and count(db, Assignment.id) == 1
+    # a link on this site or the address bar (what the browser test does) still opens the next item directly
+    r = c.get(f"/p/{ids['rank']}", headers={"Sec-Fetch-Site": "same-origin"})
+    assert 'name="task_id"' in r.text and count(db, Assignment.id) == 2
+    assert c.post(f"/api/projects/{pid}/judgments", json={"task_id": ids["t"], "rating": 3}, headers=h).status_code == 201
+    r = c.get(f"/p/{pid}", headers={"Sec-Fetch-Site": "none"})
+    assert 'name="task_id"' in r.text and count(db, Assignment.id) == 2  # the rate project's second item

@@ -277,20 +277,31 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return page("home.html", request, auth, projects=rows)
 
     @app.get("/p/{pid}", response_class=HTMLResponse)
-    def label_page(request: Request, pid: int, auth: Annotated[Auth, Depends(current)], msg: str | None = None) -> HTMLResponse:
-        with database.write() as s:
+    def label_page(request: Request, pid: int, auth: Annotated[Auth, Depends(current)], msg: str | None = None,
+                   sec_fetch_site: Annotated[str | None, Header()] = None) -> HTMLResponse:
+        # Reserving an item changes state, so a GET does it only for a navigation the browser marks as coming from
+        # this site or from the user (address bar, bookmark); any other (a cross-site link, a client without Fetch
+        # Metadata) shows the reserved item or a Start button that POSTs to /p/{pid}/next.
+        reserve = sec_fetch_site in ("same-origin", "none")
+        with database.write() if reserve else database.read() as s:
             p = project_for(s, pid, auth)
             user = s.get(User, auth.user_id)
-            task = sv.next_task(s, p, user, lease)
+            task = sv.next_task(s, p, user, lease) if reserve else sv.reserved_task(s, p, user)
             prog = sv.progress(s, p, user)
             ctx = dict(project=p, progress=prog, message=_MESSAGES.get(msg or ""))
             if task is None:
-                return page("done.html", request, auth, **ctx)
+                return page("start.html" if prog["available"] and not reserve else "done.html", request, auth, **ctx)
             order = list(range(len(task.responses)))
             random.Random(f"{task.id}:{auth.user_id}").shuffle(order)
             shown = [(i, task.responses[i]) for i in order]
             ctx.update(task=task, shown=shown, submission_id=secrets.token_hex(16))
         return page(f"{p.kind}.html", request, auth, **ctx)
+
+    @app.post("/p/{pid}/next")
+    def label_next(pid: int, auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
+        with database.write() as s:
+            sv.next_task(s, project_for(s, pid, auth), s.get(User, auth.user_id), lease)
+        return RedirectResponse(f"/p/{pid}", status_code=303)
 
     @app.post("/p/{pid}/submit")
     def label_submit(

@@ -441,6 +441,15 @@ def next_task(s: Session, project: Project, user: User, lease: timedelta = DEFAU
     return None
 
 
+def reserved_task(s: Session, project: Project, user: User) -> Task | None:
+    """The item this annotator holds a live reservation for, if any (reads only; next_task reserves)."""
+    return s.scalar(
+        select(Task).join(Assignment, Assignment.task_id == Task.id)
+        .where(Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.expires_at >= utcnow())
+        .order_by(Assignment.created_at, Assignment.id).limit(1)
+    )
+
+
 # ---------------------------------------------------------------- judgments
 
 
