@@ -218,3 +218,12 @@ def test_label_page_reserves_only_on_post_or_same_origin_navigation(env):
     assert c.post(f"/api/projects/{pid}/judgments", json={"task_id": ids["t"], "rating": 3}, headers=h).status_code == 201
     r = c.get(f"/p/{pid}", headers={"Sec-Fetch-Site": "none"})
     assert 'name="task_id"' in r.text and count(db, Assignment.id) == 2  # the rate project's second item
+
+
+def test_fastapi_validation_errors_are_one_line_messages(env):
+    app, _db, ids = env
+    c, h = client(app, "root", "rootpass1")
+    refused(r := c.post("/admin/projects", data={"kind": "rate"}, headers=h), "name: Field required")
+    assert "<html" in r.text  # a form gets the error page
+    refused(r := c.get(f"/api/admin/projects/{ids['rate']}/export?include_gold=maybe"), "include_gold: ")
+    assert list(r.json()) == ["error"]

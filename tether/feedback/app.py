@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import jinja2
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from markupsafe import Markup
@@ -123,6 +124,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.detail}, status_code=exc.status)
         return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):  # noqa: ANN202
+        e = (exc.errors() or [{}])[0]  # the first problem, as one line naming the field
+        field = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
+        return await _http_error(request, HTTPError(422, f"{field}: {e.get('msg', 'invalid value')}"))
 
     @app.exception_handler(sv.ServiceError)
     async def _service_error(request: Request, exc: sv.ServiceError):  # noqa: ANN202
