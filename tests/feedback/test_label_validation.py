@@ -227,3 +227,11 @@ def test_fastapi_validation_errors_are_one_line_messages(env):
     assert "<html" in r.text  # a form gets the error page
     refused(r := c.get(f"/api/admin/projects/{ids['rate']}/export?include_gold=maybe"), "include_gold: ")
     assert list(r.json()) == ["error"]
+
+
+def test_export_of_a_non_latin_project_name(env):
+    app, _db, _ids = env
+    c, h = client(app, "root", "rootpass1")
+    pid = c.post("/api/admin/projects", json={"name": "日本語 test", "kind": "rate"}, headers=h).json()["id"]
+    r = c.get(f"/admin/p/{pid}/export")
+    assert r.status_code == 200 and 'filename="____test-majority.jsonl"' in r.headers["content-disposition"]

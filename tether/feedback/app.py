@@ -593,7 +593,7 @@ def _safe_next(nxt: str | None) -> str:
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60] or "project"
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in name)[:60] or "project"  # a header is latin-1
 
 
 def _project_json(p: Project) -> dict:
