@@ -9,6 +9,8 @@ Security model
   cannot send without a CORS preflight, and we answer none).
 - Annotators see only projects they are members of (others answer 404); /admin and /api/admin need
   the admin role (403).
+- A GET reserves an item (/p/<id>) only for a same-origin or user-typed navigation (Sec-Fetch-Site); others
+  get a Start button that POSTs. Every response, a 500 included, carries the security headers below.
 - Templates autoescape everything; prompts and responses are shown as text. The Content-Security-Policy
   allows scripts and styles from this origin only (no inline script), so even a missed escape cannot run.
 """
