@@ -220,8 +220,9 @@ def parse_task_lines(kind: str, text: str) -> tuple[list[ParsedTask], list[tuple
         except json.JSONDecodeError as e:
             errors.append((lineno, f"invalid JSON: {e.msg} at column {e.colno}"))
             continue
-        except (ValueError, RecursionError) as e:  # the parser's own limits
-            errors.append((lineno, "invalid JSON: " + ("nested too deeply" if isinstance(e, RecursionError) else "a number with too many digits")))
+        except (ValueError, RecursionError) as e:  # the parser's own limits: > 4,300 digits, ~1,000 levels
+            deep = isinstance(e, RecursionError)
+            errors.append((lineno, "invalid JSON: " + ("nested too deeply" if deep else "a number with too many digits")))
             continue
         try:
             parsed = _parse_obj(kind, obj, lineno)
