@@ -12,6 +12,7 @@ from tether.feedback import service as sv
 from tether.feedback.app import create_app
 
 XSS_PROMPT = '<script>alert("prompt")</script>'
+SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}  # what a browser sends following a link on the site (a GET reserves then)
 XSS = ['<script>alert("xss")</script>', '<img src=x onerror="alert(1)">', '"><svg onload=alert(3)>']
 
 
@@ -75,7 +76,7 @@ def test_session_cookie_flags(env):
 def test_xss_payloads_render_escaped(env):
     app, ids = env
     c, _ = login(app, "ann", "annpass12")
-    r = c.get(f"/p/{ids['p']}")
+    r = c.get(f"/p/{ids['p']}", headers=SAME_ORIGIN)
     assert r.status_code == 200
     html = r.text
     for payload in [XSS_PROMPT, *XSS[:2]]:
@@ -98,7 +99,7 @@ def test_csrf_and_session_required_for_every_state_change(env):
     assert anon.post(f"/api/projects/{pid}/judgments", json={"task_id": 1, "choice": "A"}).status_code == 401
     assert anon.post("/admin/users", data={"username": "x", "password": "password1"}).status_code == 401
     c, csrf = login(app, "ann", "annpass12")
-    task_id = int(re.search(r'name="task_id" value="(\d+)"', c.get(f"/p/{pid}").text).group(1))
+    task_id = int(re.search(r'name="task_id" value="(\d+)"', c.get(f"/p/{pid}", headers=SAME_ORIGIN).text).group(1))
     # no token / wrong token
     assert c.post(f"/p/{pid}/submit", data={"task_id": task_id, "choice": "A"}).status_code == 403
     assert c.post(f"/p/{pid}/submit", data={"task_id": task_id, "choice": "A", "csrf_token": "x" * 43}).status_code == 403

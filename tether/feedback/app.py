@@ -9,11 +9,14 @@ Security model
   cannot send without a CORS preflight, and we answer none).
 - Annotators see only projects they are members of (others answer 404); /admin and /api/admin need
   the admin role (403).
+- A GET reserves an item (/p/<id>) only for a same-origin or user-typed navigation (Sec-Fetch-Site); others
+  get a Start button that POSTs. Every response, a 500 included, carries the security headers below.
 - Templates autoescape everything; prompts and responses are shown as text. The Content-Security-Policy
   allows scripts and styles from this origin only (no inline script), so even a missed escape cannot run.
 """
 
 import json
+import logging
 import random
 import secrets
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import jinja2
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from markupsafe import Markup
@@ -39,6 +43,7 @@ COOKIE = "tether_session"
 LOGIN_CSRF_COOKIE = "tether_login_csrf"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 MAX_UPLOAD = 50 * 1024 * 1024
+log = logging.getLogger("tether.label")
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -92,15 +97,16 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
     @app.middleware("http")
     async def headers(request: Request, call_next):  # noqa: ANN001, ANN202
-        if request.method in UNSAFE:
-            origin = request.headers.get("origin")
-            if origin and origin != "null":
-                o = urlsplit(origin)
-                if o.netloc != request.headers.get("host", ""):
-                    return PlainTextResponse("cross-origin request refused", status_code=403)
-            elif origin == "null":
-                return PlainTextResponse("cross-origin request refused", status_code=403)
-        resp = await call_next(request)
+        origin = request.headers.get("origin")
+        if request.method in UNSAFE and origin and (origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")):
+            resp: Response = PlainTextResponse("cross-origin request refused", status_code=403)
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:  # an unexpected bug: its transaction was rolled back; answer a 500 with the headers below
+                log.exception("unhandled error in %s %s", request.method, request.url.path)
+                resp = (JSONResponse({"error": "internal server error"}, status_code=500) if request.url.path.startswith("/api/")
+                        else PlainTextResponse("internal server error", status_code=500))
         resp.headers["Content-Security-Policy"] = CSP
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["X-Frame-Options"] = "DENY"
@@ -120,6 +126,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.detail}, status_code=exc.status)
         return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):  # noqa: ANN202
+        e = (exc.errors() or [{}])[0]  # the first problem, as one line naming the field
+        field = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
+        return await _http_error(request, HTTPError(422, f"{field}: {e.get('msg', 'invalid value')}"))
 
     @app.exception_handler(sv.ServiceError)
     async def _service_error(request: Request, exc: sv.ServiceError):  # noqa: ANN202
@@ -167,7 +179,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return auth
 
     def project_for(s, pid: int, auth: Auth) -> Project:  # noqa: ANN001
-        p = s.get(Project, pid)
+        p = s.get(Project, pid) if 0 < pid <= sv.INT_MAX else None
         if p is None or not (auth.is_admin or s.get(Membership, (pid, auth.user_id)) is not None):
             raise HTTPError(404, "no such project")
         return p
@@ -274,27 +286,38 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return page("home.html", request, auth, projects=rows)
 
     @app.get("/p/{pid}", response_class=HTMLResponse)
-    def label_page(request: Request, pid: int, auth: Annotated[Auth, Depends(current)], msg: str | None = None) -> HTMLResponse:
-        with database.write() as s:
+    def label_page(request: Request, pid: int, auth: Annotated[Auth, Depends(current)], msg: str | None = None,
+                   sec_fetch_site: Annotated[str | None, Header()] = None) -> HTMLResponse:
+        # Reserving an item changes state, so a GET does it only for a navigation the browser marks as coming from
+        # this site or from the user (address bar, bookmark); any other (a cross-site link, a client without Fetch
+        # Metadata) shows the reserved item or a Start button that POSTs to /p/{pid}/next.
+        reserve = sec_fetch_site in ("same-origin", "none")
+        with database.write() if reserve else database.read() as s:
             p = project_for(s, pid, auth)
             user = s.get(User, auth.user_id)
-            task = sv.next_task(s, p, user, lease)
+            task = sv.next_task(s, p, user, lease) if reserve else sv.reserved_task(s, p, user)
             prog = sv.progress(s, p, user)
             ctx = dict(project=p, progress=prog, message=_MESSAGES.get(msg or ""))
             if task is None:
-                return page("done.html", request, auth, **ctx)
+                return page("start.html" if prog["available"] and not reserve else "done.html", request, auth, **ctx)
             order = list(range(len(task.responses)))
             random.Random(f"{task.id}:{auth.user_id}").shuffle(order)
             shown = [(i, task.responses[i]) for i in order]
             ctx.update(task=task, shown=shown, submission_id=secrets.token_hex(16))
         return page(f"{p.kind}.html", request, auth, **ctx)
 
+    @app.post("/p/{pid}/next")
+    def label_next(pid: int, auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
+        with database.write() as s:
+            sv.next_task(s, project_for(s, pid, auth), s.get(User, auth.user_id), lease)
+        return RedirectResponse(f"/p/{pid}", status_code=303)
+
     @app.post("/p/{pid}/submit")
     def label_submit(
         request: Request,
         pid: int,
         auth: Annotated[Auth, Depends(csrf_auth)],
-        task_id: Annotated[int, Form()],
+        task_id: Annotated[str | None, Form()] = None,
         choice: Annotated[str | None, Form()] = None,
         ranking: Annotated[str | None, Form()] = None,
         rating: Annotated[str | None, Form()] = None,
@@ -348,16 +371,13 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         try:
             body = await request.json()
-            task_id = int(body["task_id"])
         except Exception:  # noqa: BLE001
-            raise HTTPError(400, "expected a JSON object with task_id") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "expected a JSON object")
+            raise HTTPError(400, "invalid JSON") from None
 
         def work() -> JSONResponse:
             with database.read() as s:
                 project_for(s, pid, auth)
-            res = sv.submit(database, pid, auth.user_id, task_id, body)
+            res = sv.submit(database, pid, auth.user_id, body.get("task_id") if isinstance(body, dict) else None, body)
             j = res.judgment
             return JSONResponse({"id": j.id, "task_id": j.task_id, "value": j.value, "duplicate": res.duplicate},
                                 status_code=200 if res.duplicate else 201)
@@ -403,7 +423,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         auth: Annotated[Auth, Depends(csrf_auth)],
         name: Annotated[str, Form()],
         kind: Annotated[str, Form()],
-        overlap: Annotated[int, Form()] = 2,
+        overlap: Annotated[str, Form()] = "2",
         guidelines: Annotated[str, Form()] = "",
         tasks: Annotated[UploadFile | None, File()] = None,
     ) -> Response:
@@ -450,7 +470,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         with database.write() as s:
             u = sv.create_user(s, username, password, role)
             if project_id:
-                sv.add_member(s, project_for(s, int(project_id), auth), u)
+                sv.add_member(s, project_for(s, sv.as_int("project_id", project_id, 1), auth), u)
         return RedirectResponse("/admin?msg=user", status_code=303)
 
     @app.get("/admin/p/{pid}/export")
@@ -498,10 +518,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         from starlette.concurrency import run_in_threadpool
 
         def work() -> JSONResponse:
+            tasks = body.get("tasks") or ""
+            if not isinstance(tasks, str):
+                raise sv.Invalid("tasks must be a string: the task file's jsonl text")
             with database.write() as s:
-                p = sv.create_project(s, str(body.get("name", "")), str(body.get("kind", "")), str(body.get("guidelines", "")),
-                                      int(body.get("overlap", 2)))
-                n = sv.import_tasks(s, p, body["tasks"]) if isinstance(body.get("tasks"), str) and body["tasks"].strip() else 0
+                p = sv.create_project(s, body.get("name", ""), body.get("kind", ""), body.get("guidelines", ""), body.get("overlap", 2))
+                n = sv.import_tasks(s, p, tasks) if tasks.strip() else 0
                 return JSONResponse(_project_json(p) | {"imported": n}, status_code=201)
 
         return await run_in_threadpool(work)
@@ -516,7 +538,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         def work() -> JSONResponse:
             with database.write() as s:
-                n = sv.import_tasks(s, project_for(s, pid, auth), raw.decode("utf-8", errors="replace"))
+                n = sv.import_tasks(s, project_for(s, pid, auth), _utf8(raw))
             return JSONResponse({"imported": n}, status_code=201)
 
         return await run_in_threadpool(work)
@@ -528,9 +550,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         from starlette.concurrency import run_in_threadpool
 
         def work() -> JSONResponse:
+            projects = body.get("projects") or []
+            if not isinstance(projects, list):
+                raise sv.Invalid("projects must be a list of project ids or names")
             with database.write() as s:
-                u = sv.create_user(s, str(body.get("username", "")), str(body.get("password", "")), str(body.get("role", "annotator")))
-                for pref in body.get("projects", []) or []:
+                u = sv.create_user(s, body.get("username", ""), body.get("password", ""), body.get("role", "annotator"))
+                for pref in projects:
                     sv.add_member(s, sv.get_project(s, pref), u)
                 return JSONResponse({"id": u.id, "username": u.username, "role": u.role}, status_code=201)
 
@@ -544,7 +569,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         def work() -> dict:
             with database.write() as s:
-                sv.add_member(s, project_for(s, pid, auth), sv.get_user(s, str(body.get("username", ""))))
+                sv.add_member(s, project_for(s, pid, auth), sv.get_user(s, body.get("username", "")))
             return {"ok": True}
 
         return await run_in_threadpool(work)
@@ -570,7 +595,7 @@ def _safe_next(nxt: str | None) -> str:
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60] or "project"
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in name)[:60] or "project"  # a header is latin-1
 
 
 def _project_json(p: Project) -> dict:
@@ -583,6 +608,10 @@ def _read_upload(f: UploadFile | None) -> str:
     data = f.file.read(MAX_UPLOAD + 1)
     if len(data) > MAX_UPLOAD:
         raise HTTPError(413, "file too large")
+    return _utf8(data)
+
+
+def _utf8(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,6 +43,7 @@ COMPARE_CHOICES = ("A", "B", "tie", "skip")
 RANK_GOLD_THRESHOLD = 0.75  # a gold ranking counts as correct if at least this share of pairs agree
 RATE_GOLD_TOLERANCE = 1  # a gold rating counts as correct within +-1
 DEFAULT_LEASE = timedelta(minutes=30)
+INT_MAX = 2**31 - 1  # ids and counts are 32-bit INTEGER columns (PostgreSQL)
 
 
 class ServiceError(Exception):
@@ -71,13 +74,53 @@ class ImportRejected(ServiceError):
         super().__init__(f"import rejected, nothing imported: {shown}{more}")
 
 
+# ---------------------------------------------------------------- input values (one strict schema for the JSON API,
+# the HTML forms and the CLI)
+
+
+def as_int(field: str, v: Any, lo: int = 0, hi: int = INT_MAX) -> int:
+    """A JSON integer (not true/false, not 2.0) or, from a form, a string of ASCII digits; within [lo, hi]."""
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 10:
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise Invalid(f"{field} must be an integer from {lo} to {hi}")
+    return v
+
+
+def _bad_text(v: str) -> str | None:
+    """Why a database cannot store this string (PostgreSQL refuses NUL; no driver encodes a lone surrogate)."""
+    if "\x00" in v:
+        return "contains a NUL character"
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (not valid Unicode)"
+    return None
+
+
+def as_text(field: str, v: Any, max_len: int = MAX_TEXT, optional: bool = False) -> str | None:
+    """A string of at most max_len characters that the database can store (optional: None or "" give None)."""
+    if optional and (v is None or v == ""):
+        return None
+    if not isinstance(v, str):
+        raise Invalid(f"{field} must be a string")
+    if len(v) > max_len:
+        raise Invalid(f"{field}: at most {max_len} characters")
+    if bad := _bad_text(v):
+        raise Invalid(f"{field} {bad}")
+    return v
+
+
 # ---------------------------------------------------------------- users and projects
 
 
 def create_user(s: Session, username: str, password: str, role: str = "annotator", hasher=None) -> User:  # noqa: ANN001
-    username = username.strip()
-    if not username or len(username) > 64 or not all(c.isalnum() or c in "._-@" for c in username):
-        raise Invalid("username: 1-64 characters, letters, digits and . _ - @")
+    """Usernames are NFKC-normalised (fullwidth "ａｄｍｉｎ" is "admin") and then must be ASCII letters, digits
+    and . _ - @, so no look-alike letter of another script ("\u0430dmin", Cyrillic a) can pass for a user."""
+    username = unicodedata.normalize("NFKC", as_text("username", username, 256)).strip()
+    if not username or len(username) > 64 or not all(c.isascii() and (c.isalnum() or c in "._-@") for c in username):
+        raise Invalid("username: 1-64 characters, ASCII letters, digits and . _ - @")
+    as_text("password", password, 4096)
     if role not in ROLES:
         raise Invalid(f"role must be one of {ROLES}")
     if s.scalar(select(User.id).where(User.username == username)) is not None:
@@ -93,34 +136,34 @@ def create_user(s: Session, username: str, password: str, role: str = "annotator
 
 
 def get_user(s: Session, username: str) -> User:
-    u = s.scalar(select(User).where(User.username == username))
+    u = s.scalar(select(User).where(User.username == as_text("username", username, 256)))
     if u is None:
         raise NotFound(f"no user {username!r}")
     return u
 
 
 def create_project(s: Session, name: str, kind: str, guidelines: str = "", overlap: int = 2) -> Project:
-    name = name.strip()
+    name = as_text("name", name, 1024).strip()
     if not name or len(name) > 128:
         raise Invalid("project name: 1-128 characters")
     if kind not in KINDS:
         raise Invalid(f"kind must be one of {KINDS}")
-    if not 1 <= int(overlap) <= 50:
-        raise Invalid("overlap must be between 1 and 50")
+    overlap, guidelines = as_int("overlap", overlap, 1, 50), as_text("guidelines", guidelines or "")
     if s.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise Conflict(f"project {name!r} exists")
-    p = Project(name=name, kind=kind, guidelines=guidelines or "", overlap=int(overlap))
+    p = Project(name=name, kind=kind, guidelines=guidelines, overlap=overlap)
     s.add(p)
     s.flush()
     return p
 
 
 def get_project(s: Session, ref: str | int) -> Project:
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-        p = s.get(Project, int(ref))
-        if p is None and isinstance(ref, str):
-            p = s.scalar(select(Project).where(Project.name == ref))
-    else:
+    """A project by id (an integer or a string of ASCII digits) or by name."""
+    if isinstance(ref, bool) or not isinstance(ref, (int, str)) or (isinstance(ref, str) and _bad_text(ref)):
+        raise Invalid("a project is given by its id or its name")
+    pid = ref if isinstance(ref, int) else int(ref) if ref.isascii() and ref.isdigit() and len(ref) <= 10 else 0
+    p = s.get(Project, pid) if 0 < pid <= INT_MAX else None
+    if p is None and isinstance(ref, str):
         p = s.scalar(select(Project).where(Project.name == ref))
     if p is None:
         raise NotFound(f"no project {ref!r}")
@@ -177,6 +220,10 @@ def parse_task_lines(kind: str, text: str) -> tuple[list[ParsedTask], list[tuple
         except json.JSONDecodeError as e:
             errors.append((lineno, f"invalid JSON: {e.msg} at column {e.colno}"))
             continue
+        except (ValueError, RecursionError) as e:  # the parser's own limits: > 4,300 digits, ~1,000 levels
+            deep = isinstance(e, RecursionError)
+            errors.append((lineno, "invalid JSON: " + ("nested too deeply" if deep else "a number with too many digits")))
+            continue
         try:
             parsed = _parse_obj(kind, obj, lineno)
         except ValueError as e:
@@ -196,6 +243,7 @@ def parse_task_lines(kind: str, text: str) -> tuple[list[ParsedTask], list[tuple
 def _parse_obj(kind: str, obj: Any, lineno: int) -> list[ParsedTask]:
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
+    _check_storable(obj)
     prompt = obj.get("prompt")
     if "prompt" not in obj:
         raise ValueError("missing field 'prompt'")
@@ -247,6 +295,24 @@ def _parse_obj(kind: str, obj: Any, lineno: int) -> list[ParsedTask]:
             eid = ext if n == 1 else f"{ext}#{i}"
             out.append(ParsedTask(eid, ext, prompt, [responses[i]], [i], g, meta))
     return out
+
+
+def _check_storable(obj: dict, max_depth: int = 32) -> None:
+    """Refuse what a database cannot store or a reader cannot parse back: NUL characters, lone
+    surrogates, NaN and infinite numbers, nesting deeper than max_depth."""
+    stack: list[tuple[str, Any, int]] = [(k, v, 1) for k, v in obj.items()]
+    while stack:
+        path, v, depth = stack.pop()
+        if (bad := _bad_text(path)) or (isinstance(v, str) and (bad := _bad_text(v))):
+            raise ValueError(f"{path[:80]!r} {bad}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{path[:80]!r} is not a finite number")
+        if isinstance(v, (dict, list)) and depth >= max_depth:
+            raise ValueError(f"{path[:80]!r} is nested deeper than {max_depth} levels")
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}", x, depth + 1) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x, depth + 1) for i, x in enumerate(v))
 
 
 def _parse_gold(kind: str, gold: Any, n: int) -> Any:
@@ -378,6 +444,15 @@ def next_task(s: Session, project: Project, user: User, lease: timedelta = DEFAU
             return s.get(Task, tid)
 
 
+def reserved_task(s: Session, project: Project, user: User) -> Task | None:
+    """The item this annotator holds a live reservation for, if any (reads only; next_task reserves)."""
+    return s.scalar(
+        select(Task).join(Assignment, Assignment.task_id == Task.id)
+        .where(Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.expires_at >= utcnow())
+        .order_by(Assignment.created_at, Assignment.id).limit(1)
+    )
+
+
 # ---------------------------------------------------------------- judgments
 
 
@@ -393,23 +468,30 @@ def normalize_value(project: Project, task: Task, data: dict) -> tuple[dict, boo
         return {"skip": True}, True
     if project.kind == "rank":
         r = data.get("ranking")
-        if isinstance(r, str):
-            try:
-                r = [int(x) for x in r.split(",") if x.strip() != ""]
-            except ValueError:
-                raise Invalid("ranking must be comma-separated response indices") from None
+        if isinstance(r, str):  # the form's "2,0,3,1"
+            r = [int(x) if x.isascii() and x.isdigit() and len(x) < 3 else -1 for x in r.split(",")]
         try:
             return {"ranking": _check_ranking(r, n)}, False
         except ValueError as e:
             raise Invalid(str(e)) from None
-    rating = data.get("rating")
-    try:
-        rating = int(rating)
-    except (TypeError, ValueError):
-        raise Invalid("rating must be an integer from 1 to 5") from None
-    if not 1 <= rating <= 5 or (isinstance(data.get("rating"), float) and data["rating"] != rating):
-        raise Invalid("rating must be an integer from 1 to 5")
-    return {"rating": rating}, False
+    return {"rating": as_int("rating", data.get("rating"), 1, 5)}, False
+
+
+def clean_judgment(task_id: Any, data: Any) -> tuple[int, dict]:
+    """The fields every kind shares (the JSON API and the form alike); normalize_value checks the answer."""
+    if not isinstance(data, dict):
+        raise Invalid("expected a JSON object")
+    reason = as_text("reason", data.get("reason"), 64, optional=True)
+    if reason is not None and reason not in REASONS:
+        raise Invalid(f"reason must be one of {REASONS}")
+    ms = data.get("client_ms")
+    return as_int("task_id", task_id, 1), {
+        **data,
+        "reason": reason,
+        "rationale": as_text("rationale", data.get("rationale"), MAX_RATIONALE, optional=True),
+        "submission_id": as_text("submission_id", data.get("submission_id"), 64, optional=True),
+        "client_ms": None if ms is None or ms == "" else min(as_int("client_ms", ms), 86_400_000),
+    }
 
 
 def _truthy(v: Any) -> bool:
@@ -442,6 +524,7 @@ class SubmitResult:
 
 def submit(db, project_id: int, user_id: int, task_id: int, data: dict) -> SubmitResult:  # noqa: ANN001
     """Record one judgment in its own transaction (committed before this returns)."""
+    task_id, data = clean_judgment(task_id, data)
     try:
         with db.write() as s:
             return _submit(s, project_id, user_id, task_id, data)
@@ -463,20 +546,7 @@ def _submit(s: Session, project_id: int, user_id: int, task_id: int, data: dict)
     if old is not None:
         return SubmitResult(old, True)
     value, skipped = normalize_value(project, task, data)
-    reason = data.get("reason") or None
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 64):
-        raise Invalid("reason: at most 64 characters")
-    rationale = data.get("rationale") or None
-    if rationale is not None and (not isinstance(rationale, str) or len(rationale) > MAX_RATIONALE):
-        raise Invalid(f"rationale: at most {MAX_RATIONALE} characters")
-    sub_id = data.get("submission_id") or None
-    if sub_id is not None:
-        sub_id = str(sub_id)[:64]
-    client_ms = data.get("client_ms")
-    try:
-        client_ms = None if client_ms in (None, "") else max(0, min(int(float(client_ms)), 86_400_000))
-    except (TypeError, ValueError):
-        client_ms = None
+    reason, rationale, sub_id, client_ms = (data[k] for k in ("reason", "rationale", "submission_id", "client_ms"))
     now = utcnow()
     a = s.scalar(select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user_id))
     server_ms = None
