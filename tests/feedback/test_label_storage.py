@@ -353,3 +353,18 @@ def test_next_walks_an_index_instead_of_sorting_the_project(sqlite_db, fast_hash
     # the rest: primary-key lookups, and the annotator's own open reservation (a sort of their few rows)
     assert all(p in walks or p.startswith(("SEARCH tasks USING INTEGER PRIMARY KEY", "SEARCH assignments USING INDEX ix_assignments_user_id"))
                for p in plans), plans
+
+
+def test_an_import_of_more_items_than_postgresql_takes_parameters(db, fast_hasher):
+    """70,000 items in one file: PostgreSQL takes at most 65,535 bound parameters per statement, and the
+    import's check for ids already in the project sent one per item (the import failed with a 500)."""
+    n = 70_000
+    pid, _ = setup(db, fast_hasher, n_users=1)
+    with db.write() as s:
+        assert sv.import_tasks(s, s.get(sv.Project, pid), "".join(f'{{"prompt": "p{i}", "responses": ["a", "b"], "id": "t{i}"}}\n' for i in range(n))) == n
+    with db.write() as s:  # and an id already there is still found, by line
+        with pytest.raises(sv.ImportRejected, match="line 2: id 't69999' is already in project"):
+            sv.import_tasks(s, s.get(sv.Project, pid), jl({"prompt": "new", "responses": ["a", "b"], "id": "new"},
+                                                          {"prompt": "p", "responses": ["a", "b"], "id": "t69999"}))
+    with db.read() as s:
+        assert s.scalar(select(func.count(Task.id)).where(Task.project_id == pid)) == n
