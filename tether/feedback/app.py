@@ -15,6 +15,7 @@ Security model
 
 import json
 import random
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,13 +33,24 @@ from sqlalchemy import func, select
 from tether.feedback import service as sv
 from tether.feedback.db import Database
 from tether.feedback.models import Judgment, LoginSession, Membership, Project, Task, User
-from tether.feedback.security import create_session, lookup_session, token_digest, tokens_equal, verify_password
+from tether.feedback.security import (
+    HashQueueFull,
+    create_session,
+    lookup_session,
+    run_hashing,
+    token_digest,
+    tokens_equal,
+    verify_password,
+)
 
 HERE = Path(__file__).parent
 COOKIE = "tether_session"
 LOGIN_CSRF_COOKIE = "tether_login_csrf"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 MAX_UPLOAD = 50 * 1024 * 1024
+MAX_BODY = 1024 * 1024  # any request body; the import routes below allow MAX_IMPORT_BODY to an admin session
+MAX_IMPORT_BODY = MAX_UPLOAD + MAX_BODY
+IMPORT_ROUTES = re.compile(r"/(admin/projects|admin/p/\d+/import|api/admin/projects(/\d+/tasks)?)")
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -64,8 +76,59 @@ class LoginRequired(Exception):
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, detail: str):
-        self.status, self.detail = status, detail
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a body over the limit is refused (413) by its Content-Length before any of it is
+    read, and streamed bodies are counted as they arrive. `limit_for(scope)` gives the limit of a request."""
+
+    def __init__(self, app, limit_for):  # noqa: ANN001
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = await self.limit_for(scope)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await _too_large(send, limit)
+        st = {"seen": 0, "over": False, "started": False}
+
+        async def counted():  # noqa: ANN202
+            msg = await receive()
+            if msg["type"] == "http.request":
+                st["seen"] += len(msg.get("body", b""))
+                if st["seen"] > limit:
+                    st["over"] = True
+                    raise BodyTooLarge()
+            return msg
+
+        async def guarded(msg) -> None:  # noqa: ANN001
+            if st["over"]:
+                return  # whatever the app answers to the cut-off body, the client gets the 413
+            st["started"] = st["started"] or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not st["over"]:
+                raise
+        if st["over"] and not st["started"]:
+            await _too_large(send, limit)
+
+
+async def _too_large(send, limit: int) -> None:  # noqa: ANN001
+    body = json.dumps({"error": f"request body too large (the limit here is {limit // 1048576} MiB)"}).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _markdown(text: str) -> Markup:
@@ -118,8 +181,9 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):  # noqa: ANN202
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": exc.detail}, status_code=exc.status)
-        return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status)
+            return JSONResponse({"error": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(sv.ServiceError)
     async def _service_error(request: Request, exc: sv.ServiceError):  # noqa: ANN202
@@ -183,7 +247,14 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             path="/",
         )
 
-    def do_login(request: Request, username: str, password: str) -> tuple[str, str] | None:
+    async def do_login(request: Request, username: str, password: str) -> tuple[str, str] | None:
+        try:
+            return await run_hashing(check_login, username, password)
+        except HashQueueFull:
+            raise HTTPError(503, "too many logins are being checked; try again in a moment", {"Retry-After": "1"}) from None
+
+    def check_login(username: str, password: str) -> tuple[str, str] | None:
+        """In a hashing thread (security.run_hashing): check the password; on success open a session."""
         with database.read() as s:
             u = s.scalar(select(User).where(User.username == (username or "").strip()))
             stored = u.password_hash if (u is not None and u.active) else None
@@ -210,7 +281,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return resp
 
     @app.post("/login")
-    def login_submit(
+    async def login_submit(
         request: Request,
         username: Annotated[str, Form()] = "",
         password: Annotated[str, Form()] = "",
@@ -219,7 +290,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     ) -> Response:
         if not tokens_equal(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token):
             raise HTTPError(403, "missing or wrong CSRF token; reload the login page")
-        got = do_login(request, username, password)
+        got = await do_login(request, username, password)
         if got is None:
             return RedirectResponse("/login?error=1&next=" + quote(_safe_next(next)), status_code=303)
         resp = RedirectResponse(_safe_next(next), status_code=303)
@@ -250,9 +321,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             username, password = str(body["username"]), str(body["password"])
         except Exception:  # noqa: BLE001
             raise HTTPError(400, "expected {\"username\": ..., \"password\": ...}") from None
-        from starlette.concurrency import run_in_threadpool
-
-        got = await run_in_threadpool(do_login, request, username, password)
+        got = await do_login(request, username, password)
         if got is None:
             raise HTTPError(401, "wrong username or password")
         resp = JSONResponse({"username": username, "csrf_token": got[1]})
@@ -549,6 +618,23 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         return await run_in_threadpool(work)
 
+    def admin_token(token: str | None) -> bool:
+        with database.read() as s:
+            row = lookup_session(s, token)
+            return row is not None and row.user.is_admin
+
+    async def limit_for(scope) -> int:  # noqa: ANN001
+        """The session is checked before an upload is accepted: only an admin's import gets the larger limit."""
+        if scope["method"] in UNSAFE and IMPORT_ROUTES.fullmatch(scope["path"]):
+            from starlette.concurrency import run_in_threadpool
+            from starlette.requests import cookie_parser
+
+            cookie = dict(scope["headers"]).get(b"cookie", b"").decode("latin-1")
+            if await run_in_threadpool(admin_token, cookie_parser(cookie).get(COOKIE)):
+                return MAX_IMPORT_BODY
+        return MAX_BODY
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)  # outermost: before any other middleware reads a byte
     return app
 
 

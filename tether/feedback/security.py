@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from argon2 import PasswordHasher
@@ -17,6 +19,11 @@ from tether.feedback.models import LoginSession, User, utcnow
 _hasher = PasswordHasher()
 # Each hash takes 64 MiB: at most this many at once, so a burst of logins cannot exhaust a small server.
 _hash_slots = threading.BoundedSemaphore(2)
+# Logins hash in their own two threads, never in the server's shared worker pool, so a flood of bogus logins
+# cannot take the threads every other route needs; at most HASH_QUEUE logins wait or run, the rest get 503.
+_hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tether-hash")
+HASH_QUEUE = 64
+_hash_queued = 0
 # A hash of a random password, verified against when the user does not exist (same timing either way).
 _DUMMY = None
 
@@ -42,6 +49,22 @@ def verify_password(stored_hash: str | None, password: str) -> bool:
             return _hasher.verify(stored_hash, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
+
+
+class HashQueueFull(Exception):
+    pass
+
+
+async def run_hashing(fn, *args):  # noqa: ANN001, ANN002, ANN201
+    """Run fn(*args) (a login: a password check and its database work) in the dedicated hashing threads."""
+    global _hash_queued
+    if _hash_queued >= HASH_QUEUE:
+        raise HashQueueFull()
+    _hash_queued += 1  # only touched from the event loop's thread
+    try:
+        return await asyncio.wrap_future(_hash_pool.submit(fn, *args))
+    finally:
+        _hash_queued -= 1
 
 
 def new_password() -> str:
