@@ -34,8 +34,11 @@ from tether.feedback import service as sv
 from tether.feedback.db import Database
 from tether.feedback.models import Judgment, LoginSession, Membership, Project, Task, User
 from tether.feedback.security import (
+    SESSION_TTL,
     HashQueueFull,
+    LoginThrottle,
     create_session,
+    end_sessions,
     lookup_session,
     run_hashing,
     token_digest,
@@ -143,6 +146,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     lease = timedelta(minutes=lease_minutes)
     app = FastAPI(title="tether label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = database
+    throttle = app.state.throttle = LoginThrottle()
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True, undefined=jinja2.StrictUndefined
     )
@@ -240,7 +244,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         resp.set_cookie(
             COOKIE,
             token,
-            max_age=int(7 * 86400),
+            max_age=int(SESSION_TTL.total_seconds()),
             httponly=True,
             samesite="lax",
             secure=secure_cookies or request.url.scheme == "https",
@@ -248,20 +252,33 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         )
 
     async def do_login(request: Request, username: str, password: str) -> tuple[str, str] | None:
+        """Throttled (429, checked before any hashing), then checked in the hashing threads (503 when full)."""
+        name, addr = (username or "").strip()[:64], address(request)
+        wait = throttle.retry_after(name, addr)
+        if wait:
+            raise HTTPError(429, f"too many failed logins for this account or from this address; try again in {wait} s",
+                            {"Retry-After": str(wait)})
         try:
-            return await run_hashing(check_login, username, password)
+            return await run_hashing(check_login, name, password, addr)
         except HashQueueFull:
             raise HTTPError(503, "too many logins are being checked; try again in a moment", {"Retry-After": "1"}) from None
 
-    def check_login(username: str, password: str) -> tuple[str, str] | None:
+    def check_login(name: str, password: str, addr: str) -> tuple[str, str] | None:
         """In a hashing thread (security.run_hashing): check the password; on success open a session."""
         with database.read() as s:
-            u = s.scalar(select(User).where(User.username == (username or "").strip()))
+            u = s.scalar(select(User).where(User.username == name))
             stored = u.password_hash if (u is not None and u.active) else None
         if not verify_password(stored, password or "") or u is None:
+            locked = throttle.failed(name, addr)
+            with database.write() as s:  # at most per_account/per_address rows per window: refused tries write nothing
+                sv.audit(s, "login_failed", target=name, address=addr, detail=None if u is None or u.active else "deactivated")
+                for key in locked:
+                    sv.audit(s, "login_locked", target=key, address=addr, detail="too many failed logins")
             return None
+        throttle.succeeded(name)
         with database.write() as s:
             token, row = create_session(s, s.get(User, u.id))
+            sv.audit(s, "login", actor=u.username, address=addr)
             return token, row.csrf_token
 
     # ------------------------------------------------------------ login
@@ -304,6 +321,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             row = s.get(LoginSession, auth.session_id)
             if row is not None:
                 s.delete(row)
+                sv.audit(s, "logout", actor=auth.username)
 
     @app.post("/logout")
     def logout(auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
@@ -501,14 +519,63 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return RedirectResponse(f"/admin/p/{pid}?msg=imported&n={n}", status_code=303)
 
     @app.post("/admin/p/{pid}/members")
-    def admin_members(pid: int, auth: Annotated[Auth, Depends(csrf_auth)], username: Annotated[str, Form()]) -> Response:
+    def admin_members(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth)],
+                      username: Annotated[str, Form()]) -> Response:
         admin(auth)
         with database.write() as s:
-            sv.add_member(s, project_for(s, pid, auth), sv.get_user(s, username))
+            p = project_for(s, pid, auth)
+            sv.add_member(s, p, sv.get_user(s, username))
+            sv.audit(s, "add_member", auth.username, username, address(request), f"project {p.name}")
         return RedirectResponse(f"/admin/p/{pid}?msg=member", status_code=303)
+
+    @app.post("/admin/p/{pid}/members/{uid}/remove")
+    def admin_remove_member(request: Request, pid: int, uid: int, auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
+        admin(auth)
+        with database.write() as s:
+            p, u = project_for(s, pid, auth), user_for(s, uid)
+            sv.remove_member(s, p, u)
+            sv.audit(s, "remove_member", auth.username, u.username, address(request), f"project {p.name}")
+        return RedirectResponse(f"/admin/p/{pid}?msg=removed", status_code=303)
+
+    @app.post("/admin/users/{uid}/{action}")
+    def admin_user_action(request: Request, uid: int, action: str, auth: Annotated[Auth, Depends(csrf_auth)],
+                          password: Annotated[str, Form()] = "") -> Response:
+        """deactivate (and end the sessions), reset-password (and end the sessions), end-sessions."""
+        admin(auth)
+        if action not in USER_ACTIONS:
+            raise HTTPError(404, "no such action")
+        with database.write() as s:
+            u, detail = user_for(s, uid), None
+            if action == "deactivate":
+                sv.deactivate_user(s, u, auth.username)
+            elif action == "reset-password":
+                sv.reset_password(s, u, password)
+            else:
+                detail = f"{end_sessions(s, u)} sessions"
+            sv.audit(s, USER_ACTIONS[action], auth.username, u.username, address(request), detail)
+        return RedirectResponse(f"/admin?msg={action}", status_code=303)
+
+    def user_for(s, uid: int) -> User:  # noqa: ANN001
+        u = s.get(User, uid)
+        if u is None:
+            raise HTTPError(404, "no such user")
+        return u
+
+    @app.get("/admin/audit", response_class=HTMLResponse)
+    def admin_audit(request: Request, auth: Annotated[Auth, Depends(current)], user: str | None = None) -> HTMLResponse:
+        admin(auth)
+        with database.read() as s:
+            return page("admin_audit.html", request, auth, events=sv.audit_events(s, 500, user), user=user, message=None)
+
+    @app.get("/api/admin/audit")
+    def api_audit(auth: Annotated[Auth, Depends(current)], user: str | None = None, limit: int = 200) -> dict:
+        admin(auth)
+        with database.read() as s:
+            return {"events": sv.audit_events(s, max(1, min(limit, 5000)), user)}
 
     @app.post("/admin/users")
     def admin_create_user(
+        request: Request,
         auth: Annotated[Auth, Depends(csrf_auth)],
         username: Annotated[str, Form()],
         password: Annotated[str, Form()],
@@ -518,6 +585,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         admin(auth)
         with database.write() as s:
             u = sv.create_user(s, username, password, role)
+            sv.audit(s, "create_user", auth.username, u.username, address(request), role)
             if project_id:
                 sv.add_member(s, project_for(s, int(project_id), auth), u)
         return RedirectResponse("/admin?msg=user", status_code=303)
@@ -638,7 +706,12 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     return app
 
 
+USER_ACTIONS = {"deactivate": "deactivate_user", "reset-password": "reset_password", "end-sessions": "end_sessions"}
 _MESSAGES = {
+    "deactivate": "User deactivated; their sessions ended.",
+    "reset-password": "Password reset; the user's sessions ended.",
+    "end-sessions": "The user's sessions ended.",
+    "removed": "Annotator removed from the project.",
     "saved": "Saved.",
     "dup": "That judgment was already recorded (only the first submission counts).",
     "full": "That item got all the judgments it needs while you were on it; here is the next one.",
@@ -647,6 +720,10 @@ _MESSAGES = {
     "member": "Annotator added to the project.",
     "user": "User created.",
 }
+
+
+def address(request: Request) -> str:
+    return request.client.host if request.client else "-"
 
 
 def _safe_next(nxt: str | None) -> str:
