@@ -18,6 +18,7 @@ Security model
 import json
 import logging
 import random
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,7 +37,18 @@ from sqlalchemy import func, select
 from tether.feedback import service as sv
 from tether.feedback.db import Database
 from tether.feedback.models import Judgment, LoginSession, Membership, Project, Task, User
-from tether.feedback.security import create_session, lookup_session, token_digest, tokens_equal, verify_password
+from tether.feedback.security import (
+    SESSION_TTL,
+    HashQueueFull,
+    LoginThrottle,
+    create_session,
+    end_sessions,
+    lookup_session,
+    run_hashing,
+    token_digest,
+    tokens_equal,
+    verify_password,
+)
 
 HERE = Path(__file__).parent
 COOKIE = "tether_session"
@@ -44,6 +56,9 @@ LOGIN_CSRF_COOKIE = "tether_login_csrf"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 MAX_UPLOAD = 50 * 1024 * 1024
 log = logging.getLogger("tether.label")
+MAX_BODY = 1024 * 1024  # any request body; the import routes below allow MAX_IMPORT_BODY to an admin session
+MAX_IMPORT_BODY = MAX_UPLOAD + MAX_BODY
+IMPORT_ROUTES = re.compile(r"/(admin/projects|admin/p/\d+/import|api/admin/projects(/\d+/tasks)?)")
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -69,8 +84,65 @@ class LoginRequired(Exception):
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, detail: str):
-        self.status, self.detail = status, detail
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a body over the limit is refused (413) by its Content-Length before any of it is
+    read, and streamed bodies are counted as they arrive. `limit_for(scope)` gives the limit of a request."""
+
+    def __init__(self, app, limit_for):  # noqa: ANN001
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = await self.limit_for(scope)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await _too_large(send, limit)
+        st = {"seen": 0, "over": False, "started": False}
+
+        async def counted():  # noqa: ANN202
+            msg = await receive()
+            if msg["type"] == "http.request":
+                st["seen"] += len(msg.get("body", b""))
+                if st["seen"] > limit:
+                    st["over"] = True
+                    raise BodyTooLarge()
+            return msg
+
+        async def guarded(msg) -> None:  # noqa: ANN001
+            if st["over"]:
+                return  # whatever the app answers to the cut-off body, the client gets the 413
+            st["started"] = st["started"] or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not st["over"]:
+                raise
+        if st["over"] and not st["started"]:
+            await _too_large(send, limit)
+
+
+def security_headers() -> dict[str, str]:
+    """On every response, the 413s answered before the app runs included."""
+    return {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin"}
+
+
+async def _too_large(send, limit: int) -> None:  # noqa: ANN001
+    body = json.dumps({"error": f"request body too large (the limit here is {limit // 1048576} MiB)"}).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+        *((k.lower().encode(), v.encode()) for k, v in security_headers().items())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _markdown(text: str) -> Markup:
@@ -85,6 +157,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     lease = timedelta(minutes=lease_minutes)
     app = FastAPI(title="tether label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = database
+    throttle = app.state.throttle = LoginThrottle()
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True, undefined=jinja2.StrictUndefined
     )
@@ -107,10 +180,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
                 log.exception("unhandled error in %s %s", request.method, request.url.path)
                 resp = (JSONResponse({"error": "internal server error"}, status_code=500) if request.url.path.startswith("/api/")
                         else PlainTextResponse("internal server error", status_code=500))
-        resp.headers["Content-Security-Policy"] = CSP
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Referrer-Policy"] = "same-origin"
+        resp.headers.update(security_headers())
         if not request.url.path.startswith("/static"):
             resp.headers["Cache-Control"] = "no-store"
         return resp
@@ -124,8 +194,9 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):  # noqa: ANN202
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": exc.detail}, status_code=exc.status)
-        return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status)
+            return JSONResponse({"error": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return HTMLResponse(render("error.html", request, None, status=exc.status, detail=exc.detail), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):  # noqa: ANN202
@@ -188,21 +259,41 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         resp.set_cookie(
             COOKIE,
             token,
-            max_age=int(7 * 86400),
+            max_age=int(SESSION_TTL.total_seconds()),
             httponly=True,
             samesite="lax",
             secure=secure_cookies or request.url.scheme == "https",
             path="/",
         )
 
-    def do_login(request: Request, username: str, password: str) -> tuple[str, str] | None:
+    async def do_login(request: Request, username: str, password: str) -> tuple[str, str] | None:
+        """Throttled (429, checked before any hashing), then checked in the hashing threads (503 when full)."""
+        name, addr = (username or "").strip()[:64], address(request)
+        wait = throttle.retry_after(name, addr)
+        if wait:
+            raise HTTPError(429, f"too many failed logins for this account or from this address; try again in {wait} s",
+                            {"Retry-After": str(wait)})
+        try:
+            return await run_hashing(check_login, name, password, addr)
+        except HashQueueFull:
+            raise HTTPError(503, "too many logins are being checked; try again in a moment", {"Retry-After": "1"}) from None
+
+    def check_login(name: str, password: str, addr: str) -> tuple[str, str] | None:
+        """In a hashing thread (security.run_hashing): check the password; on success open a session."""
         with database.read() as s:
-            u = s.scalar(select(User).where(User.username == (username or "").strip()))
+            u = s.scalar(select(User).where(User.username == name))
             stored = u.password_hash if (u is not None and u.active) else None
         if not verify_password(stored, password or "") or u is None:
+            locked = throttle.failed(name, addr)
+            with database.write() as s:  # at most per_account/per_address rows per window: refused tries write nothing
+                sv.audit(s, "login_failed", target=name, address=addr, detail=None if u is None or u.active else "deactivated")
+                for key in locked:
+                    sv.audit(s, "login_locked", target=key, address=addr, detail="too many failed logins")
             return None
+        throttle.succeeded(name)
         with database.write() as s:
             token, row = create_session(s, s.get(User, u.id))
+            sv.audit(s, "login", actor=u.username, address=addr)
             return token, row.csrf_token
 
     # ------------------------------------------------------------ login
@@ -222,7 +313,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return resp
 
     @app.post("/login")
-    def login_submit(
+    async def login_submit(
         request: Request,
         username: Annotated[str, Form()] = "",
         password: Annotated[str, Form()] = "",
@@ -231,7 +322,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     ) -> Response:
         if not tokens_equal(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token):
             raise HTTPError(403, "missing or wrong CSRF token; reload the login page")
-        got = do_login(request, username, password)
+        got = await do_login(request, username, password)
         if got is None:
             return RedirectResponse("/login?error=1&next=" + quote(_safe_next(next)), status_code=303)
         resp = RedirectResponse(_safe_next(next), status_code=303)
@@ -245,6 +336,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             row = s.get(LoginSession, auth.session_id)
             if row is not None:
                 s.delete(row)
+                sv.audit(s, "logout", actor=auth.username)
 
     @app.post("/logout")
     def logout(auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
@@ -262,9 +354,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             username, password = str(body["username"]), str(body["password"])
         except Exception:  # noqa: BLE001
             raise HTTPError(400, "expected {\"username\": ..., \"password\": ...}") from None
-        from starlette.concurrency import run_in_threadpool
-
-        got = await run_in_threadpool(do_login, request, username, password)
+        got = await do_login(request, username, password)
         if got is None:
             raise HTTPError(401, "wrong username or password")
         resp = JSONResponse({"username": username, "csrf_token": got[1]})
@@ -452,14 +542,63 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         return RedirectResponse(f"/admin/p/{pid}?msg=imported&n={n}", status_code=303)
 
     @app.post("/admin/p/{pid}/members")
-    def admin_members(pid: int, auth: Annotated[Auth, Depends(csrf_auth)], username: Annotated[str, Form()]) -> Response:
+    def admin_members(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth)],
+                      username: Annotated[str, Form()]) -> Response:
         admin(auth)
         with database.write() as s:
-            sv.add_member(s, project_for(s, pid, auth), sv.get_user(s, username))
+            p = project_for(s, pid, auth)
+            sv.add_member(s, p, sv.get_user(s, username))
+            sv.audit(s, "add_member", auth.username, username, address(request), f"project {p.name}")
         return RedirectResponse(f"/admin/p/{pid}?msg=member", status_code=303)
+
+    @app.post("/admin/p/{pid}/members/{uid}/remove")
+    def admin_remove_member(request: Request, pid: int, uid: int, auth: Annotated[Auth, Depends(csrf_auth)]) -> Response:
+        admin(auth)
+        with database.write() as s:
+            p, u = project_for(s, pid, auth), user_for(s, uid)
+            sv.remove_member(s, p, u)
+            sv.audit(s, "remove_member", auth.username, u.username, address(request), f"project {p.name}")
+        return RedirectResponse(f"/admin/p/{pid}?msg=removed", status_code=303)
+
+    @app.post("/admin/users/{uid}/{action}")
+    def admin_user_action(request: Request, uid: int, action: str, auth: Annotated[Auth, Depends(csrf_auth)],
+                          password: Annotated[str, Form()] = "") -> Response:
+        """deactivate (and end the sessions), reset-password (and end the sessions), end-sessions."""
+        admin(auth)
+        if action not in USER_ACTIONS:
+            raise HTTPError(404, "no such action")
+        with database.write() as s:
+            u, detail = user_for(s, uid), None
+            if action == "deactivate":
+                sv.deactivate_user(s, u, auth.username)
+            elif action == "reset-password":
+                sv.reset_password(s, u, password)
+            else:
+                detail = f"{end_sessions(s, u)} sessions"
+            sv.audit(s, USER_ACTIONS[action], auth.username, u.username, address(request), detail)
+        return RedirectResponse(f"/admin?msg={action}", status_code=303)
+
+    def user_for(s, uid: int) -> User:  # noqa: ANN001
+        u = s.get(User, uid)
+        if u is None:
+            raise HTTPError(404, "no such user")
+        return u
+
+    @app.get("/admin/audit", response_class=HTMLResponse)
+    def admin_audit(request: Request, auth: Annotated[Auth, Depends(current)], user: str | None = None) -> HTMLResponse:
+        admin(auth)
+        with database.read() as s:
+            return page("admin_audit.html", request, auth, events=sv.audit_events(s, 500, user), user=user, message=None)
+
+    @app.get("/api/admin/audit")
+    def api_audit(auth: Annotated[Auth, Depends(current)], user: str | None = None, limit: int = 200) -> dict:
+        admin(auth)
+        with database.read() as s:
+            return {"events": sv.audit_events(s, max(1, min(limit, 5000)), user)}
 
     @app.post("/admin/users")
     def admin_create_user(
+        request: Request,
         auth: Annotated[Auth, Depends(csrf_auth)],
         username: Annotated[str, Form()],
         password: Annotated[str, Form()],
@@ -469,6 +608,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         admin(auth)
         with database.write() as s:
             u = sv.create_user(s, username, password, role)
+            sv.audit(s, "create_user", auth.username, u.username, address(request), role)
             if project_id:
                 sv.add_member(s, project_for(s, sv.as_int("project_id", project_id, 1), auth), u)
         return RedirectResponse("/admin?msg=user", status_code=303)
@@ -574,10 +714,32 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
 
         return await run_in_threadpool(work)
 
+    def admin_token(token: str | None) -> bool:
+        with database.read() as s:
+            row = lookup_session(s, token)
+            return row is not None and row.user.is_admin
+
+    async def limit_for(scope) -> int:  # noqa: ANN001
+        """The session is checked before an upload is accepted: only an admin's import gets the larger limit."""
+        if scope["method"] in UNSAFE and IMPORT_ROUTES.fullmatch(scope["path"]):
+            from starlette.concurrency import run_in_threadpool
+            from starlette.requests import cookie_parser
+
+            cookie = dict(scope["headers"]).get(b"cookie", b"").decode("latin-1")
+            if await run_in_threadpool(admin_token, cookie_parser(cookie).get(COOKIE)):
+                return MAX_IMPORT_BODY
+        return MAX_BODY
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)  # outermost: before any other middleware reads a byte
     return app
 
 
+USER_ACTIONS = {"deactivate": "deactivate_user", "reset-password": "reset_password", "end-sessions": "end_sessions"}
 _MESSAGES = {
+    "deactivate": "User deactivated; their sessions ended.",
+    "reset-password": "Password reset; the user's sessions ended.",
+    "end-sessions": "The user's sessions ended.",
+    "removed": "Annotator removed from the project.",
     "saved": "Saved.",
     "dup": "That judgment was already recorded (only the first submission counts).",
     "full": "That item got all the judgments it needs while you were on it; here is the next one.",
@@ -586,6 +748,10 @@ _MESSAGES = {
     "member": "Annotator added to the project.",
     "user": "User created.",
 }
+
+
+def address(request: Request) -> str:
+    return request.client.host if request.client else "-"
 
 
 def _safe_next(nxt: str | None) -> str:

@@ -5,6 +5,9 @@
     tether label create-project NAME --kind compare|rank|rate [--overlap 2] [--guidelines FILE.md] [--tasks FILE.jsonl]
     tether label import --project P FILE.jsonl
     tether label add-member --project P USER [USER ...]
+    tether label remove-member --project P USER [USER ...]
+    tether label deactivate-user USER | reset-password USER [--password-stdin] | end-sessions USER
+    tether label audit [--user U] [--limit 200]
     tether label generate --model DIR --prompts FILE -k 4 --project P
     tether label export --project P --out prefs.jsonl [--raw raw.jsonl] [--policy majority|all] [--include-gold]
     tether label stats --project P
@@ -70,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(p)
     p.add_argument("--project", required=True)
     p.add_argument("usernames", nargs="+")
+
+    p = sub.add_parser("remove-member", help="take annotators off a project (their judgments stay)")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("usernames", nargs="+")
+
+    for cmd, what in (("deactivate-user", "refuse a user's logins and end their sessions at once"),
+                      ("reset-password", "set a new password (asks for it) and end the user's sessions"),
+                      ("end-sessions", "log a user out everywhere")):
+        p = sub.add_parser(cmd, help=what)
+        _db_arg(p)
+        p.add_argument("username")
+        if cmd == "reset-password":
+            p.add_argument("--password-stdin", action="store_true", help="read the password from stdin instead of asking")
+
+    p = sub.add_parser("audit", help="print the audit log (logins, failed logins, lockouts, admin actions), newest first")
+    _db_arg(p)
+    p.add_argument("--user", help="only events by or about this user")
+    p.add_argument("--limit", type=int, default=200)
 
     p = sub.add_parser("generate", help="sample K responses per prompt from a checkpoint and import them as tasks")
     _db_arg(p)
@@ -174,6 +196,7 @@ def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
         pw = _read_password(args.password_stdin)
         with db.write() as s:
             u = sv.create_user(s, args.username, pw, role="admin" if args.admin else "annotator")
+            sv.audit(s, "create_user", "cli", u.username, detail=u.role)
             for ref in args.project:
                 sv.add_member(s, sv.get_project(s, ref), u)
         print(f"created {'admin' if args.admin else 'annotator'} {args.username!r}")
@@ -196,7 +219,36 @@ def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
             p = sv.get_project(s, args.project)
             for name in args.usernames:
                 sv.add_member(s, p, sv.get_user(s, name))
+                sv.audit(s, "add_member", "cli", name, detail=f"project {p.name}")
         print(f"added {', '.join(args.usernames)} to {args.project!r}")
+        return 0
+    if args.cmd == "remove-member":
+        with db.write() as s:
+            p = sv.get_project(s, args.project)
+            for name in args.usernames:
+                sv.remove_member(s, p, sv.get_user(s, name))
+                sv.audit(s, "remove_member", "cli", name, detail=f"project {p.name}")
+        print(f"removed {', '.join(args.usernames)} from {args.project!r}")
+        return 0
+    if args.cmd in ("deactivate-user", "reset-password", "end-sessions"):
+        from tether.feedback.security import end_sessions
+
+        pw = _read_password(args.password_stdin) if args.cmd == "reset-password" else None
+        with db.write() as s:
+            u, detail = sv.get_user(s, args.username), None
+            if args.cmd == "deactivate-user":
+                sv.deactivate_user(s, u, actor="")
+            elif pw is not None:
+                sv.reset_password(s, u, pw)
+            else:
+                detail = f"{end_sessions(s, u)} sessions"
+            sv.audit(s, args.cmd.replace("-", "_"), "cli", u.username, detail=detail)
+        print(f"{args.cmd}: done for {args.username!r}" + (f" ({detail} ended)" if detail else ""))
+        return 0
+    if args.cmd == "audit":
+        with db.read() as s:
+            for e in sv.audit_events(s, args.limit, args.user):
+                print("\t".join(str(e[k] or "") for k in ("at", "action", "actor", "target", "address", "detail")))
         return 0
     if args.cmd == "generate":
         return _generate(args, db, sv)

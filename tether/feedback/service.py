@@ -32,8 +32,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tether.feedback import agreement
-from tether.feedback.models import KINDS, ROLES, Assignment, Judgment, Membership, Project, Task, User, utcnow
-from tether.feedback.security import hash_password
+from tether.feedback.models import KINDS, ROLES, Assignment, AuditEvent, Judgment, Membership, Project, Task, User, utcnow
+from tether.feedback.security import end_sessions, hash_password
 
 RANK_MIN, RANK_MAX = 4, 7
 MAX_TEXT = 200_000
@@ -174,6 +174,45 @@ def add_member(s: Session, project: Project, user: User) -> None:
     if s.get(Membership, (project.id, user.id)) is None:
         s.add(Membership(project_id=project.id, user_id=user.id))
         s.flush()
+
+
+def remove_member(s: Session, project: Project, user: User) -> None:
+    m = s.get(Membership, (project.id, user.id))
+    if m is None:
+        raise NotFound(f"{user.username!r} is not a member of {project.name!r}")
+    s.delete(m)
+    s.flush()
+
+
+def deactivate_user(s: Session, user: User, actor: str) -> None:
+    """Refuse the user's logins and end their sessions (their judgments stay)."""
+    if user.username == actor:
+        raise Invalid("you cannot deactivate yourself")
+    user.active = False
+    end_sessions(s, user)
+
+
+def reset_password(s: Session, user: User, password: str) -> None:
+    """Set a new password and end the user's sessions."""
+    try:
+        user.password_hash = hash_password(password)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+    end_sessions(s, user)
+
+
+def audit(s: Session, action: str, actor: str | None = None, target: str | None = None, address: str | None = None,
+          detail: str | None = None) -> None:
+    s.add(AuditEvent(action=action, actor=actor and actor[:64], target=target and target[:160], address=address and address[:64],
+                     detail=detail))
+
+
+def audit_events(s: Session, limit: int = 200, user: str | None = None) -> list[dict]:
+    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if user:
+        q = q.where(or_(AuditEvent.actor == user, AuditEvent.target == user))
+    return [{"at": e.at.isoformat(timespec="seconds") + "Z", "action": e.action, "actor": e.actor, "target": e.target,
+             "address": e.address, "detail": e.detail} for e in s.scalars(q)]
 
 
 def can_access(s: Session, project: Project, user: User) -> bool:
