@@ -235,3 +235,13 @@ def test_export_of_a_non_latin_project_name(env):
     pid = c.post("/api/admin/projects", json={"name": "日本語 test", "kind": "rate"}, headers=h).json()["id"]
     r = c.get(f"/admin/p/{pid}/export")
     assert r.status_code == 200 and 'filename="____test-majority.jsonl"' in r.headers["content-disposition"]
+
+
+def test_a_login_with_a_nul_or_a_lone_surrogate_is_a_4xx(env):
+    """On PostgreSQL the user lookup failed on the NUL (a 500); now refused before any lookup or hashing."""
+    app, _db, _ids = env
+    c = TestClient(app, follow_redirects=False, raise_server_exceptions=False)
+    for body, problem in (({"username": "ann\x00", "password": "annpass12"}, "username contains a NUL"),
+                          ({"username": "ann", "password": "x\ud800"}, "password contains a lone surrogate")):
+        refused(c.post("/api/login", content=json.dumps(body), headers={"Content-Type": "application/json"}), problem)
+    assert c.post("/api/login", json={"username": "ann", "password": "annpass12"}).status_code == 200

@@ -269,6 +269,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
     async def do_login(request: Request, username: str, password: str) -> tuple[str, str] | None:
         """Throttled (429, checked before any hashing), then checked in the hashing threads (503 when full)."""
         name, addr = (username or "").strip()[:64], address(request)
+        sv.as_text("username", name), sv.as_text("password", password or "", 4096)  # a NUL reached PostgreSQL as a 500
         wait = throttle.retry_after(name, addr)
         if wait:
             raise HTTPError(429, f"too many failed logins for this account or from this address; try again in {wait} s",
