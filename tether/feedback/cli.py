@@ -214,21 +214,14 @@ def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
             n = sv.import_tasks(s, sv.get_project(s, args.project), text)
         print(f"imported {n} items into {args.project!r}")
         return 0
-    if args.cmd == "add-member":
+    if args.cmd in ("add-member", "remove-member"):
+        add = args.cmd == "add-member"
         with db.write() as s:
             p = sv.get_project(s, args.project)
             for name in args.usernames:
-                sv.add_member(s, p, sv.get_user(s, name))
-                sv.audit(s, "add_member", "cli", name, detail=f"project {p.name}")
-        print(f"added {', '.join(args.usernames)} to {args.project!r}")
-        return 0
-    if args.cmd == "remove-member":
-        with db.write() as s:
-            p = sv.get_project(s, args.project)
-            for name in args.usernames:
-                sv.remove_member(s, p, sv.get_user(s, name))
-                sv.audit(s, "remove_member", "cli", name, detail=f"project {p.name}")
-        print(f"removed {', '.join(args.usernames)} from {args.project!r}")
+                (sv.add_member if add else sv.remove_member)(s, p, sv.get_user(s, name))
+                sv.audit(s, args.cmd.replace("-", "_"), "cli", name, detail=f"project {p.name}")
+        print(f"{'added' if add else 'removed'} {', '.join(args.usernames)} {'to' if add else 'from'} {args.project!r}")
         return 0
     if args.cmd in ("deactivate-user", "reset-password", "end-sessions"):
         from tether.feedback.security import end_sessions
