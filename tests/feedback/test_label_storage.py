@@ -368,3 +368,35 @@ def test_an_import_of_more_items_than_postgresql_takes_parameters(db, fast_hashe
                                                           {"prompt": "p", "responses": ["a", "b"], "id": "t69999"}))
     with db.read() as s:
         assert s.scalar(select(func.count(Task.id)).where(Task.project_id == pid)) == n
+
+
+def test_judging_goes_on_while_an_import_is_read(sqlite_db, fast_hasher, monkeypatch):
+    """An import's file is parsed before its write transaction begins: on SQLite a judgment in another
+    project is stored while the parser runs (it used to wait for the whole import: 10 s at 100k items)."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from tether.feedback.app import create_app
+
+    pid, (u, *_rest) = setup(sqlite_db, fast_hasher, overlap=1, n_users=1, tasks=jl({"prompt": "p", "responses": ["a", "b"]}))
+    with sqlite_db.write() as s:
+        sv.create_user(s, "root", "rootpass1", role="admin", hasher=fast_hasher)
+        other = sv.create_project(s, "other", "compare").id
+    tid = take(sqlite_db, pid, u)
+    stored: list[float] = []
+    real = sv.parse_task_lines
+
+    def slow_parse(kind, text):  # noqa: ANN001, ANN202
+        t = threading.Thread(target=lambda: stored.append(sv.submit(sqlite_db, pid, u, tid, {"choice": "A"}).judgment.id))
+        t.start()
+        t.join(5)  # the judgment's write waits for any open write transaction
+        stored.append(time.monotonic())
+        return real(kind, text)
+
+    monkeypatch.setattr(sv, "parse_task_lines", slow_parse)
+    c = TestClient(create_app(sqlite_db))
+    h = {"X-CSRF-Token": c.post("/api/login", json={"username": "root", "password": "rootpass1"}).json()["csrf_token"]}
+    r = c.post(f"/api/admin/projects/{other}/tasks", content=jl({"prompt": "q", "responses": ["a", "b"]}), headers=h)
+    assert r.status_code == 201 and r.json() == {"imported": 1}
+    assert len(stored) == 2 and isinstance(stored[0], int), "the judgment waited for the import's write lock"

@@ -521,14 +521,23 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         admin(auth)
         text = _read_upload(tasks)
         try:
+            parsed = sv.parse_import(kind, text).prepare(database.engine.dialect) if kind in sv.KINDS else text  # outside the write lock
             with database.write() as s:
                 p = sv.create_project(s, name, kind, guidelines, overlap)
-                n = sv.import_tasks(s, p, text) if text.strip() else 0
+                n = sv.import_tasks(s, p, parsed) if text.strip() else 0
                 pid = p.id
         except sv.ImportRejected as e:
             return page("error.html", request, auth, status=422, detail="The project was not created; nothing was imported.",
                         import_errors=e.errors)
         return RedirectResponse(f"/admin/p/{pid}?msg=created&n={n}", status_code=303)
+
+    def import_into(pid: int, auth: Auth, text: str) -> int:
+        """Parse before the write transaction: on SQLite it holds every project's write lock."""
+        with database.read() as s:
+            kind = project_for(s, pid, auth).kind
+        parsed = sv.parse_import(kind, text).prepare(database.engine.dialect)
+        with database.write() as s:
+            return sv.import_tasks(s, project_for(s, pid, auth), parsed)
 
     @app.post("/admin/p/{pid}/import")
     def admin_import(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth)],
@@ -536,8 +545,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         admin(auth)
         text = _read_upload(tasks)
         try:
-            with database.write() as s:
-                n = sv.import_tasks(s, project_for(s, pid, auth), text)
+            n = import_into(pid, auth, text)
         except sv.ImportRejected as e:
             return page("error.html", request, auth, status=422, detail="Nothing was imported.", import_errors=e.errors)
         return RedirectResponse(f"/admin/p/{pid}?msg=imported&n={n}", status_code=303)
@@ -662,9 +670,11 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             tasks = body.get("tasks") or ""
             if not isinstance(tasks, str):
                 raise sv.Invalid("tasks must be a string: the task file's jsonl text")
+            kind = body.get("kind", "")
+            parsed = sv.parse_import(kind, tasks).prepare(database.engine.dialect) if kind in sv.KINDS else tasks  # outside the write lock
             with database.write() as s:
-                p = sv.create_project(s, body.get("name", ""), body.get("kind", ""), body.get("guidelines", ""), body.get("overlap", 2))
-                n = sv.import_tasks(s, p, tasks) if tasks.strip() else 0
+                p = sv.create_project(s, body.get("name", ""), kind, body.get("guidelines", ""), body.get("overlap", 2))
+                n = sv.import_tasks(s, p, parsed) if tasks.strip() else 0
                 return JSONResponse(_project_json(p) | {"imported": n}, status_code=201)
 
         return await run_in_threadpool(work)
@@ -678,9 +688,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         from starlette.concurrency import run_in_threadpool
 
         def work() -> JSONResponse:
-            with database.write() as s:
-                n = sv.import_tasks(s, project_for(s, pid, auth), _utf8(raw))
-            return JSONResponse({"imported": n}, status_code=201)
+            return JSONResponse({"imported": import_into(pid, auth, _utf8(raw))}, status_code=201)
 
         return await run_in_threadpool(work)
 

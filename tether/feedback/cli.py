@@ -209,9 +209,7 @@ def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
         print(f"created project {args.name!r} ({args.kind}, overlap {args.overlap}); imported {n} items")
         return 0
     if args.cmd == "import":
-        text = Path(args.file).read_text(encoding="utf-8")
-        with db.write() as s:
-            n = sv.import_tasks(s, sv.get_project(s, args.project), text)
+        n = sv.import_file(db, args.project, Path(args.file).read_text(encoding="utf-8"))
         print(f"imported {n} items into {args.project!r}")
         return 0
     if args.cmd in ("add-member", "remove-member"):
@@ -320,8 +318,7 @@ def _generate(args: argparse.Namespace, db, sv) -> int:  # noqa: ANN001
         Path(args.out).write_text(text, encoding="utf-8")
         print(f"wrote {len(lines)} tasks to {args.out}")
     if args.project:
-        with db.write() as s:
-            n = sv.import_tasks(s, sv.get_project(s, args.project), text)
+        n = sv.import_file(db, args.project, text)
         print(f"imported {n} items from {len(lines)} prompts into {args.project!r}")
     return 0
 
