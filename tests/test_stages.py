@@ -331,3 +331,79 @@ def test_rm_keep_best_restores_the_best_evaluation(tiny_gpt2, tmp_path):
     assert final.keys() == at_best.keys()
     assert all(torch.equal(final[k], at_best[k]) for k in final)
     assert not all(torch.equal(final[k], last[k]) for k in final)
+
+
+def _tb_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _wandb_records(path):
+    """The run record and the history rows of a .wandb file. wandb >= 0.19 has no Python reader of its
+    own files (its core is in Go), so this reads the format: a 7-byte ':W&B' header, then LevelDB-log
+    blocks of 32 KiB whose records (checksum, length, type; full / first / middle / last) hold
+    protobuf `Record`s (wandb.proto)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunks, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(chunks))
+            chunks = b""
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    history = [(r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+               for r in records if r.WhichOneof("record_type") == "history"]
+    return run, history
+
+
+def test_wandb_offline_and_tensorboard_logging_and_resume(tiny_gpt2, tmp_path, monkeypatch):
+    """PPO logged to W&B (offline: the files wandb writes) and TensorBoard (read back by TensorBoard's own
+    reader): the same group/name keys and values as metrics.jsonl, the config as run parameters, samples as
+    a table; an interrupted run resumed continues the same W&B run and TensorBoard folder."""
+    import os
+
+    wandb = pytest.importorskip("wandb") if not os.environ.get("CI") else __import__("wandb")
+    if not os.environ.get("CI"):
+        pytest.importorskip("tensorboard")
+    from test_ppo import _cfg
+
+    from tether.algo import ppo
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ["track.wandb=true", "track.tensorboard=true", "sample_every=2", "save_every=2", "batch_size=8"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=2", *common))
+    out = tmp_path / "a" / "run"
+    rows = read_metrics(out)
+    tb = _tb_scalars(out / "tensorboard")
+    for key in ("loss/policy", "rewards/raw_mean", "objective/kl"):
+        assert tb[key] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows], key
+    run_id = (out / "wandb_run_id").read_text()
+    (run_dir,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    run, history = _wandb_records(run_dir / f"run-{run_id}.wandb")
+    assert run.run_id == run_id
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["max_steps"] == 2 and config["ppo"]["minibatch_size"] == 4
+    assert [step for step, _ in history] == [1, 2]
+    for (step, logged), row in zip(history, rows):
+        assert logged["loss/policy"] == pytest.approx(row["loss/policy"], rel=1e-6) and logged["samples/_type"] == "table-file"
+    table = json.loads(next((run_dir / "files" / "media" / "table").glob("samples_2_*.table.json")).read_text())
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines() if json.loads(x)["step"] == 2]
+    assert table["columns"] == ["step", "prompt", "response", "reward"] and [d[1] for d in table["data"]] == [r["prompt"] for r in samples]
+    # resume: stopped after step 2 of 4, continued with --resume: one W&B run id, one TensorBoard history
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "a", "max_steps=4", "resume=true", *common))
+    assert (out / "wandb_run_id").read_text() == run_id and len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    steps = [s for s, _ in _tb_scalars(out / "tensorboard")["loss/policy"]]
+    assert steps == [1, 2, 3, 4], steps

@@ -134,7 +134,9 @@ class EngineConfig:
 class TrackConfig:
     mlflow: bool = doc(False, "also log params and metrics to MLflow (pip install tether[mlflow])")
     mlflow_uri: str = doc("", "MLflow tracking URI; empty = sqlite:///<out>/mlflow.db")
-    experiment: str = doc("tether", "MLflow experiment name")
+    experiment: str = doc("tether", "MLflow experiment name; also the W&B project")
+    wandb: bool = doc(False, "also log to Weights & Biases (pip install tether[wandb]; WANDB_MODE=offline needs no network)")
+    tensorboard: bool = doc(False, "also write TensorBoard event files to <out>/tensorboard (pip install tether[tensorboard])")
     log_every: int = doc(1, "log metrics every N steps")
     progress: bool = doc(True, "show a progress bar on the terminal")
 

@@ -1,5 +1,5 @@
-"""Metrics: always `metrics.jsonl` (one JSON object per logged step), a terminal progress bar, and
-MLflow when `track.mlflow=true` (a local SQLite store in the run folder by default)."""
+"""Metrics: always `metrics.jsonl` (one JSON object per logged step), a terminal progress bar, and the
+trackers the config turns on (MLflow, Weights & Biases, TensorBoard: tether.backends.tracking)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _clean(v: Any) -> Any:
 
 
 class Tracker:
-    def __init__(self, out: str | Path, cfg=None, run_config: dict | None = None, total: int = 0, desc: str = "train", resume: bool = False):
+    def __init__(self, out: str | Path, cfg=None, run_config: dict | None = None, total: int = 0, desc: str = "train", resume: bool = False, start_step: int = 0):
         from tether.ranks import is_main
 
         self.out = Path(out)
@@ -39,13 +39,12 @@ class Tracker:
         self._file = open(self.path if self.main else os.devnull, "a", buffering=1)
         self.log_every = getattr(cfg, "log_every", 1) or 1
         self.t0 = time.perf_counter()
-        from tether.backends.tracking import make_sinks  # the optional trackers (MLflow) live with the backends
+        from tether.backends.tracking import make_sinks  # the optional trackers live with the backends
 
-        self.sinks = make_sinks(self.out, cfg, run_config or {}) if self.main and cfg is not None else []
+        self.sinks = make_sinks(self.out, cfg, run_config or {}, start_step if resume else None) if self.main and cfg is not None else []
         show = self.main and getattr(cfg, "progress", True) and total > 0 and sys.stderr.isatty() and not os.environ.get("CI")
-        self.progress = None
         self._plain_every = max(1, total // 10) if total else 10
-        self.total, self.desc = total, desc
+        self.total, self.desc, self.progress = total, desc, None
         if show:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -85,6 +84,8 @@ class Tracker:
             return
         with open(self.out / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
+        for sink in self.sinks:
+            sink.samples(step, rows)
         for r in rows:
             self.event(f"[sample @{step}] reward={r['reward']:.3g} | {r['prompt'][-60:]!r} -> {r['response'][:120]!r}")
 

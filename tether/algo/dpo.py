@@ -157,7 +157,7 @@ def train(cfg: DPOConfig) -> dict:
     ref_seconds = time.perf_counter() - t
 
     sampler, step, _ = sampler_and_step(cfg, ckpt, {"policy": engine}, len(train_items))
-    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "dpo", resume=cfg.resume)
+    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "dpo", resume=cfg.resume, start_step=step)
     tracker.event(f"dpo: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, loss={cfg.loss} beta={cfg.beta}, "
                   f"reference logprobs in {ref_seconds:.1f}s, {report.truncated} truncated")
 

@@ -291,7 +291,7 @@ def train(cfg: PPOConfig) -> dict:
         kl_ctl.load_state_dict(state["kl_controller"])
         lagrange.load_state_dict(state.get("lagrange", {"value": cfg.cost.lambda_init}))
         rollout.update_weights(policy.named_parameters())
-    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "ppo", resume=cfg.resume)
+    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "ppo", resume=cfg.resume, start_step=step)
     tracker.event(f"ppo: {len(prompt_ids)} prompts, {steps} iterations of {cfg.batch_size} x {cfg.samples_per_prompt} responses, advantage={cfg.advantage}")
 
     metrics: dict[str, float] = {}

@@ -161,7 +161,7 @@ def train(cfg: RMConfig) -> dict:
     disable_dropout(model, cfg.dropout)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
     sampler, step, _ = sampler_and_step(cfg, ckpt, {"reward_model": engine}, len(train_items))
-    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "rm", resume=cfg.resume)
+    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "rm", resume=cfg.resume, start_step=step)
     tracker.event(f"rm: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, {report.truncated} truncated")
 
     metrics: dict[str, float] = {}

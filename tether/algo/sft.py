@@ -72,7 +72,7 @@ def train(cfg: SFTConfig) -> dict:
     disable_dropout(model, cfg.dropout)
     engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
     sampler, step, _ = sampler_and_step(cfg, ckpt, {"policy": engine}, len(train_items))
-    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "sft", resume=cfg.resume)
+    tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "sft", resume=cfg.resume, start_step=step)
     tracker.event(f"sft: {len(train_items)} train / {len(eval_items)} eval examples, {steps} steps, {report.truncated} truncated")
 
     metrics: dict[str, float] = {}
