@@ -279,3 +279,38 @@ def test_restricted_last_layer_equals_the_whole_pass_at_any_used_positions(arch,
     assert calls[0][2] >= 2  # one segment holds several used queries
     torch.testing.assert_close(out[True][0], out[False][0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_packed_row_ending_in_eos_draws_no_attention_mask_warning(tiny_gpt2):
+    """A packed forward passes no attention mask by design; transformers warned ("We strongly recommend
+    passing in an `attention_mask`") whenever the packed row began or ended with the pad id, which is
+    EOS here: once per run, in the demo's terminal. A plain call without a mask still warns."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from tether.models import causal_logprobs, load_causal_lm, load_tokenizer
+    from tether.packing import enable_packing
+
+    tok = load_tokenizer(tiny_gpt2)
+    lm = load_causal_lm(tiny_gpt2).eval()
+    eos = tok.eos_token_id
+    lm.config.pad_token_id = eos
+    ids = torch.tensor([[5, 6, 7, eos], [8, 9, 10, eos]])
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addHandler(handler)
+    try:
+        assert enable_packing(lm)
+        hf_logging.get_logger("transformers.modeling_utils").warning_once.cache_clear()
+        with torch.no_grad():
+            causal_logprobs(lm, ids, torch.ones_like(ids))
+        assert not any("attention_mask" in m for m in seen), seen
+        hf_logging.get_logger("transformers.modeling_utils").warning_once.cache_clear()
+        with torch.no_grad():
+            lm(input_ids=ids)  # the check itself still works outside packed passes
+        assert any("attention_mask" in m for m in seen), seen
+    finally:
+        log.removeHandler(handler)

@@ -33,11 +33,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class _PackedRowsHaveNoMask(logging.Filter):
+    """A packed row is called without an attention mask by design (positions restart per example), and
+    transformers warns when such a call's first or last token is the pad id, which is EOS for most
+    tokenizers: a false alarm on every packed batch that ends an example with EOS."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_PACKED_FORWARD.get() and "passing in an `attention_mask`" in record.getMessage())
+
+
+_PACKED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("tether_packed_forward", default=False)
+logging.getLogger("transformers.modeling_utils").addFilter(_PackedRowsHaveNoMask())
 
 IMPL = "tether_packed"
 _ACTIVE: contextvars.ContextVar["PackedBatch | None"] = contextvars.ContextVar("tether_packed_layout", default=None)
@@ -375,6 +389,8 @@ def packed_hidden(body: nn.Module, layout: PackedBatch, used: Tensor | None = No
                 stack.callback(setattr, layout, "queries", None)  # also when the forward raises
             for m in _row_local(block, attn):
                 stack.enter_context(_on_rows(m, used))
+        token = _PACKED_FORWARD.set(True)
+        stack.callback(_PACKED_FORWARD.reset, token)
         hidden = body(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).last_hidden_state
     if layout.calls == 0:
         raise RuntimeError(f"{type(body).__name__}: attention did not go through transformers' attention interface, so a packed "
