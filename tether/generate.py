@@ -33,6 +33,11 @@ def _batches(prompts: list, tokenizer, batch_size: int, max_prompt_length: int):
         yield chunk, collate_prompts(ids, pad, [prompt_text(p) for p in chunk])
 
 
+def context_length(model) -> int | None:  # noqa: ANN001
+    """The model's context in tokens (GPT-2's n_positions, most others' max_position_embeddings)."""
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+
+
 class Sampler:
     """A checkpoint loaded once that samples responses: `tether generate`, the label app's generator, and
     red teaming's target model (called on every PPO batch, so it must not reload)."""
@@ -53,8 +58,7 @@ class Sampler:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p)
         repeated = [p for p in prompts for _ in range(k)]
         responses: list[str] = []
-        cfg = self.rollout.model.config
-        ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or self.max_prompt_length + max_new_tokens
+        ctx = context_length(self.rollout.model) or self.max_prompt_length + max_new_tokens
         if max_new_tokens >= ctx:
             raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's context of {ctx}")
         # a prompt keeps its last tokens: the answer must fit in the model's context

@@ -164,6 +164,7 @@ def sample(model_dir: str | Path, prompts: list, k: int = 1, max_new_tokens: int
     """
     from tether.data import PromptExample, collate_prompts, pad_id, prompt_text, tokenize_prompts
     from tether.losses import KLEstimator, kl_estimate
+    from tether.generate import context_length
     from tether.models import causal_logprobs, load_causal_lm, resolve_device
     from tether.rollout import SamplingConfig
     from tether.rollout.hf import HFRollout
@@ -181,7 +182,7 @@ def sample(model_dir: str | Path, prompts: list, k: int = 1, max_new_tokens: int
     repeated = [p for p in prompts for _ in range(k)]
     cfg = DataConfig(max_length=max_prompt_length + max_new_tokens, max_prompt_length=max_prompt_length)
     ids = tokenize_prompts([PromptExample(p, f"prompt[{i}]") for i, p in enumerate(repeated)], tok, cfg)
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    ctx = context_length(model)
     longest = max((len(i) for i in ids), default=0)
     if ctx and longest + max_new_tokens > ctx:
         raise ValueError(f"{model_dir}: the longest prompt is {longest} tokens, and {max_new_tokens} new tokens would reach "
