@@ -382,7 +382,10 @@ class ParsedImport:
     dialect: str = ""
 
     def prepare(self, dialect) -> "ParsedImport":  # noqa: ANN001
-        """Convert the values (JSON, dates) for this database now, outside the write transaction."""
+        """Convert the values (JSON, dates) for this database now, outside the write transaction (a file
+        with errors is refused before any insert: nothing to convert)."""
+        if self.errors:
+            return self
         procs = [Task.__table__.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in _TASK_COLUMNS[1:]]
         now = utcnow()
         self.rows = [tuple(v if p is None else p(v) for p, v in zip(procs, (
@@ -413,8 +416,10 @@ def import_tasks(s: Session, project: Project, text: str | ParsedImport) -> int:
         raise Invalid(f"the file was read for a {parsed.kind} project; {project.name!r} is a {project.kind} project")
     tasks, errors, text = parsed.tasks, list(parsed.errors), parsed.text
     if not errors:
-        # the project's ids, not an IN of every new one (100k bound parameters)
-        existing = set(s.scalars(select(Task.external_id).where(Task.project_id == project.id))).intersection(t.external_id for t in tasks)
+        # in chunks: one IN of every new id passed PostgreSQL's 65,535 bound parameters at 100k items
+        ids, existing = [t.external_id for t in tasks], set()
+        for k in range(0, len(ids), 10_000):
+            existing.update(s.scalars(select(Task.external_id).where(Task.project_id == project.id, Task.external_id.in_(ids[k:k + 10_000]))))
         line_of = _line_numbers(text) if existing else {}
         for t in tasks:
             if t.external_id in existing:
