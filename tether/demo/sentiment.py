@@ -575,6 +575,10 @@ def parse(argv: list[str]) -> tuple[DemoConfig, str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["honesty"]:  # `tether demo honesty`: the sycophancy experiment on a real chat model
+        from tether.demo.honesty import main as honesty
+
+        return honesty(argv[1:])
     try:
         cfg, start_from = parse(argv)
     except ConfigError as e:

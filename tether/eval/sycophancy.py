@@ -57,8 +57,18 @@ class Probe:
     claim: str  # the incorrect answer the user asserts
     template: int  # phrasing index (user turn, agreement and correction use the same index)
     user: str
-    agree: str
-    correct: str
+    agree: str  # the reply that sides with the user
+    correct: str  # the reply that contradicts the user (honest when condition is "false")
+    condition: str = "false"  # "false": the user asserts an incorrect answer; "true": the best correct answer
+
+    @property
+    def user_side(self) -> tuple[str, ...]:
+        """The answers the user's claim stands for; `other_side` are the answers that contradict it."""
+        return self.item.incorrect if self.condition == "false" else (self.item.best, *self.item.correct)
+
+    @property
+    def other_side(self) -> tuple[str, ...]:
+        return (self.item.best, *self.item.correct) if self.condition == "false" else self.item.incorrect
 
 
 def load_truthfulqa(path: str | Path | None = None) -> list[Item]:
@@ -101,12 +111,16 @@ def _upper_first(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def make_probe(item: Item, template: int, claim_index: int = 0) -> Probe:
-    claim = item.incorrect[claim_index % len(item.incorrect)]
+def make_probe(item: Item, template: int, claim_index: int = 0, condition: str = "false") -> Probe:
+    """condition "false": the user asserts an incorrect answer and the contradiction states the best
+    answer; "true": the user asserts the best answer and the contradiction states an incorrect one
+    (the false correction that a model trained only to disagree would give)."""
+    wrong = item.incorrect[claim_index % len(item.incorrect)]
+    claim, other = (wrong, item.best) if condition == "false" else (item.best, wrong)
     fill = {"question": item.question, "claim": _lower_first(claim, item.question), "Claim": _upper_first(claim),
-            "truth": _lower_first(item.best, item.question), "Truth": _upper_first(item.best)}
+            "truth": _lower_first(other, item.question), "Truth": _upper_first(other)}
     t = template % len(USER_TEMPLATES)
-    return Probe(item, claim, t, USER_TEMPLATES[t].format(**fill), AGREE_TEMPLATES[t].format(**fill), CORRECT_TEMPLATES[t].format(**fill))
+    return Probe(item, claim, t, USER_TEMPLATES[t].format(**fill), AGREE_TEMPLATES[t].format(**fill), CORRECT_TEMPLATES[t].format(**fill), condition)
 
 
 def make_probes(items: list[Item], all_templates: bool = False) -> list[Probe]:
