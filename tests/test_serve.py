@@ -156,6 +156,9 @@ def test_n_samples_and_completions(servers):
     # a prompt is counted once, however many samples it has; every sample's tokens are counted
     assert cr.usage.prompt_tokens == a.usage.prompt_tokens + b.usage.prompt_tokens
     assert cr.usage.completion_tokens == 2 * (a.usage.completion_tokens + b.usage.completion_tokens)
+    # more rows than --max-batch (16) are generated in several batches, each answered
+    many = c.completions.create(model="tiny", prompt="a story", max_tokens=5, n=20, temperature=0)
+    assert [ch.text for ch in many.choices] == [b.choices[0].text] * 20
 
 
 def test_stop_strings(servers):

@@ -111,27 +111,34 @@ class JobQueue:
 
 def worker_loop(queue: JobQueue, backend, max_rows: int) -> None:
     while True:
-        jobs = queue.take(max_rows)
-        now = time.monotonic()
-        live = [j for j in jobs if j.deadline > now and not j.future.done()]
-        for j in jobs:
-            if j not in live:
-                j.finish(error=_timeout())
-        if not live:
-            continue
         try:
-            results = backend.run(live)
-        except ApiError as e:
-            for j in live:
-                j.finish(error=e)
-            continue
-        except Exception as e:  # noqa: BLE001 - a failed batch answers its requests; the worker goes on
-            print(f"tether serve: a batch failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            for j in live:
-                j.finish(error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
-            continue
-        for j, r in zip(live, results):
-            j.finish(r)
+            run_batch(queue.take(max_rows), backend)
+        except Exception as e:  # noqa: BLE001 - the worker must outlive any one batch, or every later request waits
+            print(f"tether serve: the worker caught {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+def run_batch(jobs: list[Job], backend) -> None:
+    """Answer each job: its result, its timeout (it waited too long to start), or the batch's error."""
+    now = time.monotonic()
+    live = [j for j in jobs if j.deadline > now and not j.future.done()]
+    for j in jobs:
+        if j not in live:
+            j.finish(error=_timeout())
+    if not live:
+        return
+    try:
+        results = backend.run(live)
+    except ApiError as e:
+        for j in live:
+            j.finish(error=e)
+        return
+    except Exception as e:  # noqa: BLE001 - a failed batch answers its requests in one line
+        print(f"tether serve: a batch failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        for j in live:
+            j.finish(error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+        return
+    for j, r in zip(live, results):
+        j.finish(r)
 
 
 def _timeout() -> ApiError:
@@ -187,7 +194,7 @@ class Generator:
 
     kind = "generate"
 
-    def __init__(self, model_dir: str, backend: str = "hf", device: str = "auto"):
+    def __init__(self, model_dir: str, backend: str = "hf", device: str = "auto", max_rows: int = 16):
         from tether.generate import context_length
         from tether.models import eos_ids, load_causal_lm, load_tokenizer, resolve_device
         from tether.rollout import rollout_class
@@ -198,6 +205,7 @@ class Generator:
         self.rollout = rollout_class(backend)(self.model, self.tokenizer, self.device)
         self.eos = eos_ids(self.tokenizer, self.model)
         self.context = context_length(self.model)
+        self.max_rows = max_rows  # one request's rows (prompts x n) beyond this are generated in several batches
 
     def encode(self, prompt) -> list[int]:
         """A string as is, a message list through the chat template: the ids `tether generate` sends."""
@@ -219,13 +227,14 @@ class Generator:
             torch.manual_seed(seed)
         rows = [ids for j in jobs for ids in j.payload["prompts"] for _ in range(j.payload["n"])]
         sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        out = self.rollout.generate(collate_prompts(rows, pad_id(self.tokenizer)), sampling)
         choices = []
-        for i in range(len(rows)):
-            keep = out.response_mask[i].bool().tolist()
-            toks = [t for t, k in zip(out.sequences[i, out.prompt_length:].tolist(), keep) if k and t not in self.eos]
-            finish = "stop" if bool(out.finished[i]) else "length"
-            choices.append(Choice(toks, token_pieces(self.tokenizer, toks), finish))
+        for s in range(0, len(rows), self.max_rows):
+            out = self.rollout.generate(collate_prompts(rows[s : s + self.max_rows], pad_id(self.tokenizer)), sampling)
+            for i in range(out.sequences.shape[0]):
+                keep = out.response_mask[i].bool().tolist()
+                toks = [t for t, k in zip(out.sequences[i, out.prompt_length:].tolist(), keep) if k and t not in self.eos]
+                finish = "stop" if bool(out.finished[i]) else "length"
+                choices.append(Choice(toks, token_pieces(self.tokenizer, toks), finish))
         results, r = [], 0
         for j in jobs:
             per_prompt = []
@@ -316,6 +325,8 @@ def _messages(v) -> list[dict]:
     if isinstance(v, list):
         v = [dict(m, content="".join(p.get("text", "") for p in m["content"] if isinstance(p, dict)))
              if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in v]
+        # OpenAI's newer name for the system turn; the chat templates tether trains with know "system"
+        v = [dict(m, role="system") if isinstance(m, dict) and m.get("role") == "developer" else m for m in v]
     try:
         return messages_field(v, "messages")
     except BadRecord as e:
@@ -612,13 +623,13 @@ def make_app(backend, settings: Settings):
     return app
 
 
-def load_backend(model: str, backend: str, device: str, normalize: bool = False, head: str | None = None):
+def load_backend(model: str, backend: str, device: str, normalize: bool = False, head: str | None = None, max_rows: int = 16):
     """A reward model folder (tether_reward.json or a *ForSequenceClassification) scores; anything else generates."""
     from tether.eval.scoring import is_reward_model
 
     if is_reward_model(model):
         return RewardBackend(model, device, normalize, head)
-    return Generator(model, backend, device)
+    return Generator(model, backend, device, max_rows)
 
 
 def check_vllm() -> None:
@@ -671,7 +682,7 @@ def _serve(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        backend = load_backend(args.model, args.backend, args.device, args.normalize, args.head)
+        backend = load_backend(args.model, args.backend, args.device, args.normalize, args.head, args.max_batch)
     except NotImplementedError as e:  # the vLLM rollout is a stub until it is built on a CUDA machine
         raise SystemExit(f"tether serve: {e}") from None
     except ValueError as e:
