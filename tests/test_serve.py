@@ -320,9 +320,15 @@ def test_vllm_backend_missing_is_one_clear_line(models):
         pytest.skip("[optional] vLLM is installed here")
     out = subprocess.run([sys.executable, "-m", "tether.cli", "serve", "--model", str(models["policy"]), "--backend", "vllm"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install vllm" in lines[0], out.stderr
+    assert out.returncode == 2 and len(lines) == 1 and "pip install vllm" in lines[0], out.stderr
+
+
+def test_a_bad_folder_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tether.cli", "serve", "--model", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], out.stderr
 
 
 class _SlowScorer:

@@ -280,7 +280,9 @@ class RewardBackend:
         if head is not None:
             self.scorer.scorer.use_head(head)
         elif self.scorer.scorer.heads:
-            raise ValueError(f"{model_dir} has the reward heads {self.scorer.scorer.heads}; choose one with --head")
+            from tether.models import ModelError
+
+            raise ModelError(f"{model_dir} has the reward heads {self.scorer.scorer.heads}; choose one with --head")
 
     def run(self, jobs: list[Job]) -> list[list[float]]:
         prompts = [p for j in jobs for p in j.payload["prompts"]]
@@ -632,13 +634,16 @@ def load_backend(model: str, backend: str, device: str, normalize: bool = False,
     return Generator(model, backend, device, max_rows)
 
 
-def check_vllm() -> None:
-    """--backend vllm where vLLM is missing: one line that says how to get it."""
+def missing(backend: str) -> str | None:
+    """What this machine lacks for `backend`, as one line that says how to get it (None: nothing)."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        raise SystemExit("tether serve: --backend vllm needs vLLM, which is not installed: on a CUDA machine, "
-                         "`pip install vllm` (it brings its own CUDA torch); on this machine use --backend hf")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return ("--backend vllm needs vLLM, which is not installed: on a CUDA machine, `pip install vllm` "
+                "(it brings its own CUDA torch); here, use --backend hf")
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        return "tether serve needs FastAPI and uvicorn: pip install 'tether[serve]'"
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -665,13 +670,10 @@ def main(argv: list[str]) -> int:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
         ap.error("--timeout must be positive")
-    if args.backend == "vllm":
-        check_vllm()
-    try:
-        import uvicorn  # noqa: F401
-        from fastapi import FastAPI  # noqa: F401
-    except ImportError:
-        raise SystemExit("tether serve needs FastAPI and uvicorn: pip install 'tether[serve]'") from None
+    lack = missing(args.backend)
+    if lack:
+        print(f"tether serve: {lack}", file=sys.stderr)
+        return 2
     from tether.cli import one_line
 
     return one_line("tether serve", lambda: _serve(args), args.verbose)
@@ -684,11 +686,8 @@ def _serve(args) -> int:
     try:
         backend = load_backend(args.model, args.backend, args.device, args.normalize, args.head, args.max_batch)
     except NotImplementedError as e:  # the vLLM rollout is a stub until it is built on a CUDA machine
-        raise SystemExit(f"tether serve: {e}") from None
-    except ValueError as e:
-        if args.verbose:
-            raise
-        raise SystemExit(f"tether serve: {e}") from None
+        print(f"tether serve: {e}", file=sys.stderr)
+        return 2
     name = args.served_model_name or args.model
     settings = Settings(name, args.api_key or None, args.max_queue, args.max_batch, args.timeout, args.max_body_bytes, args.default_max_tokens)
     app = make_app(backend, settings)
