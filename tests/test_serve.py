@@ -127,19 +127,41 @@ def test_greedy_equals_tether_generate(servers, models, capsys):
 
 def test_streaming_matches_the_whole_response(servers):
     c = servers["main"].client()
-    whole = _chat(c, max_tokens=10, temperature=0)
-    chunks = list(_chat(c, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}))
+    # 40 tokens: three segments of --stream-chunk 16, each continuing the last one's sequence
+    whole = _chat(c, max_tokens=40, temperature=0)
+    chunks = list(_chat(c, max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}))
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
     finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # a stop string is found across segments, and no text past it is ever sent
+    text = whole.choices[0].message.content
+    stop = text[len(text) * 3 // 4 : len(text) * 3 // 4 + 3]
+    cut = _chat(c, max_tokens=40, temperature=0, stop=stop)
+    streamed = list(_chat(c, max_tokens=40, temperature=0, stop=stop, stream=True, n=2))
+    for i in (0, 1):
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices and ch.choices[0].index == i) == cut.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in streamed if ch.choices[0].finish_reason] == ["stop", "stop"]
+    lp = [ch.choices[0].logprobs.content[0] for ch in _chat(c, max_tokens=20, temperature=0, stream=True, logprobs=True, top_logprobs=2)
+          if ch.choices and ch.choices[0].logprobs]
+    assert len(lp) == 20 and all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in lp)
     # the raw stream ends as OpenAI's does
     raw = httpx.post(servers["main"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                      json={"prompt": "the movie", "max_tokens": 4, "stream": True}, timeout=30)
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_stream_sends_its_first_tokens_before_the_last_are_generated(servers):
+    s = servers["busy"]
+    c = s.client(key=None)
+    t0 = time.monotonic()
+    arrivals = [time.monotonic() - t0 for ch in c.completions.create(model=s.model, prompt="the movie", max_tokens=200, temperature=0, stream=True)
+                if ch.choices and ch.choices[0].text]
+    assert len(arrivals) > 100
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])  # 16 of 200 tokens: about 1/12 of the time
 
 
 def test_n_samples_and_completions(servers):

@@ -13,9 +13,10 @@ Generation goes through the Rollout seam (tether/rollout): one worker thread tak
 bounded queue and runs the waiting requests whose sampling settings match as one batch. A full queue
 answers 503 with Retry-After at once; a request waits at most --timeout seconds (then 504).
 Logprobs are the model's own (temperature 1, before top_p), from one teacher-forced pass over the
-sampled tokens, as vLLM reports them by default. A streamed response is sent when its batch finishes:
-the Rollout seam returns whole responses, so streaming gives OpenAI's chunk format, not an earlier
-first token. Stop strings are applied to the decoded text after generation.
+sampled tokens, as vLLM reports them by default. The Rollout seam returns whole responses, so a
+streamed request is generated --stream-chunk tokens at a time (each segment continues the last one's
+sequence, one more prefill each) and its text is sent after every segment; a stream stops at a stop
+string, an answer without streaming is cut at it after generation.
 """
 
 
@@ -61,8 +62,23 @@ class Job:
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
+    events: asyncio.Queue | None = field(default=None, repr=False)  # a streamed request's progress
+    cancelled: bool = False  # its client went away or its time ran out: the worker drops its rows
+
+    def gone(self) -> bool:
+        return self.cancelled or self.future.done()
+
+    def emit(self, item: tuple) -> None:
+        """A streamed request's ("delta", [...]), ("end", result) or ("error", ApiError), from the worker."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop that asked is closed (a server shutting down): nobody waits for it
+            pass
 
     def finish(self, result=None, error: Exception | None = None) -> None:
+        if self.events is not None:
+            return self.emit(("error", error) if error is not None else ("end", result))
+
         def _set():
             if self.future.done():  # the client's wait timed out or it went away
                 return
@@ -120,7 +136,7 @@ def worker_loop(queue: JobQueue, backend, max_rows: int) -> None:
 def run_batch(jobs: list[Job], backend) -> None:
     """Answer each job: its result, its timeout (it waited too long to start), or the batch's error."""
     now = time.monotonic()
-    live = [j for j in jobs if j.deadline > now and not j.future.done()]
+    live = [j for j in jobs if j.deadline > now and not j.gone()]
     for j in jobs:
         if j not in live:
             j.finish(error=_timeout())
@@ -158,13 +174,15 @@ class Choice:
     texts: list[str] | None = None  # each token's own text, as logprobs name it
 
 
-def token_pieces(tokenizer, tokens: list[int]) -> list[str]:
+def token_pieces(tokenizer, tokens: list[int], final: bool = True) -> list[str]:
     """The text each token adds: prefix decodes differenced, so that the pieces join to the decoded
-    response (a token holding half a UTF-8 character adds nothing until the character is complete)."""
+    response (a token holding half a UTF-8 character adds nothing until the character is complete; a
+    response still being generated (final=False) keeps its trailing half character back too, so that a
+    piece once streamed never changes)."""
     pieces, text = [], ""
     for i in range(len(tokens)):
         full = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)
-        if full.endswith("\ufffd") and i < len(tokens) - 1:
+        if full.endswith("\ufffd") and (i < len(tokens) - 1 or not final):
             pieces.append("")
             continue
         pieces.append(full[len(text):] if full.startswith(text) else full)
@@ -189,12 +207,31 @@ def apply_stop(choice: Choice, stop: list[str]) -> Choice:
     return Choice(choice.tokens[:n], keep, "stop", cut_list(choice.logprobs), cut_list(choice.top), cut_list(choice.texts))
 
 
+@dataclass
+class _Row:
+    """One streamed response as it grows: its tokens, and how many of them its client has been sent."""
+
+    job: Job
+    index: int  # the choice's index in the response
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top: list | None = None
+    texts: list[str] | None = None
+    finish: str | None = None
+    sent: int = 0
+
+    def choice(self, tokenizer) -> Choice:
+        return Choice(self.tokens, token_pieces(tokenizer, self.tokens, final=self.finish is not None), self.finish or "length",
+                      self.logprobs, self.top, self.texts)
+
+
 class Generator:
     """A causal LM behind a Rollout (tether.rollout's backend table: hf, vllm)."""
 
     kind = "generate"
 
-    def __init__(self, model_dir: str, backend: str = "hf", device: str = "auto", max_rows: int = 16):
+    def __init__(self, model_dir: str, backend: str = "hf", device: str = "auto", max_rows: int = 16, stream_chunk: int = 16):
         from tether.generate import context_length
         from tether.models import eos_ids, load_causal_lm, load_tokenizer, resolve_device
         from tether.rollout import rollout_class
@@ -206,6 +243,7 @@ class Generator:
         self.eos = eos_ids(self.tokenizer, self.model)
         self.context = context_length(self.model)
         self.max_rows = max_rows  # one request's rows (prompts x n) beyond this are generated in several batches
+        self.stream_chunk = stream_chunk  # tokens a streamed response gets per segment
 
     def encode(self, prompt) -> list[int]:
         """A string as is, a message list through the chat template: the ids `tether generate` sends."""
@@ -215,26 +253,33 @@ class Generator:
         tok = self.tokenizer
         return ids or [tok.bos_token_id if tok.bos_token_id is not None else pad_id(tok)]
 
-    def run(self, jobs: list[Job]) -> list[list[list[Choice]]]:
-        """-> per job, per prompt, its n choices."""
-        import torch
-
+    def _generate(self, rows: list[list[int]], sampling) -> list[tuple[list[int], bool]]:
+        """Prompt ids per row -> (response tokens without EOS, whether it reached EOS), max_rows at a time."""
         from tether.data import collate_prompts, pad_id
-        from tether.rollout import SamplingConfig
 
-        temperature, top_p, max_tokens, seed = jobs[0].key
-        if seed is not None:
-            torch.manual_seed(seed)
-        rows = [ids for j in jobs for ids in j.payload["prompts"] for _ in range(j.payload["n"])]
-        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        choices = []
+        out_rows = []
         for s in range(0, len(rows), self.max_rows):
             out = self.rollout.generate(collate_prompts(rows[s : s + self.max_rows], pad_id(self.tokenizer)), sampling)
             for i in range(out.sequences.shape[0]):
                 keep = out.response_mask[i].bool().tolist()
                 toks = [t for t, k in zip(out.sequences[i, out.prompt_length:].tolist(), keep) if k and t not in self.eos]
-                finish = "stop" if bool(out.finished[i]) else "length"
-                choices.append(Choice(toks, token_pieces(self.tokenizer, toks), finish))
+                out_rows.append((toks, bool(out.finished[i])))
+        return out_rows
+
+    def run(self, jobs: list[Job]) -> list[list[list[Choice]]]:
+        """-> per job, per prompt, its n choices."""
+        import torch
+
+        from tether.rollout import SamplingConfig
+
+        temperature, top_p, max_tokens, seed, stream = jobs[0].key
+        if seed is not None:
+            torch.manual_seed(seed)
+        if stream:
+            return self._stream(jobs, temperature, top_p, max_tokens)
+        rows = [ids for j in jobs for ids in j.payload["prompts"] for _ in range(j.payload["n"])]
+        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        choices = [Choice(toks, token_pieces(self.tokenizer, toks), "stop" if eos else "length") for toks, eos in self._generate(rows, sampling)]
         results, r = [], 0
         for j in jobs:
             per_prompt = []
@@ -246,6 +291,60 @@ class Generator:
                 per_prompt.append([apply_stop(c, j.payload["stop"]) if j.payload["stop"] else c for c in cs])
             results.append(per_prompt)
         return results
+
+    def _stream(self, jobs: list[Job], temperature: float, top_p: float, max_tokens: int) -> list[list[list[Choice]]]:
+        """Generate `stream_chunk` tokens at a time, each segment's prompt the last one's sequence, and send
+        every job the new text after each segment. The Rollout seam returns whole responses, so this is how
+        a stream gets its first tokens before the last: sampling from the continued prompt draws from the
+        same distribution, at the cost of one prefill per segment."""
+        from tether.rollout import SamplingConfig
+
+        rows = [_Row(j, p * j.payload["n"] + k, ids) for j in jobs for p, ids in enumerate(j.payload["prompts"]) for k in range(j.payload["n"])]
+        while True:
+            now = time.monotonic()
+            active = [r for r in rows if r.finish is None and not r.job.gone() and r.job.deadline > now]
+            if not active:
+                break
+            step = min(self.stream_chunk, max_tokens - len(active[0].tokens))  # active rows all have as many tokens
+            sampling = SamplingConfig(max_new_tokens=step, temperature=temperature, top_p=top_p)
+            for r, (toks, eos) in zip(active, self._generate([r.prompt + r.tokens for r in active], sampling)):
+                k = r.job.payload["logprobs"]
+                if k is not None:
+                    lp = self._with_logprobs(r.prompt + r.tokens, Choice(toks, [], ""), k)
+                    r.logprobs, r.top, r.texts = (r.logprobs or []) + lp.logprobs, (r.top or []) + lp.top, (r.texts or []) + lp.texts
+                r.tokens = r.tokens + toks
+                r.finish = "stop" if eos else "length" if len(r.tokens) >= max_tokens else None
+            for job in {id(r.job): r.job for r in active}.values():
+                deltas = [d for d in (self._delta(r) for r in active if r.job is job) if d is not None]
+                if deltas:
+                    job.emit(("delta", deltas))
+        return [[[r.choice(self.tokenizer) for r in rows if r.job is j][p * j.payload["n"] : (p + 1) * j.payload["n"]]
+                 for p in range(len(j.payload["prompts"]))] for j in jobs]
+
+    def _delta(self, r: "_Row") -> tuple | None:
+        """(choice index, the tokens not yet sent as a Choice, their text offset), or None: nothing new. Stop
+        strings are looked for in the whole text so far; while a row goes on, its last len(stop) - 1
+        characters are kept back (they may begin a stop string)."""
+        c = r.choice(self.tokenizer)
+        stop = r.job.payload["stop"]
+        if stop:
+            cut = apply_stop(c, stop)
+            if cut is not c:
+                r.finish, c = "stop", cut
+                r.tokens, r.logprobs, r.top, r.texts = cut.tokens, cut.logprobs, cut.top, cut.texts
+        upto = len(c.tokens)
+        if r.finish is None and stop:
+            limit, end, upto = len("".join(c.pieces)) - (max(map(len, stop)) - 1), 0, 0
+            while upto < len(c.pieces) and end + len(c.pieces[upto]) <= limit:
+                end += len(c.pieces[upto])
+                upto += 1
+        if upto <= r.sent and r.finish is None:
+            return None
+        part = lambda v: None if v is None else v[r.sent : upto]  # noqa: E731
+        d = (r.index, Choice(c.tokens[r.sent : upto], c.pieces[r.sent : upto], r.finish, part(c.logprobs), part(c.top), part(c.texts)),
+             sum(len(p) for p in c.pieces[: r.sent]))
+        r.sent = upto
+        return d
 
     def _with_logprobs(self, prompt: list[int], c: Choice, k: int) -> Choice:
         """The model's log-probabilities of the sampled tokens and its k most likely ones at each step."""
@@ -389,7 +488,7 @@ def generation_job(gen: Generator, body: dict, chat: bool, default_max_tokens: i
         lp = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
     if temperature == 0:
         top_p = 1.0  # greedy: top_p changes nothing, so such requests share a batch
-    return {"key": (temperature, top_p, max_tokens, seed), "rows": len(prompts) * n,
+    return {"key": (temperature, top_p, max_tokens, seed, bool(body.get("stream"))), "rows": len(prompts) * n,
             "payload": {"prompts": prompts, "n": n, "stop": _stop(body), "logprobs": lp}}
 
 
@@ -463,31 +562,41 @@ def completion_body(chat: bool, name: str, payload: dict, result: list[list[Choi
             "created": int(time.time()), "model": name, "choices": choices, "usage": _usage(payload["prompts"], result)}
 
 
-def completion_chunks(chat: bool, name: str, payload: dict, result: list[list[Choice]], include_usage: bool):
-    """The same response as OpenAI's stream: one chunk per token per choice, then each choice's
-    finish_reason, then (stream_options.include_usage) the usage, then [DONE]."""
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": name}
+def stream_events(chat: bool, name: str, n_choices: int, first: tuple, next_event, include_usage: bool, payload: dict):
+    """OpenAI's stream from a job's events: a role chunk per choice (chat), one chunk per token as the
+    segments arrive, each choice's finish_reason, then (stream_options.include_usage) the usage, then
+    [DONE]. A request whose time runs out mid-stream gets OpenAI's error object as its last event."""
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": name}
 
     def chunk(choices, **extra):
         return "data: " + json.dumps({**base, "choices": choices, **extra}) + "\n\n"
 
-    flat = [c for cs in result for c in cs]
-    for i, c in enumerate(flat):
+    async def events():
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        for t in range(len(c.tokens)):
-            if chat:
-                yield chunk([{"index": i, "delta": {"content": c.pieces[t]}, "logprobs": _chat_logprobs(c, t, t + 1), "finish_reason": None}])
-            else:
-                yield chunk([{"index": i, "text": c.pieces[t], "logprobs": _text_logprobs(c, t, t + 1), "finish_reason": None}])
-        if chat:
-            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
-        else:
-            yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": c.finish_reason}])
-    if include_usage:
-        yield chunk([], usage=_usage(payload["prompts"], result))
-    yield "data: [DONE]\n\n"
+            for i in range(n_choices):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        kind, data = first
+        while kind == "delta":
+            for i, c, offset in data:
+                for t in range(len(c.tokens)):
+                    if chat:
+                        yield chunk([{"index": i, "delta": {"content": c.pieces[t]}, "logprobs": _chat_logprobs(c, t, t + 1), "finish_reason": None}])
+                    else:
+                        yield chunk([{"index": i, "text": c.pieces[t], "logprobs": _text_logprobs(c, t, t + 1, offset), "finish_reason": None}])
+                if c.finish_reason is not None:
+                    end = {"delta": {}} if chat else {"text": ""}
+                    yield chunk([{"index": i, **end, "logprobs": None, "finish_reason": c.finish_reason}])
+            try:
+                kind, data = await next_event()
+            except ApiError as e:
+                yield "data: " + json.dumps(e.body()) + "\n\n"
+                return
+        if include_usage:
+            yield chunk([], usage=_usage(payload["prompts"], data))
+        yield "data: [DONE]\n\n"
+
+    return events()
 
 
 # -- The app ---------------------------------------------------------------------------------------
@@ -557,12 +666,16 @@ def make_app(backend, settings: Settings):
             what = "a reward model: POST /v1/score" if backend.kind == "score" else "a language model: use /v1/chat/completions or /v1/completions"
             raise ApiError(400, f"{settings.name!r} is {what}", param="model", code="wrong_model_kind")
 
-    async def submit(spec: dict, kind: str):
+    async def submit(spec: dict, kind: str, stream: bool = False):
+        """Queue a job; -> its result, or (stream) the job itself, whose events then arrive."""
         loop = asyncio.get_running_loop()
-        job = Job(kind, spec["key"], spec["rows"], spec["payload"], time.monotonic() + settings.timeout, loop, loop.create_future())
+        job = Job(kind, spec["key"], spec["rows"], spec["payload"], time.monotonic() + settings.timeout, loop, loop.create_future(),
+                  asyncio.Queue() if stream else None)
         if not queue.put(job):
             raise ApiError(503, f"the server is busy: {settings.max_queue} requests are waiting; retry shortly", "server_error",
                            code="queue_full", headers={"Retry-After": "1"})
+        if stream:
+            return job
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), settings.timeout)
         except asyncio.TimeoutError:
@@ -592,12 +705,35 @@ def make_app(backend, settings: Settings):
                 body = await read_json(request)
                 check_model(body, "generate")
                 spec = generation_job(backend, body, chat, settings.default_max_tokens, settings.max_n)
-                result = await submit(spec, "generate")
-                if body.get("stream"):
-                    usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                    return StreamingResponse(completion_chunks(chat, settings.name, spec["payload"], result, usage),
-                                             media_type="text/event-stream")
-                return completion_body(chat, settings.name, spec["payload"], result)
+                if not body.get("stream"):
+                    return completion_body(chat, settings.name, spec["payload"], await submit(spec, "generate"))
+                job = await submit(spec, "generate", stream=True)
+
+                async def next_event():
+                    try:
+                        kind, data = await asyncio.wait_for(job.events.get(), max(job.deadline - time.monotonic(), 1e-3))
+                    except asyncio.TimeoutError:
+                        job.cancelled = True
+                        raise _timeout() from None
+                    if kind == "error":
+                        job.cancelled = True
+                        raise data
+                    return kind, data
+
+                # the first segment is awaited here, so that a request that fails before any token is sent
+                # answers with its HTTP status, not a 200 stream holding an error
+                first = await next_event()
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                events = stream_events(chat, settings.name, spec["rows"], first, next_event, usage, spec["payload"])
+
+                async def body_then_cancel():
+                    try:
+                        async for e in events:
+                            yield e
+                    finally:  # done, or the client went away: the worker drops the rest of its rows
+                        job.cancelled = True
+
+                return StreamingResponse(body_then_cancel(), media_type="text/event-stream")
 
             return await guarded(run)
 
@@ -625,13 +761,14 @@ def make_app(backend, settings: Settings):
     return app
 
 
-def load_backend(model: str, backend: str, device: str, normalize: bool = False, head: str | None = None, max_rows: int = 16):
+def load_backend(model: str, backend: str, device: str, normalize: bool = False, head: str | None = None, max_rows: int = 16,
+                 stream_chunk: int = 16):
     """A reward model folder (tether_reward.json or a *ForSequenceClassification) scores; anything else generates."""
     from tether.eval.scoring import is_reward_model
 
     if is_reward_model(model):
         return RewardBackend(model, device, normalize, head)
-    return Generator(model, backend, device, max_rows)
+    return Generator(model, backend, device, max_rows, stream_chunk)
 
 
 def missing(backend: str) -> str | None:
@@ -661,11 +798,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait for its answer (default 120, then 504)")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
     ap.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none (default 256)")
+    ap.add_argument("--stream-chunk", type=int, default=16, help="a streamed response is generated and sent this many tokens at a time (default 16)")
     ap.add_argument("--normalize", action="store_true", help="reward model: apply the mean/std saved by tether rm")
     ap.add_argument("--head", help="reward model with several heads: the one to score with")
     ap.add_argument("--verbose", action="store_true", help="a Python traceback instead of the one-line error; uvicorn's access log")
     args = ap.parse_args(argv)
-    for k in ("max_queue", "max_batch", "max_body_bytes", "default_max_tokens"):
+    for k in ("max_queue", "max_batch", "max_body_bytes", "default_max_tokens", "stream_chunk"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
@@ -684,7 +822,7 @@ def _serve(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        backend = load_backend(args.model, args.backend, args.device, args.normalize, args.head, args.max_batch)
+        backend = load_backend(args.model, args.backend, args.device, args.normalize, args.head, args.max_batch, args.stream_chunk)
     except NotImplementedError as e:  # the vLLM rollout is a stub until it is built on a CUDA machine
         print(f"tether serve: {e}", file=sys.stderr)
         return 2
