@@ -217,7 +217,7 @@ def test_concurrent_clients_are_batched_and_kept_apart(servers):
     s = servers["main"]
     c = s.client()
     prompts = [[{"role": "user", "content": f"question {i}: what is a {w}"}] for i, w in enumerate(["cat", "dog", "film", "plot", "song", "scene"])]
-    alone = [_chat(c, messages=p, max_tokens=10, temperature=0).choices[0].message.content for p in prompts]
+    alone = [_chat(c, messages=p, max_tokens=40, temperature=0).choices[0].message.content for p in prompts]
     before = httpx.get(s.url + "/health").json()
     results: dict[int, str] = {}
     barrier = threading.Barrier(len(prompts))
@@ -225,7 +225,7 @@ def test_concurrent_clients_are_batched_and_kept_apart(servers):
     def ask(i):
         cl = s.client()
         barrier.wait()
-        results[i] = _chat(cl, messages=prompts[i], max_tokens=10, temperature=0).choices[0].message.content
+        results[i] = _chat(cl, messages=prompts[i], max_tokens=40, temperature=0).choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:

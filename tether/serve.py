@@ -158,7 +158,7 @@ def run_batch(jobs: list[Job], backend) -> None:
 
 
 def _timeout() -> ApiError:
-    return ApiError(504, "the request waited longer than the server's --timeout", "timeout", code="timeout")
+    return ApiError(504, "the request took longer than the server's --timeout allows", "timeout", code="timeout")
 
 
 # -- Backends: what the worker runs ---------------------------------------------------------------
@@ -580,6 +580,8 @@ def stream_events(chat: bool, name: str, n_choices: int, first: tuple, next_even
         while kind == "delta":
             for i, c, offset in data:
                 for t in range(len(c.tokens)):
+                    if not c.pieces[t] and c.logprobs is None:  # half a character: it comes with the next token
+                        continue
                     if chat:
                         yield chunk([{"index": i, "delta": {"content": c.pieces[t]}, "logprobs": _chat_logprobs(c, t, t + 1), "finish_reason": None}])
                     else:
