@@ -22,6 +22,7 @@ string, an answer without streaming is cut at it after generation.
 
 import argparse
 import asyncio
+import copy
 import hmac
 import json
 import os
@@ -237,7 +238,9 @@ class Generator:
         from tether.rollout import rollout_class
 
         self.device = resolve_device(device)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)  # the worker thread's (the rollout decodes with it)
+        # the request handlers' own copy: a Rust tokenizer used from two threads at once can fail ("Already borrowed")
+        self.encoder = copy.deepcopy(self.tokenizer)
         self.model = load_causal_lm(model_dir, self.device).eval()
         self.rollout = rollout_class(backend)(self.model, self.tokenizer, self.device)
         self.eos = eos_ids(self.tokenizer, self.model)
@@ -249,8 +252,8 @@ class Generator:
         """A string as is, a message list through the chat template: the ids `tether generate` sends."""
         from tether.data import encode_prompt, pad_id
 
-        ids = encode_prompt(self.tokenizer, prompt)
-        tok = self.tokenizer
+        ids = encode_prompt(self.encoder, prompt)
+        tok = self.encoder
         return ids or [tok.bos_token_id if tok.bos_token_id is not None else pad_id(tok)]
 
     def _generate(self, rows: list[list[int]], sampling) -> list[tuple[list[int], bool]]:
@@ -457,7 +460,7 @@ def generation_job(gen: Generator, body: dict, chat: bool, default_max_tokens: i
         if "prompt" not in body:
             raise ApiError(400, "'prompt' is required", param="prompt")
         prompts = _completion_prompts(gen, body["prompt"])
-    vocab = len(gen.tokenizer)
+    vocab = len(gen.encoder)
     if any(t < 0 or t >= vocab for p in prompts for t in p):
         raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
     n = _number(body, "n", 1, 1, max_n, integer=True)
@@ -487,7 +490,7 @@ def generation_job(gen: Generator, body: dict, chat: bool, default_max_tokens: i
     else:
         lp = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
     if temperature == 0:
-        top_p = 1.0  # greedy: top_p changes nothing, so such requests share a batch
+        top_p, seed = 1.0, None  # greedy: top_p and seed change nothing, so such requests share a batch
     return {"key": (temperature, top_p, max_tokens, seed, bool(body.get("stream"))), "rows": len(prompts) * n,
             "payload": {"prompts": prompts, "n": n, "stop": _stop(body), "logprobs": lp}}
 
