@@ -388,3 +388,12 @@ def test_timeout_and_queue_limits_in_process():
         for t in threads:
             t.join(10)
         assert sorted(codes) == [200, 200, 503, 503]
+
+
+def test_the_load_script_measures_a_running_server(servers):
+    from benchmarks.serve_load import run_level
+
+    r = run_level(servers["main"].url + "/v1", "tiny", clients=3, requests=2, max_tokens=6, temperature=1.0, api_key=KEY)
+    assert r["requests"] == 6 and r["errors"] == 0
+    assert 0 < r["completion_tokens"] <= 36 and r["tokens_per_s"] > 0
+    assert 0 < r["p50_s"] <= r["p95_s"]
