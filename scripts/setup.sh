@@ -10,9 +10,9 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # torch first and pinned: an unpinned torch (asked for by any package) pulls gigabytes of CUDA wheels.
 pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-EXTRAS="judges,gguf"
+EXTRAS="judges,gguf,serve"
 if [ "${1:-}" = "test" ]; then
-  EXTRAS="judges,gguf,test,label,postgres,mlflow,wandb,tensorboard,ray,lora,hf,safety"
+  EXTRAS="judges,gguf,serve,test,label,postgres,mlflow,wandb,tensorboard,ray,lora,hf,safety"
   # Browser and database for the annotation app's tests (Debian packages; needs root).
   if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

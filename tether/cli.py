@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("tether.algo.dpo:main", "direct preference optimisation (DPO / IPO / conservative DPO)"),
     "ppo": ("tether.algo.ppo:main", "PPO against a reward model with a KL penalty to the reference"),
     "generate": ("tether.generate:main", "sample from a checkpoint, writing jsonl"),
+    "serve": ("tether.serve:main", "an OpenAI-compatible HTTP server for a checkpoint or a reward model"),
     "pipeline": ("tether.algo.pipeline:main", "run SFT -> RM -> PPO (or SFT -> DPO) in order, resumable"),
     "demo": ("tether.demo.sentiment:main", "the controlled-sentiment RLHF experiment, end to end on a CPU"),
     "redteam": ("tether.redteam:main", "collect a red-team policy's findings against a target: failing prompts, preference tasks"),
