@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tether.demo.sentiment:main", "the controlled-sentiment RLHF experiment, end to end on a CPU"),
     "redteam": ("tether.redteam:main", "collect a red-team policy's findings against a target: failing prompts, preference tasks"),
     "eval": ("tether.eval.cli:main", "reward-model, policy, sycophancy and preference-data reports"),
+    "ai": ("tether.ai.cli:main", "AI feedback: label preference pairs with a judge model and a constitution"),
     "label": ("tether.feedback.cli:main", "the annotation web app: serve, import, generate, export"),
     "model": ("tether.models_cli:main", "model utilities (import-gguf, info)"),
 }

@@ -9,6 +9,7 @@ hacking the reward?", "is it sycophantic?" and "is my preference data sound?".
     tether eval data prefs.jsonl more.jsonl --out reports/data
     tether eval refusal --data completions.csv --out reports/refusal
     tether eval redteam --model runs/ppo/final --out reports/redteam
+    tether eval labeler --labeler runs/sft/final --data prefs.jsonl --out reports/labeler
 
 Each writes OUT/report.md, OUT/metrics.json and PNG plots. Metric definitions: docs/eval.md.
 """
@@ -112,6 +113,15 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--seed", type=int, default=0)
     _refusal_judge_args(rt)
     _common(rt)
+
+    from tether.ai.cli import judge_args
+
+    lb = sub.add_parser("labeler", help="an AI labeler's agreement with human preference labels, flips, calibration, baselines, routing")
+    lb.add_argument("--labeler", dest="model", required=True, help="a local chat model folder or an OpenAI-compatible URL")
+    lb.add_argument("--data", nargs="+", required=True, help="preference files, chosen = the human's choice (each reported separately)")
+    lb.add_argument("--out", required=True, help="report folder")
+    lb.add_argument("--max-pairs", type=int, default=0, help="judge at most this many pairs per file, spread evenly (0 = all)")
+    judge_args(lb)
     return ap
 
 
@@ -246,6 +256,12 @@ def run_data(a) -> Path:
     return write_report(a.out, [analyze_file(f, a.near_threshold) for f in _files(a.files)])
 
 
+def run_labeler(a) -> Path:
+    from tether.ai.eval_labeler import run
+
+    return run(a)
+
+
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     if getattr(a, "threads", 0):
@@ -257,7 +273,7 @@ def main(argv: list[str]) -> int:
 
     try:
         path = {"rm": run_rm, "policy": run_policy, "sycophancy": run_sycophancy, "data": run_data, "refusal": run_refusal,
-                "redteam": run_redteam}[a.cmd](a)
+                "redteam": run_redteam, "labeler": run_labeler}[a.cmd](a)
     except (DataError, ModelError, FileNotFoundError, ValueError) as e:
         print(f"tether eval {a.cmd}: {e}", file=sys.stderr)
         return 2
