@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tether.ai.constitution import ConstitutionError, load_constitution
-from tether.ai.judge import Comparison, Item, label, read_items, to_record
+from tether.ai.judge import Comparison, Item, label, to_record
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -187,3 +187,227 @@ def test_eval_labeler_command_writes_its_report(tiny_llama, tmp_path):
     m = json.loads((out / "metrics.json").read_text())["files"]["prefs.jsonl"]
     assert m["judged"] == 5 and m["baselines"]["length"]["rate"] == 1.0 and 0 <= m["agreement"]["rate"] <= 1
     assert "Routing" in (out / "report.md").read_text() and len((out / "judgements.jsonl").read_text().splitlines()) == 5
+
+
+# -- the HTTP judge ----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompt_of(content: str) -> str:
+    return content.split("[Prompt]\n", 1)[1].split("\n\n[Response A]", 1)[0]
+
+
+class FakeOpenAI:
+    """A minimal OpenAI-compatible chat endpoint in a thread, counting requests by body. P(A) = 0.8 when
+    Response A contains 'good', else 0.2 (" B" spelt with a space, as many tokenizers do). Faults are
+    planted by the item's prompt: timeout-once, 429-once, malformed-once (the first request of each body
+    fails, the next succeeds), always-500, always-malformed, no-options. kill_at=N: the N-th request
+    SIGKILLs the process `victim` (the labelling run) instead of answering."""
+
+    def __init__(self, sleep: float = 2.0):
+        self.seen, self.answered, self.total, self.sleep = {}, {}, 0, sleep
+        self.kill_at, self.victim, self.lock = None, None, threading.Lock()
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body, headers=()):
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "test"}]})
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()
+                with fake.lock:
+                    fake.total += 1
+                    n = fake.seen[key] = fake.seen.get(key, 0) + 1
+                    total = fake.total
+                if fake.kill_at == total:
+                    os.kill(fake.victim.pid, signal.SIGKILL)
+                    return  # no answer: the connection closes
+                content = req["messages"][0]["content"]
+                fault = _prompt_of(content)
+                try:
+                    if fault == "timeout-once" and n == 1:
+                        time.sleep(fake.sleep)
+                        return
+                    if fault == "429-once" and n == 1:
+                        return self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}}, [("Retry-After", "0")])
+                    if fault == "malformed-once" and n == 1:
+                        return self._send(200, b"{not json")
+                    if fault == "always-500":
+                        return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
+                    if fault == "always-malformed":
+                        return self._send(200, {"id": "x", "object": "chat.completion", "choices": []})
+                    a_good = "good" in content.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+                    pa = 0.8 if a_good else 0.2
+                    top = [{"token": "x", "logprob": math.log(0.5)}, {"token": "y", "logprob": math.log(0.3)}] if fault == "no-options" else \
+                        [{"token": "A", "logprob": math.log(pa * 0.9)}, {"token": " B", "logprob": math.log((1 - pa) * 0.9)}, {"token": "C", "logprob": math.log(0.05)}]
+                    first = {"token": top[0]["token"], "logprob": top[0]["logprob"], "bytes": None, "top_logprobs": top}
+                    self._send(200, {"id": "c", "object": "chat.completion", "created": 0, "model": req["model"],
+                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": top[0]["token"]},
+                                                  "logprobs": {"content": [first]}, "finish_reason": "length"}]})
+                    with fake.lock:
+                        fake.answered[key] = fake.answered.get(key, 0) + 1
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", _free_port()), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    pytest.importorskip("openai")
+    f = FakeOpenAI()
+    yield f
+    f.stop()
+
+
+def _prefs(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": p, "prompt": p, "chosen": f"good answer to {p}", "rejected": "bad answer"}) + "\n" for p in prompts))
+    return path
+
+
+def test_http_faults_are_retried_then_reported_per_item(fake, tmp_path):
+    from tether.cli import main
+
+    faults = ["timeout-once", "429-once", "malformed-once", "always-500", "always-malformed", "no-options", "fine"]
+    out = tmp_path / "ai.jsonl"
+    rc = main(["ai", "label", "--model", fake.url, "--data", str(_prefs(tmp_path / "p.jsonl", faults)), "--out", str(out),
+               "--principles", "helpfulness", "--timeout", "0.5", "--retries", "2", "--backoff", "0.01", "--concurrency", "4"])
+    assert rc == 1  # some items failed: the exit status says so
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(recs) == {"ai/timeout-once", "ai/429-once", "ai/malformed-once", "ai/fine"}
+    for r in recs.values():  # retried to the right answer, in both orders
+        assert r["chosen"].startswith("good answer") and r["meta"]["confidence"] == pytest.approx(0.8)
+        assert r["meta"]["labeler"] == f"openai:fake@{fake.url}" and r["meta"]["flip"] is False
+    errors = {e["id"]: " ".join(e["errors"]) for e in map(json.loads, (tmp_path / "ai.errors.jsonl").read_text().splitlines())}
+    assert set(errors) == {"always-500", "always-malformed", "no-options"}  # never written as ties
+    assert "failed after 3 attempts" in errors["always-500"] and "500" in errors["always-500"]
+    assert "failed after 3 attempts" in errors["always-malformed"] and "malformed" in errors["always-malformed"]
+    assert "neither option" in errors["no-options"]
+    assert (tmp_path / "ai.ties.jsonl").read_text() == ""
+    # requests per body: each transient fault once then success (2), 500 and malformed 1 + 2 retries, no retry for no-options
+    assert sorted(fake.seen.values()) == sorted([2] * 6 + [3] * 4 + [1] * 2 + [1] * 2)  # 3 transient x 2 orders, ..., fine
+
+
+def test_a_killed_run_resumes_from_its_cache_without_repeating_a_request(fake, tmp_path):
+    from tether.cli import main
+
+    data = _prefs(tmp_path / "p.jsonl", [f"fine {k}" for k in range(5)])
+    out = tmp_path / "ai.jsonl"
+    args = ["ai", "label", "--model", fake.url, "--data", str(data), "--out", str(out), "--principles", "honesty", "--concurrency", "1"]
+    fake.kill_at = 4
+    fake.victim = subprocess.Popen([sys.executable, "-m", "tether.cli", *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    fake.victim.wait(60)
+    assert fake.victim.returncode == -signal.SIGKILL and not out.exists()
+    assert len((tmp_path / "ai.cache.jsonl").read_text().splitlines()) == 3  # the answers that arrived before the kill
+    fake.kill_at = None
+    assert main(args) == 0
+    assert fake.total == 11  # 10 comparisons, the one in flight at the kill asked twice (it was never answered)
+    assert sorted(fake.answered.values()) == [1] * 10  # no answer was paid for twice
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 5 and all(r["meta"]["confidence"] == pytest.approx(0.8) and r["chosen"].startswith("good") for r in recs)
+    answered = fake.total
+    assert main(args) == 0 and fake.total == answered  # a third run is all cache
+
+
+# -- against a real `tether serve` -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ab_model(tmp_path_factory):
+    """A tiny Llama whose two option tokens outrank every other token (so both are among the top 5 that an
+    OpenAI-style endpoint returns): a constant residual dimension that only the A and B rows read."""
+    import torch
+    from tiny import make_tiny_model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = make_tiny_model_dir(tmp_path_factory.mktemp("ab") / "judge", "llama", chat_template=True)
+    tok = AutoTokenizer.from_pretrained(d)
+    m = AutoModelForCausalLM.from_pretrained(d)
+    a, b = (tok(o, add_special_tokens=False)["input_ids"][0] for o in ("A", "B"))
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, 1:] *= 50  # the content, at unit scale
+        m.model.embed_tokens.weight[:, 0] = 10.0
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        for t in (a, b):  # A and B read the content strongly and the constant dimension
+            m.lm_head.weight[t, 1:] *= 50
+            m.lm_head.weight[t, 0] += 3.0
+    m.save_pretrained(d)
+    return d
+
+
+def test_http_judge_against_tether_serve_equals_the_local_judge(ab_model, tmp_path):
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    from tether.ai.http import HttpJudge
+    from tether.ai.judge import LocalJudge
+    from tether.cli import main
+
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "serve", "--model", str(ab_model), "--port", str(port),
+                             "--served-model-name", "judge", "--device", "cpu"], env={**ENV, "TETHER_API_KEY": ""},
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() - t0 < 120, log.read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        pr = load_constitution().principles
+        comps = [Comparison("hello there", "the movie was good", "bad", pr[0]), Comparison("hi", "yes", "no no no", pr[1]),
+                 Comparison("what is it", "a cat and a dog", "the red one", pr[2])]
+        http = HttpJudge(f"http://127.0.0.1:{port}", concurrency=2, cache=tmp_path / "c.jsonl")  # model from /v1/models
+        got = http.judge(comps)
+        want = LocalJudge(str(ab_model), device="cpu").judge(comps)
+        assert http.model_name == "judge" and http.stats["bounded"] == 0 and http.stats["failed"] == 0
+        assert got == pytest.approx(want, abs=1e-4)
+        assert len(set(round(p, 5) for p in want)) > 1
+        http.close()
+        # the command end to end against the server
+        data = _prefs(tmp_path / "p.jsonl", ["q1", "q2"])
+        assert main(["ai", "label", "--model", f"http://127.0.0.1:{port}/v1", "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
+                     "--principles", "helpfulness"]) == 0
+        recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+        assert len(recs) + len((tmp_path / "o.ties.jsonl").read_text().splitlines()) == 2
+        assert all(r["meta"]["labeler"] == f"openai:judge@http://127.0.0.1:{port}/v1" for r in recs)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

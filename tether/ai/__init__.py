@@ -3,6 +3,7 @@
     constitution.py  the principles (YAML), validated on load; the default set ships as default_constitution.yaml
     judge.py         the comparison prompt, the local HF judge (log-probabilities of the option tokens),
                      both-order debiasing, principle choice, and labelling a file into export-schema records
+    compare.py       one comparison (the prompt a judge answers) and JudgeError
     http.py          the OpenAI-compatible HTTP judge: retries, timeout, concurrency, on-disk request cache
     cli.py           `tether ai label`
     eval_labeler.py  `tether eval labeler`: agreement with human labels, flips, calibration, baselines, routing

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tether.ai.judge import OPTIONS, Comparison, JudgeError
+from tether.ai.compare import OPTIONS, Comparison, JudgeError
 
 
 class Malformed(Exception):

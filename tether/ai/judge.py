@@ -29,36 +29,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from tether.ai.compare import OPTIONS, TEMPLATE, Comparison, JudgeError, as_text  # noqa: F401 (re-exported)
 from tether.ai.constitution import Constitution, Principle
-
-OPTIONS = ("A", "B")
-TEMPLATE = (
-    "{question}\n\n[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
-    "Answer with a single letter: A or B."
-)
-
-
-class JudgeError(Exception):
-    """One comparison could not be judged (after retries): reported per item, never written as a tie."""
-
-
-def as_text(v: Any) -> str:
-    """A prompt or response as plain text: a string as is, a message list as 'role: content' lines."""
-    if isinstance(v, str):
-        return v
-    return "\n".join(f"{m['role']}: {m['content']}" for m in v)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    prompt: str
-    first: str
-    second: str
-    principle: Principle
-
-    def messages(self) -> list[dict]:
-        text = TEMPLATE.format(question=self.principle.comparison, prompt=self.prompt, a=self.first, b=self.second)
-        return [{"role": "user", "content": text}]
 
 
 @dataclass
