@@ -411,3 +411,21 @@ def test_http_judge_against_tether_serve_equals_the_local_judge(ab_model, tmp_pa
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_llmbar_converts_and_the_report_splits_by_source(tmp_path):
+    from tether.ai.convert import main as convert
+    from tether.ai.eval_labeler import evaluate
+    from tether.ai.judge import read_items
+
+    for sub, better in (("Natural", 1), ("Adversarial/Neighbor", 2)):
+        (tmp_path / "ds" / sub).mkdir(parents=True)
+        rows = [{"input": f"q{i}", "output_1": f"good {i}" if better == 1 else f"bad {i}", "output_2": f"bad {i}" if better == 1 else f"good {i}",
+                 "label": better} for i in range(3)] + [{"input": "tie", "output_1": "a", "output_2": "b", "label": 0}]
+        (tmp_path / "ds" / sub / "dataset.json").write_text(json.dumps(rows))
+    assert convert(["llmbar", str(tmp_path / "ds"), str(tmp_path / "llmbar.jsonl")]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "llmbar.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and all(r["chosen"].startswith("good") for r in recs)
+    assert {r["source"] for r in recs} == {"llmbar/Natural", "llmbar/Adversarial/Neighbor"}
+    m = evaluate(label(read_items(tmp_path / "llmbar.jsonl"), Fair(), load_constitution(), "honesty"))
+    assert set(m["by_source"]) == {"llmbar/Natural", "llmbar/Adversarial/Neighbor"} and all(v["rate"] == 1.0 for v in m["by_source"].values())

@@ -6,6 +6,7 @@
     compare.py       one comparison (the prompt a judge answers) and JudgeError
     http.py          the OpenAI-compatible HTTP judge: retries, timeout, concurrency, on-disk request cache
     cli.py           `tether ai label`
+    convert.py       LLMBar (and its processed FairEval, LLMEval^2, MT-Bench) as preference records
     eval_labeler.py  `tether eval labeler`: agreement with human labels, flips, calibration, baselines, routing
 
 Outside the algorithm core (tests/test_size.py); imports no torch until a local model is loaded.

@@ -91,7 +91,16 @@ def evaluate(results, items_total: int | None = None) -> dict:
         "ece": ece_from_bins(bins), "calibration_bins": bins,
         "baselines": {"length": _rate(length), "random": _rate(rand), "random_expected": 0.5},
         "routing": routing(conf, correct),
+        "by_source": _by_source(ok, correct),
     }
+
+
+def _by_source(ok, correct) -> dict:
+    """Agreement per record `source` (e.g. LLMBar's subsets), when a file mixes several."""
+    groups: dict[str, list[float]] = {}
+    for r, c in zip(ok, correct):
+        groups.setdefault(r.item.meta.get("source", ""), []).append(c)
+    return {k: _rate(v) for k, v in sorted(groups.items())} if len(groups) > 1 else {}
 
 
 def write_report(out: Path, labeler: str, per_file: dict[str, dict], seconds: float) -> Path:
@@ -106,6 +115,9 @@ def write_report(out: Path, labeler: str, per_file: dict[str, dict], seconds: fl
               [[f, m["pairs"], m["failed"], ci(m["agreement"]), ci(m["baselines"]["length"]), ci(m["baselines"]["random"]),
                 m["position_flip_rate"]["rate"] if m["position_flip_rate"] else None, m["ece"]] for f, m in per_file.items()])
     for f, m in per_file.items():
+        if m["by_source"]:
+            rep.h2(f"By source: {f}")
+            rep.table(["source", "pairs", "agreement"], [[k, v["n"], ci(v)] for k, v in m["by_source"].items()])
         rep.h2(f"Routing: {f}")
         rep.text("Pairs at or above the confidence threshold are auto-labelled, the rest go to humans. Random routing "
                  "of the same share agrees, in expectation, as often as the labeler does overall.")

@@ -173,8 +173,11 @@ class HttpJudge:
         return p
 
     def judge(self, comps: list[Comparison]) -> list[float | JudgeError]:
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
+        try:
             return list(pool.map(self._one, comps))
+        finally:  # on Ctrl-C, drop the queued requests (what already arrived is in the cache) instead of sending them all
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         if self.cache:

@@ -1,0 +1,64 @@
+"""Human-labelled judge benchmarks as preference records, for `tether eval labeler`.
+
+    python -m tether.ai.convert llmbar ../shared/data/llmbar/Dataset data/llmbar.jsonl        # every dataset.json below
+    python -m tether.ai.convert llmbar ../shared/data/llmbar/Dataset/LLMBar/Natural/dataset.json data/natural.jsonl
+
+LLMBar (and the sets it ships processed: FairEval, LLMEval^2, MT-Bench): {input, output_1, output_2,
+label}, label 1 or 2 the better output; any other label is counted and skipped. Records:
+{prompt, chosen, rejected, id, source, meta: {eval_only: true}}; `source` is the dataset's folder
+(e.g. llmbar/LLMBar/Adversarial/Neighbor), so a report can be split by subset. (Outside the data core:
+tether.data.convert holds the training-set converters.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def llmbar_records(src: str | Path, counts: Counter | None = None) -> list[dict]:
+    src = Path(src)
+    files = sorted(src.rglob("dataset.json")) if src.is_dir() else [src]
+    if not files:
+        raise FileNotFoundError(f"{src}: no dataset.json below it")
+    counts = counts if counts is not None else Counter()
+    out = []
+    for f in files:
+        rel = f.parent.relative_to(src) if src.is_dir() else Path(f.parent.name)
+        subset = "/".join(("llmbar", *rel.parts)) if rel.parts else "llmbar"
+        for i, row in enumerate(json.loads(f.read_text(encoding="utf-8"))):
+            label = row.get("label")
+            if label not in (1, 2):
+                counts["label not 1 or 2"] += 1
+                continue
+            a, b = row["output_1"], row["output_2"]
+            chosen, rejected = (a, b) if label == 1 else (b, a)
+            if chosen == rejected:
+                counts["identical outputs"] += 1
+                continue
+            out.append({"prompt": row["input"], "chosen": chosen, "rejected": rejected, "id": f"{subset}:{i}", "source": subset,
+                        "meta": {"eval_only": True}})
+            counts["records"] += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tether.ai.convert", description=__doc__.strip().splitlines()[0])
+    ap.add_argument("kind", choices=["llmbar"])
+    ap.add_argument("src", help="a dataset.json or a folder of them")
+    ap.add_argument("out", help="preference jsonl to write")
+    a = ap.parse_args(argv)
+    counts: Counter = Counter()
+    recs = llmbar_records(a.src, counts)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    skipped = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "records")
+    print(f"wrote {len(recs)} preference records to {a.out}" + (f" (skipped: {skipped})" if skipped else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
