@@ -36,3 +36,26 @@ class Comparison:
     def messages(self) -> list[dict]:
         text = TEMPLATE.format(question=self.principle.comparison, prompt=self.prompt, a=self.first, b=self.second)
         return [{"role": "user", "content": text}]
+
+
+class Progress:
+    """A stderr line at most every `every` seconds while comparisons are judged (thread-safe)."""
+
+    def __init__(self, total: int, every: float = 30.0):
+        import threading
+        import time
+
+        self.total, self.every, self.done = total, every, 0
+        self.t0 = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def step(self, n: int = 1) -> None:
+        import sys
+        import time
+
+        with self.lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self.last >= self.every and self.done < self.total:
+                self.last = now
+                print(f"tether ai: {self.done}/{self.total} comparisons judged ({self.done / (now - self.t0):.1f}/s)", file=sys.stderr)

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tether.ai.compare import OPTIONS, Comparison, JudgeError
+from tether.ai.compare import OPTIONS, Comparison, JudgeError, Progress
 
 
 class Malformed(Exception):
@@ -110,6 +110,7 @@ class HttpJudge:
         self.cache = RequestCache(cache) if cache else None
         self.stats = {"requests": 0, "cached": 0, "retries": 0, "failed": 0, "bounded": 0}
         self._lock = threading.Lock()
+        self._progress: Progress | None = None
         self.model_name = model_name or self._retry(lambda: self.client.models.list().data[0].id)
         self.identity = f"openai:{self.model_name}@{self.base}"
 
@@ -149,6 +150,13 @@ class HttpJudge:
         return hashlib.sha256(json.dumps({"endpoint": self.base, **body}, sort_keys=True).encode()).hexdigest()
 
     def _one(self, c: Comparison) -> float | JudgeError:
+        try:
+            return self._judge_one(c)
+        finally:
+            if self._progress:
+                self._progress.step()
+
+    def _judge_one(self, c: Comparison) -> float | JudgeError:
         body = self.request(c)
         key = self.key(body)
         top = self.cache.get(key) if self.cache else None
@@ -173,6 +181,7 @@ class HttpJudge:
         return p
 
     def judge(self, comps: list[Comparison]) -> list[float | JudgeError]:
+        self._progress = Progress(len(comps))
         pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
         try:
             return list(pool.map(self._one, comps))

@@ -29,7 +29,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from tether.ai.compare import OPTIONS, TEMPLATE, Comparison, JudgeError, as_text  # noqa: F401 (re-exported)
+from tether.ai.compare import OPTIONS, TEMPLATE, Comparison, JudgeError, Progress, as_text  # noqa: F401 (re-exported)
 from tether.ai.constitution import Constitution, Principle
 
 
@@ -253,6 +253,7 @@ class LocalJudge:
         rows = [self.encode(c) for c in comps]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
         out: list[float] = [0.0] * len(rows)
+        progress = Progress(len(rows))
         with torch.no_grad():
             for s in range(0, len(order), self.batch_size):
                 idx = order[s:s + self.batch_size]
@@ -264,6 +265,7 @@ class LocalJudge:
                 pa = torch.softmax(opt, -1)[:, 0].tolist()
                 for i, p in zip(idx, pa):
                     out[i] = p
+                progress.step(len(idx))
         return out
 
 
