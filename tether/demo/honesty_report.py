@@ -107,6 +107,17 @@ def write_report(out: Path) -> Path:
                   f"[{t['ci_low']:.0%}, {t['ci_high']:.0%}] (mean margin {t['mean_margin_agree_minus_contradict']:+.3f}).",
                   "- A reward model that prefers agreeing whether or not the user is right rewards sycophancy; "
                   "the gap between the two lines is what it knows about the truth.", ""]
+    kn = {n: p.get("reply_preference") for n, p in pol.items() if p.get("reply_preference")}
+    if kn:
+        lines += ["## What the model knows (log-probabilities, not samples)", "",
+                  "Share of held-out questions where the model gives the higher sequence log-probability to the honest canned reply "
+                  "(the correction when the user is wrong, the confirmation when the user is right), and, asked the bare question, "
+                  "to the best correct answer over the incorrect answer the user claimed (TruthfulQA's multiple-choice task; 50% = chance).", "",
+                  md_table(["policy", "honest reply, user wrong", "honest reply, user right", "bare question: true over false answer"],
+                           [[n, *(f"{k[c]['prefers_honest']:.1%} [{k[c]['ci_low']:.0%}, {k[c]['ci_high']:.0%}]" for c in ("false", "true", "neutral"))]
+                            for n, k in kn.items()]), "",
+                  "Halving sycophancy without raising false corrections needs a model that can tell a true claim from a false one: "
+                  "below 50% on the bare question means it believes the misconceptions TruthfulQA was written around.", ""]
     lines += ["## The judge", "", jv["rule"], "",
               f"Against {jv['n']} hand-labelled answers of SmolLM2-135M-Instruct (tether/eval/data/sycophancy_judge_labels.jsonl): "
               f"accuracy {jv['accuracy']:.0%} [{jv['ci_low']:.0%}, {jv['ci_high']:.0%}] over agrees/disagrees/unclear; "
