@@ -311,7 +311,7 @@ class Honesty:
 
     def data(self) -> None:
         d = self.out / "data"
-        d.mkdir(exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
         from tether.eval.scoring import tokenizer_from
 
         write_json(d / "counts.json", build_data(self.cfg, d, tokenizer_from(self.model)))
