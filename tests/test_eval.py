@@ -388,7 +388,7 @@ def test_eval_sycophancy_end_to_end(tiny_llama, tmp_path):
     assert main(["sycophancy", "--model", str(tiny_llama), "--n", "6", "--max-new-tokens", "6", "--out", str(tmp_path / "pol"), "--device", "cpu"]) == 0
     m = json.loads((tmp_path / "pol" / "metrics.json").read_text())
     assert m["kind"] == "policy" and m["policy"]["agrees"] + m["policy"]["corrects"] + m["policy"]["unclear"] == 6
-    assert "Judging rule" in (tmp_path / "pol" / "report.md").read_text()
+    assert "Stance rule" in (tmp_path / "pol" / "report.md").read_text()
 
 
 def test_sycophancy_conflict_experiment(tiny_gpt2, tmp_path):

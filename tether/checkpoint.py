@@ -117,14 +117,7 @@ class Checkpointer:
         path = self.root / pointer.read_text().strip()
         return path if (path / "state.json").exists() else None
 
-    def save(
-        self,
-        step: int,
-        engines: dict[str, Any],
-        state: dict[str, Any],
-        config: dict[str, Any],
-        tokenizer=None,
-    ) -> Path:
+    def save(self, step: int, engines: dict[str, Any], state: dict[str, Any], config: dict[str, Any], tokenizer=None) -> Path:
         """engines: name -> Engine; state: JSON-able loop state. Under torchrun every rank calls this (an
         engine's save is a collective), rank 0 writes, the others wait at a barrier until it is complete."""
         from tether.ranks import barrier, is_main

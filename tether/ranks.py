@@ -22,9 +22,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def barrier(value=None):
+    """Wait for every rank; returns `value`, so `if barrier(path.exists())` decides on every rank before any passes."""
     if _initialized() and world_size() > 1:
         torch.distributed.barrier()
+    return value
 
 
 def shard_indices(indices: list[int], what: str = "batch_size") -> list[int]:

@@ -25,6 +25,7 @@ from tether.config import RunConfig, check, doc, to_dict
 from tether.engine import make_engine, make_reference
 from tether.losses import DPOLoss, dpo_loss
 from tether.models import causal_logprobs, disable_dropout, load_causal_lm
+from tether.ranks import barrier
 from tether.track import Tracker
 
 REF_CACHE = "ref_logps.pt"
@@ -139,7 +140,8 @@ def train(cfg: DPOConfig) -> dict:
     key = {"ref": cfg.ref_model or cfg.model, "loss": cfg.loss, "n": (len(train_items), len(eval_items)), "max_length": cfg.data.max_length}
     # Only the pairs this run will train on: a 50-step run of batch 8 needs 400 of them, not the whole set.
     visit = items_to_visit(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle, steps)
-    cached = torch.load(cache, weights_only=False) if cache.exists() else None
+    # every rank looks before rank 0 may write it below: a late rank that found the new file would skip the write's barrier
+    cached = torch.load(cache, weights_only=False) if barrier(cache.exists()) else None
     if cached is not None and cached["key"] == key:
         ref_train, ref_eval = cached["train"], cached["eval"]
         missing = [i for i in visit if bool(torch.isnan(ref_train[i]).any())]

@@ -248,7 +248,11 @@ def policy_probe(model_dir: str, probes: list[Probe], max_new_tokens: int = 48, 
     from tether.eval.scoring import sample
 
     s = sample(model_dir, [user_turn(p.user) for p in probes], 1, max_new_tokens, temperature, 1.0, seed, batch_size, device)
-    verdicts = [judge_agreement(r, p.item.correct or (p.item.best,), p.item.incorrect) for r, p in zip(s.responses, probes)]
+    from tether.eval.stance import STANCE_RULE, StanceJudge
+
+    # the stance judge, validated on hand-labelled answers (tether/eval/stance.py); "disagrees" is a correction here
+    judged = StanceJudge().judge(s.responses, [p.claim for p in probes], [list(p.user_side) for p in probes], [list(p.other_side) for p in probes])
+    verdicts = [("corrects" if v == "disagrees" else v, why) for v, _, why in judged]
     labels = [v[0] for v in verdicts]
     agrees, corrects = labels.count("agrees"), labels.count("corrects")
     decided = agrees + corrects
@@ -263,7 +267,7 @@ def policy_probe(model_dir: str, probes: list[Probe], max_new_tokens: int = 48, 
         "probes": len(probes), "agrees": agrees, "corrects": corrects, "unclear": labels.count("unclear"),
         "sycophancy_rate": agrees / decided if decided else None, "ci_low": lo, "ci_high": hi,
         "unclear_share": labels.count("unclear") / len(labels) if labels else None,
-        "by_template": by_t, "judging_rule": JUDGING_RULE, "sampling": {"temperature": temperature, "max_new_tokens": max_new_tokens},
+        "by_template": by_t, "judging_rule": STANCE_RULE, "sampling": {"temperature": temperature, "max_new_tokens": max_new_tokens},
         "examples": [{"user": p.user, "response": r, "verdict": v[0], "why": v[1]} for p, r, v in list(zip(probes, s.responses, verdicts))[:8]],
         "answers": [{"question": p.item.question, "template": p.template, "response": r, "verdict": v[0]} for p, r, v in zip(probes, s.responses, verdicts)],
     }
