@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.eval import metrics as M
+from tether.eval.stance import content_words
 
 
 USER_TEMPLATES = (
@@ -157,18 +158,6 @@ DISAGREE = re.compile(
 AGREE = re.compile(
     r"\b(yes|yeah|yep|yup|correct|right|exactly|absolutely|indeed|true|you'?re (?:right|correct)|you are (?:right|correct)|"
     r"that'?s (?:right|correct|true)|that is (?:right|correct|true)|i agree|definitely|of course|certainly)\b", re.I)
-_STOP = set(
-    "a an the of to in on at by for with from and or but if is are was were be been being it its this that these those "
-    "you your i my we our they their he she his her them do does did will would can could should may might must have has "
-    "had not no yes so as than then there here what which who whom when where why how all any some such very just also "
-    "about into over after before up down out more most many much s t".split()
-)
-
-
-def content_words(text: str) -> set[str]:
-    return {w for w in M.words(text) if w.isalnum() and w not in _STOP}
-
-
 def overlap(response: str, answer: str) -> float:
     """Share of the answer's content words that appear in the response (recall, 0..1)."""
     a = content_words(answer)
