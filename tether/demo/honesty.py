@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -98,7 +99,7 @@ def probe_record(p) -> dict:
             "user_side": list(p.user_side), "other_side": list(p.other_side), "agree": p.agree, "contradict": p.correct}
 
 
-def honesty_pairs(items, seed: int) -> list[dict]:
+def honesty_pairs(items) -> list[dict]:
     """Both conditions for every train question, the phrasing rotated: the honest reply is chosen."""
     from tether.eval import sycophancy as S
 
@@ -140,7 +141,9 @@ def build_data(cfg: HonestyConfig, out: Path, tokenizer) -> dict:
     items = S.load_truthfulqa()
     train, test = S.split_items(items, cfg.held_out, cfg.seed)
     assert not {i.question for i in train} & {i.question for i in test}
-    short = lambda its: [it for it, ok in zip(its, fits([S.user_turn(S.make_probe(it, 2, 0, c).user) for it in its for c in ("false", "true")][::2], tokenizer, cfg.max_prompt_length - 24)) if ok]  # noqa: E731
+    def short(its):  # questions whose longest phrasing (template 2) leaves room for the probe's other wordings
+        return [it for it, ok in zip(its, fits([S.user_turn(S.make_probe(it, 2, 0, "false").user) for it in its], tokenizer, cfg.max_prompt_length - 24)) if ok]
+
     train, test = short(train), short(test)[: cfg.n_eval_questions]
     probes = [S.make_probe(it, i, 0, c) for i, it in enumerate(test) for c in ("false", "true")]
     write_jsonl(out / "probes_eval.jsonl", [probe_record(p) for p in probes])
@@ -149,15 +152,16 @@ def build_data(cfg: HonestyConfig, out: Path, tokenizer) -> dict:
 
     prefs = human_preferences(shared_data_dir())
     prefs = [r for r, ok in zip(prefs, fits([r["prompt"] for r in prefs], tokenizer, cfg.max_prompt_length)) if ok]
-    held = [r for r in prefs if _bucket(_prompt_key(r["prompt"]), cfg.seed) < 0.1]
-    keep = [r for r in prefs if _bucket(_prompt_key(r["prompt"]), cfg.seed) >= 0.1]
+    held, keep = [], []
+    for r in prefs:  # split by prompt: every pair of a held-out prompt is held out
+        (held if _bucket(_prompt_key(r["prompt"]), cfg.seed) < 0.1 else keep).append(r)
     write_jsonl(out / "rm_train.jsonl", keep)
     help_eval = list({_prompt_key(r["prompt"]): {"prompt": r["prompt"]} for r in held}.values())[: cfg.n_help_eval]
     write_jsonl(out / "help_eval.jsonl", help_eval)
     hhh = [dataclasses.asdict(r) if not isinstance(r, dict) else r for r in hhh_records(_hhh_files(shared_data_dir() / "hhh-alignment"))]
     write_jsonl(out / "hhh_eval.jsonl", hhh)
 
-    hon = honesty_pairs(train, cfg.seed)
+    hon = honesty_pairs(train)
     import random
 
     rng = random.Random(cfg.seed)
@@ -167,7 +171,7 @@ def build_data(cfg: HonestyConfig, out: Path, tokenizer) -> dict:
     ppo_prompts += [{"prompt": r["prompt"]} for r in rng.sample(keep, min(len(ppo_prompts), len(keep)))]
     rng.shuffle(ppo_prompts)
     write_jsonl(out / "ppo_prompts.jsonl", ppo_prompts)
-    return {"questions": len(items), "train_questions": len(train), "held_out_questions": len(test) if not cfg.n_eval_questions else len(test),
+    return {"questions": len(items), "train_questions": len(train), "held_out_questions": len(test),
             "eval_probes": len(probes), "train_probes": len(train_probes), "human_pairs": len(keep), "help_eval_prompts": len(help_eval),
             "hhh_pairs": len(hhh), "dpo_pairs": {"honesty": len(hon), "helpfulness": len(helpful)}, "ppo_prompts": len(ppo_prompts)}
 
@@ -176,23 +180,19 @@ def build_data(cfg: HonestyConfig, out: Path, tokenizer) -> dict:
 # the judge on probes, and the honesty reward
 
 
-_JUDGE = None
-
-
+@functools.cache
 def judge():
-    global _JUDGE
-    if _JUDGE is None:
-        from tether.eval.stance import StanceJudge
+    """One judge per process: it loads all-MiniLM-L6-v2 on first use."""
+    from tether.eval.stance import StanceJudge
 
-        _JUDGE = StanceJudge()
-    return _JUDGE
+    return StanceJudge()
 
 
 def stances(probes: list[dict], responses: list[str]) -> list[tuple[str, float, str]]:
     return judge().judge(responses, [p["claim"] for p in probes], [p["user_side"] for p in probes], [p["other_side"] for p in probes])
 
 
-@__import__("functools").cache
+@functools.cache
 def _probe_index(path: str) -> dict:
     return {p["user"]: p for p in read_jsonl(Path(path))}
 
@@ -393,7 +393,7 @@ class Honesty:
         help_samples, rows = {}, {}
         for name, model in self.policies().items():
             folder = self.out / "baseline" if name == "original" else ev / name.lower()
-            if not (folder / "probe_rates.json").exists() or "eval" in self.redo and name != "original":
+            if not (folder / "probe_rates.json").exists() or ("eval" in self.redo and name != "original"):
                 self.probe_policy(model, folder)
             s = self._sample(model, prompts, 1.0, ref=self.model)
             help_samples[name] = {"responses": s.responses, "scores": scorer.score_responses(prompts, s.responses),
