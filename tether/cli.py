@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tether.generate:main", "sample from a checkpoint, writing jsonl"),
     "serve": ("tether.serve:main", "an OpenAI-compatible HTTP server for a checkpoint or a reward model"),
     "pipeline": ("tether.algo.pipeline:main", "run SFT -> RM -> PPO (or SFT -> DPO) in order, resumable"),
+    "loop": ("tether.loop.run:main", "iterative RLHF: rounds of sample -> label -> reward model -> policy, resumable"),
     "demo": ("tether.demo.sentiment:main", "the controlled-sentiment RLHF experiment, end to end on a CPU"),
     "redteam": ("tether.redteam:main", "collect a red-team policy's findings against a target: failing prompts, preference tasks"),
     "eval": ("tether.eval.cli:main", "reward-model, policy, sycophancy and preference-data reports"),

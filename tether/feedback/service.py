@@ -824,7 +824,8 @@ def _label_name(project: Project, j: Judgment) -> str:
 POLICIES = ("majority", "all")
 
 
-def export_preferences(s: Session, project: Project, policy: str = "majority", include_gold: bool = False) -> list[dict]:
+def export_preferences(s: Session, project: Project, policy: str = "majority", include_gold: bool = False,
+                       exclude: frozenset[str] = frozenset()) -> list[dict]:
     """Preference records {prompt, chosen, rejected, id, source, meta} for `tether rm` / `tether dpo`.
 
     compare: majority = the strict plurality of A / B / tie votes (a tie or a tied vote gives no record);
@@ -833,11 +834,12 @@ def export_preferences(s: Session, project: Project, policy: str = "majority", i
              chose (equal counts give no record); all = every pair of every ranking.
     rate:    items split from one source line are compared with each other; majority = by mean rating
              (equal means give no record); all = pairs within one annotator's own ratings.
-    Skips are never used; gold items only with include_gold.
+    Skips are never used; gold items only with include_gold; the judgments of the annotators named in
+    `exclude` (e.g. those who failed the gold items) are left out before any vote is counted.
     """
     if policy not in POLICIES:
         raise Invalid(f"policy must be one of {POLICIES}")
-    rows = [r for r in _rows(s, project) if include_gold or not r[0].is_gold]
+    rows = [r for r in _rows(s, project) if (include_gold or not r[0].is_gold) and r[2] not in exclude]
     source = f"tether-label:{project.name}"
     out: list[dict] = []
 
