@@ -864,7 +864,8 @@ def export_preferences(s: Session, project: Project, policy: str = "majority", i
             n = sum(votes[c] for c in ("A", "B", "tie"))
             a, b = task.responses
             ia, ib = task.response_ids
-            base = {"task": task.external_id, "task_pk": tid, "votes": {c: votes[c] for c in COMPARE_CHOICES}, "n_annotators": len(trs)}
+            base = {"task": task.external_id, "task_pk": tid, "votes": {c: votes[c] for c in COMPARE_CHOICES}, "n_annotators": len(trs),
+                    "annotators": sorted(w for _t, _j, w in trs)}
             if policy == "majority":
                 win = agreement.plurality([j.value["choice"] for _t, j, _u in trs if not j.skipped])
                 if win in ("A", "B"):

@@ -15,7 +15,8 @@ Each round r, from the current policy (round r-1's, the SFT model in round 1):
   eval     held-out prompts: gold reward, win rate against SFT and the previous round, KL to SFT, length,
            the RM's accuracy on the new policy's samples, reward-hacking flags
 Everything lands in <out>/round_<r>/<stage>/ (stage.json marks a finished stage: a rerun skips it, and a
-stage that was interrupted is redone from its start). report.md, metrics.json and rounds.png at the end.
+stage that was interrupted is redone from its start; TETHER_LOOP_KILL_AT=<round>/<stage> SIGKILLs the
+process just before that stage is marked, which is how the tests kill it). report.md, metrics.json and rounds.png at the end.
 Without sft_model the loop first runs the demo's pretraining (cached) and SFT into <out>/setup.
 """
 
@@ -25,7 +26,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -157,6 +160,8 @@ class Loop:
         folder.mkdir(parents=True)
         t = time.perf_counter()
         result = fn(folder)
+        if os.environ.get("TETHER_LOOP_KILL_AT") == f"{r}/{name}":  # fault injection for the resume tests: a real SIGKILL
+            os.kill(os.getpid(), signal.SIGKILL)  # at the worst moment (every output written, the stage not yet marked)
         write_json(done, {"stage": name, "round": r, "wall_s": round(time.perf_counter() - t, 1), "result": result})
         return result
 
@@ -294,7 +299,6 @@ class Loop:
             by_task = {t["id"]: t for t in tasks}
             for rec in records:
                 task = by_task[rec["meta"]["task"]]
-                rec["meta"].setdefault("annotators", None)
                 C._provenance(rec, task, rec["chosen"] == task["responses"][0])
             stats |= {"project": name, "project_id": pid}
         if len(records) < need:
