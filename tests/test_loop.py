@@ -178,3 +178,21 @@ def test_too_many_rounds_for_the_prompts_is_one_line(quick, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rounds x prompts_per_round needs 1200" in err, err
+
+
+def test_a_round_labelled_by_the_ai_judge(quick, tiny_llama, tmp_path):
+    """collect.source=ai: `tether ai label`'s judge (a tiny chat model here) labels the round; each record
+    names the judge and keeps the loop's provenance; the judge's ties are counted, never kept as labels."""
+    setup = quick / "setup"
+    out = tmp_path / "ai"
+    args = ["--quick", "--out", str(out), f"sft_model={setup / 'sft' / 'final'}", f"prompts={setup / 'data' / 'prompts_feedback.jsonl'}",
+            f"eval_prompts={setup / 'data' / 'prompts_eval.jsonl'}", "rounds=1", "collect.source=ai", f"collect.judge={tiny_llama}",
+            "collect.min_labels=1"]
+    assert main(args) == 0
+    labels = [json.loads(x) for x in (out / "round_1" / "labels" / "labels.jsonl").read_text().splitlines()]
+    stats = json.loads((out / "round_1" / "labels" / "stats.json").read_text())
+    tasks = (out / "round_1" / "tasks" / "tasks.jsonl").read_text().splitlines()
+    assert labels and stats["records"] == len(labels) and stats["records"] + stats["ties"] + stats["errors"] == len(tasks), stats
+    for rec in labels:
+        assert rec["meta"]["labeler"] == Path(tiny_llama).name and rec["meta"]["provenance"]["round"] == 1
+        assert rec["meta"]["provenance"]["policies"] == ["sft", "sft"]

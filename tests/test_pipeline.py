@@ -87,15 +87,16 @@ def test_bad_stage_config_fails_before_anything_runs(tiny_gpt2, tmp_path):
         load_config(pipeline.PipelineConfig, path, ["stages=ppo,sft"])
 
 
-@pytest.mark.parametrize("name", ["ppo", "dpo", "pipeline"])
+@pytest.mark.parametrize("name", ["ppo", "dpo", "pipeline", "loop"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
     from tether.algo import dpo, ppo
+    from tether.loop.run import LoopConfig
 
     path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
     assert path.read_text().startswith("#") and f"tether {name} --config configs/{name}.yaml" in path.read_text()
-    cls = {"ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig, "pipeline": pipeline.PipelineConfig}[name]
+    cls = {"ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig, "pipeline": pipeline.PipelineConfig, "loop": LoopConfig}[name]
     cfg = load_config(cls, path)
     if name == "pipeline":
         assert [n for n, _ in pipeline.stage_configs(cfg)] == ["sft", "rm", "ppo"]
