@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         kept = statistics.mean(x["labels_total"] for x in last)
         lines.append(f"| {v} | {last[0]['sent_total']} ({kept:.0f}) | {summary([x['gold_mean'] for x in last])} | {summary([x['win_vs_sft'] for x in last])} | "
                      f"{summary([x['kl'] for x in last])} | {summary([x['length_mean'] for x in last])} | {summary([x['rm_fresh'] for x in last])} | {per_round} |")
-    print(f"\nSFT gold reward {res[variants[0]][0]['sft']['gold_mean']:.3f}; seeds {seeds}\n")
+    print(f"\nSFT gold reward {summary([m['sft']['gold_mean'] for m in res[variants[0]]])}; seeds {seeds}\n")
     print("\n".join(lines))
     if "b" in res:
         target = statistics.mean(m["rounds"][-1]["rm_fresh"] for m in res["b"])
