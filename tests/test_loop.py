@@ -196,3 +196,22 @@ def test_a_round_labelled_by_the_ai_judge(quick, tiny_llama, tmp_path):
     for rec in labels:
         assert rec["meta"]["labeler"] == Path(tiny_llama).name and rec["meta"]["provenance"]["round"] == 1
         assert rec["meta"]["provenance"]["policies"] == ["sft", "sft"]
+
+
+def test_a_rerun_with_other_settings_is_refused(quick, capsys):
+    """Finished stages are reused on a rerun, so a changed key that they depend on stops it (one line);
+    more rounds or another collection deadline do not."""
+    assert main(["--quick", "--out", str(quick), *ARGS, "labels_per_round=7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("tether loop: ") and "labels_per_round=" in err and "another --out" in err, err
+    assert main(["--quick", "--out", str(quick), *ARGS, "collect.timeout_minutes=5"]) == 0
+
+
+def test_the_shipped_config_runs(tmp_path):
+    """configs/loop.yaml as its header says, shrunk by --quick (its keys under --quick's)."""
+    out = tmp_path / "shipped"
+    assert main(["--config", str(REPO / "configs" / "loop.yaml"), "--quick", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["select"] == "margin" and cfg["earlier_share"] == 0.25 and (out / "round_2" / "eval" / "stage.json").exists()
+    samples = [json.loads(x) for x in (out / "round_2" / "samples" / "samples.jsonl").read_text().splitlines()]
+    assert {p for x in samples for p in x["policies"]} == {"round_1/policy", "sft"}  # earlier_share: one of 4 from SFT

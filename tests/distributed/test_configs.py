@@ -9,7 +9,8 @@ import pytest
 
 from .util import REPO, env
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# loop.yaml builds its own inputs (the demo's pretraining and SFT): tests/test_loop.py runs it
+CONFIGS = sorted(c for c in (REPO / "configs").glob("*.yaml") if c.name != "loop.yaml")
 
 
 def _tether(cwd, args, torchrun=False, timeout=300):

@@ -420,16 +420,39 @@ class Loop:
         return res
 
     # -- the whole loop -------------------------------------------------------------------------
+    def check_same_config(self) -> None:
+        """A rerun reuses finished stages, so it must not change what they were computed with (more rounds,
+        a longer wait for the app or another URL are fine)."""
+        from tether.config import ConfigError, to_dict
+
+        path = self.out / "config.json"
+        if not path.exists():
+            return
+
+        def flat(d: dict, p: str = "") -> dict:
+            return {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, f"{p}{k}.") if isinstance(v, dict) else {f"{p}{k}": v}).items()}
+
+        old, new = flat(json.loads(path.read_text())), flat(to_dict(self.cfg))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RERUN_MAY_CHANGE)
+        if changed:
+            shown = ", ".join(f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+            raise ConfigError(f"{self.out} holds a run with other settings ({shown}): its finished stages would be reused; "
+                              f"use another --out, or the same keys")
+
     def run(self) -> dict:
         from tether.loop.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_same_config()
         save_config(self.cfg, self.out / "config.json")
         self.setup()
         for r in range(1, self.cfg.rounds + 1):
             for name in STAGES:
                 self.stage(r, name, lambda folder, name=name, r=r: getattr(self, name)(r, folder))
         return write_report(self)
+
+
+RERUN_MAY_CHANGE = {"rounds", "collect.timeout_minutes", "collect.poll_seconds", "collect.url", "collect.min_labels", "collect.members", "out"}
 
 
 def parse(argv: list[str]) -> LoopConfig:
