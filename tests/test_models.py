@@ -9,7 +9,8 @@ from tether.models import (
     causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, position_ids_from_mask, scalar_values, sequence_scores,
 )
 from tether.rollout.base import SamplingConfig
-from tether.rollout.hf import HFRollout, response_mask_from_tokens
+from tether.rollout.base import response_mask_from_tokens
+from tether.rollout.hf import HFRollout
 from tether.types import PromptBatch
 
 

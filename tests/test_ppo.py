@@ -327,3 +327,17 @@ def test_one_iteration_on_smollm2(request, tmp_path):
     r = read_metrics(tmp_path / "run")[-1]
     assert summary["steps"] == 1 and r["guard/rolled_back"] == 0.0
     assert r["loss/policy"] == r["loss/policy"] and r["objective/kl"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_vllm_rollout_without_vllm_is_one_line(tiny_gpt2, tmp_path):
+    """rollout.backend=vllm where vLLM is not installed (this environment; tests/with_vllm run where it is)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("vllm") is None, "the default test environment has no vLLM (it lives in .venv-vllm)"
+    r = subprocess.run([sys.executable, "-m", "tether.cli", "ppo", f"model={tiny_gpt2}", f"data.train={_prompts(tmp_path / 'p.jsonl', n=4)}",
+                        f"out={tmp_path / 'run'}", "reward.fn=tether.rewards:token_fraction", "max_steps=1", "batch_size=2", "rollout.backend=vllm"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "rollout.backend=vllm needs vLLM" in r.stderr.strip().splitlines()[-1] and "scripts/setup_vllm.sh" in r.stderr, r.stderr

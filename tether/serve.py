@@ -781,8 +781,8 @@ def missing(backend: str) -> str | None:
     import importlib.util
 
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        return ("--backend vllm needs vLLM, which is not installed: on a CUDA machine, `pip install vllm` "
-                "(it brings its own CUDA torch); here, use --backend hf")
+        return ("--backend vllm needs vLLM, which is not installed here: `bash scripts/setup_vllm.sh` builds its CPU build in "
+                ".venv-vllm; on a CUDA machine, `pip install vllm` (tether's [vllm] extra); or use --backend hf")
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         return "tether serve needs FastAPI and uvicorn: pip install 'tether[serve]'"
     return None

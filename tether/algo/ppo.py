@@ -109,6 +109,9 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
             metrics["cost_value/explained_variance"] = float(explained_variance(c_values, c_returns, mask))
     timing["timing/forward"] = time.perf_counter() - t
     advantages, returns = estimate_advantages(rewards, values, mask, cfg)
+    if cfg.rollout.tis_cap > 0 and not reuse:  # truncated importance sampling: the tokens came from the sampler, not the trainer's policy
+        tis = torch.exp(logprobs - ro.logprobs.cpu() * mask).clamp(max=cfg.rollout.tis_cap).detach() * mask
+        advantages, metrics["rollout/tis_weight_mean"] = advantages * tis, float(masked_mean(tis, mask))
     exp = dataclasses.replace(exp, values=values, advantages=advantages, returns=returns)
 
     lengths = mask.sum(-1)
@@ -127,7 +130,9 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         "speed/gen_tokens_per_s": float(lengths.sum()) / max(timing["timing/rollout"], 1e-9),
     } | timing
     if not reuse:  # sampler vs trainer logprobs of the same tokens (0 up to rounding for the hf sampler)
-        metrics["rollout/logprob_drift"] = float(masked_mean((ro.logprobs.cpu() - logprobs).abs(), mask))
+        drift = (ro.logprobs.cpu() - logprobs).abs() * mask
+        metrics |= {"rollout/logprob_drift": float(masked_mean(drift, mask)), "rollout/logprob_drift_max": float(drift.max()),
+                    "rollout/logprob_drift_share": float(masked_mean((drift > cfg.rollout.drift_tolerance).float(), mask))}
     if critic is not None:
         metrics |= {"value/explained_variance": float(explained_variance(values, returns, mask)), "value/mean": float(masked_mean(values, mask))}
     return exp, ro, metrics, value_step
@@ -329,7 +334,9 @@ def train(cfg: PPOConfig) -> dict:
             tracker.event(f"ppo: {in_a_row} updates in a row rolled back ({why}): learning rates halved")
             in_a_row = 0
         del snap
+        t_push = time.perf_counter()
         rollout.update_weights(policy.named_parameters())
+        metrics["timing/weight_push"] = time.perf_counter() - t_push
         kl_ctl.update(metrics["objective/kl"], len(exp))
         step += 1
 

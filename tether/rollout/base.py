@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+import torch
 from torch import Tensor
 
 from tether.config import check, doc
@@ -33,3 +34,27 @@ class Rollout(Protocol):
 
     def update_weights(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """Load the trainer's current policy weights into the sampler."""
+
+
+def response_mask_from_tokens(responses: Tensor, eos: list[int], stop_at_eos: bool = True) -> tuple[Tensor, Tensor]:
+    """1 on sampled tokens up to and including the first EOS, 0 after it. [B, R] -> ([B, R] float, [B] bool)."""
+    if not stop_at_eos or not eos:
+        return torch.ones_like(responses, dtype=torch.float), torch.zeros(responses.shape[0], dtype=torch.bool, device=responses.device)
+    is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
+    before = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before t
+    return before.float(), is_eos.any(-1)
+
+
+def assemble_rollout(prompts: PromptBatch, resp: Tensor, logprobs: Tensor, entropy: Tensor | None, eos: list[int], tokenizer,
+                     stop_at_eos: bool) -> RolloutBatch:
+    """A sampler's tokens [B, R] (right-padded), their logprobs and entropy [B, R] as a RolloutBatch: the mask up to
+    and including EOS, values after it zeroed, texts decoded without EOS."""
+    ids, mask = prompts.input_ids.to(resp.device), prompts.attention_mask.to(resp.device)
+    resp_mask, finished = response_mask_from_tokens(resp, eos, stop_at_eos)
+    logprobs = torch.where(resp_mask.bool(), logprobs, torch.zeros_like(logprobs))
+    entropy = None if entropy is None else torch.where(resp_mask.bool(), entropy, torch.zeros_like(entropy))
+    texts = [tokenizer.decode([t for t, keep in zip(row, m) if keep and t not in eos], skip_special_tokens=True)
+             for row, m in zip(resp.tolist(), resp_mask.tolist())]
+    return RolloutBatch(sequences=torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask.long()], 1), response_mask=resp_mask,
+                        logprobs=logprobs, prompt_length=ids.shape[1], prompts=list(prompts.prompts), responses=texts, finished=finished,
+                        entropy=entropy, group_ids=list(prompts.group_ids))

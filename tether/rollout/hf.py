@@ -21,17 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from tether.models import eos_ids, position_ids_from_mask
-from tether.rollout.base import SamplingConfig
+from tether.rollout.base import SamplingConfig, assemble_rollout
 from tether.types import PromptBatch, RolloutBatch
-
-
-def response_mask_from_tokens(responses: Tensor, eos: list[int], stop_at_eos: bool = True) -> tuple[Tensor, Tensor]:
-    """1 on sampled tokens up to and including the first EOS, 0 after it. [B, R] -> ([B, R] float, [B] bool)."""
-    if not stop_at_eos or not eos:
-        return torch.ones_like(responses, dtype=torch.float), torch.zeros(responses.shape[0], dtype=torch.bool, device=responses.device)
-    is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
-    before = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before t
-    return before.float(), is_eos.any(-1)
 
 
 class HFRollout:
@@ -66,20 +57,7 @@ class HFRollout:
                 resp, logprobs, entropy = run(lambda: decode(ids, mask, sampling, groups))
         finally:
             self.model.train(was_training)
-        P = ids.shape[1]
-        resp_mask, finished = response_mask_from_tokens(resp, self.eos, sampling.stop_at_eos)
-        logprobs = torch.where(resp_mask.bool(), logprobs, torch.zeros_like(logprobs))
-        entropy = torch.where(resp_mask.bool(), entropy, torch.zeros_like(entropy))
-        attn = torch.cat([mask, resp_mask.long()], 1)
-        texts = []
-        for row, m in zip(resp.tolist(), resp_mask.tolist()):
-            toks = [t for t, keep in zip(row, m) if keep and t not in self.eos]
-            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
-        return RolloutBatch(
-            sequences=torch.cat([ids, resp], 1), attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
-            prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished, entropy=entropy,
-            group_ids=list(prompts.group_ids),
-        )
+        return assemble_rollout(prompts, resp, logprobs, entropy, self.eos, self.tokenizer, sampling.stop_at_eos)
 
     def _own_loop(self) -> bool:
         """The model declares static-cache support (transformers' `_can_compile_fullgraph`)."""
