@@ -164,3 +164,11 @@ def test_serve_with_the_vllm_backend_answers_as_the_hf_backend(llama, tmp_path):
         finally:
             server.stop()
     assert answers["vllm"] == answers["hf"] and answers["hf"]
+
+
+def test_the_engine_leaves_the_trainers_threads_alone(policy, vllm_rollout):
+    """vLLM's CPU worker pins the process and patches torch.set_num_threads; the trainer in the same process keeps its own."""
+    import os
+
+    torch.set_num_threads(2)
+    assert torch.get_num_threads() == 2 and len(os.sched_getaffinity(0)) == os.cpu_count()

@@ -37,7 +37,9 @@ INSTALL = ("rollout.backend=vllm needs vLLM, which is not installed in this envi
 
 def import_vllm():
     """vLLM, configured for an in-process engine, or a one-line error that says how to get it."""
+    # nobind: on CPU vLLM would otherwise pin this whole process, the trainer included, to one core per NUMA node
     for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("VLLM_NO_USAGE_STATS", "1"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
+                       ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
                        ("VLLM_LOGGING_LEVEL", "WARNING"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
     try:
@@ -84,11 +86,14 @@ class VLLMRollout:
         base.save_pretrained(folder, state_dict=dict(hf_weights(model)), safe_serialization=True)
         tokenizer.save_pretrained(folder)
         limit = getattr(base.config, "max_position_embeddings", None) or 2048
-        threads = torch.get_num_threads()  # the engine may lower torch's threads "for serving": the trainer keeps its own
+        # vLLM's CPU worker lowers torch's threads "for serving" and replaces torch.set_num_threads for the whole
+        # process; the trainer shares this process, so both are put back once the engine is built
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         self.llm = vllm.LLM(model=folder, dtype="bfloat16" if autocast_dtype == torch.bfloat16 else "float32",
                             max_model_len=max_model_len or min(limit, 4096), enforce_eager=True, seed=0,
                             logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                             gpu_memory_utilization=float(os.environ.get("TETHER_VLLM_GPU_MEMORY_UTILIZATION", "0.3")))
+        torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
 
     def _params(self, sampling: SamplingConfig, seed: int | None):
