@@ -264,18 +264,21 @@ def test_kto_held_out_split_reads_back(tiny_gpt2, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_step_each_on_smollm2(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("method", ["rdpo", "simpo", "orpo", "kto"])
+def test_one_step_on_smollm2(smollm2_dir, tmp_path, method):
     msgs = [{"role": "user", "content": "Say something kind."}]
-    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": msgs, "chosen": [{"role": "assistant", "content": "You are doing great."}],
-                                                "rejected": [{"role": "assistant", "content": "Go away."}]}] * 2)
-    base = [f"model={smollm2_dir}", "max_steps=1", "batch_size=2", "optim.lr=1e-6", "track.progress=false"]
-    for loss in ("rdpo", "simpo", "orpo"):
-        summary = dpo.train(load_config(dpo.DPOConfig, None, [*base, f"data.train={pairs}", f"out={tmp_path / loss}", f"loss={loss}"]))
-        r = read_metrics(tmp_path / loss)[-1]
-        assert summary["steps"] == 1 and math.isfinite(r["loss/dpo"]), (loss, r)
-        assert (tmp_path / loss / dpo.REF_CACHE).exists() == (loss == "rdpo")
-    unpaired = write_jsonl(tmp_path / "k.jsonl", [{"prompt": msgs, "completion": [{"role": "assistant", "content": "You are doing great."}], "label": True},
-                                                  {"prompt": msgs, "completion": [{"role": "assistant", "content": "Go away."}], "label": False}])
-    kto.train(load_config(kto.KTOConfig, None, [*base, f"data.train={unpaired}", f"out={tmp_path / 'kto'}"]))
-    r = read_metrics(tmp_path / "kto")[-1]
-    assert r["kto/z0"] == pytest.approx(0.0, abs=1e-4) and r["loss/kto"] == pytest.approx(0.5, abs=1e-3)  # policy == reference
+    good, bad = [{"role": "assistant", "content": "You are doing great."}], [{"role": "assistant", "content": "Go away."}]
+    args = [f"model={smollm2_dir}", "max_steps=1", "batch_size=2", "optim.lr=1e-6", "track.progress=false", f"out={tmp_path / 'run'}"]
+    if method == "kto":
+        data = write_jsonl(tmp_path / "k.jsonl", [{"prompt": msgs, "completion": good, "label": True}, {"prompt": msgs, "completion": bad, "label": False}])
+        summary = kto.train(load_config(kto.KTOConfig, None, [*args, f"data.train={data}"]))
+        r = read_metrics(tmp_path / "run")[-1]
+        assert r["kto/z0"] == pytest.approx(0.0, abs=1e-4) and r["loss/kto"] == pytest.approx(0.5, abs=1e-3)  # policy == reference
+    else:
+        data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": msgs, "chosen": good, "rejected": bad}] * 2)
+        summary = dpo.train(load_config(dpo.DPOConfig, None, [*args, f"data.train={data}", f"loss={method}"]))
+        r = read_metrics(tmp_path / "run")[-1]
+        assert math.isfinite(r["loss/dpo"]) and (tmp_path / "run" / dpo.REF_CACHE).exists() == (method == "rdpo")
+        if method == "rdpo":  # policy == reference: -log sigma(-alpha (|y_c| - |y_r|)) with alpha = 0
+            assert r["loss/dpo"] == pytest.approx(0.6931, abs=1e-3)
+    assert summary["steps"] == 1 and (tmp_path / "run" / "final" / "config.json").exists()
