@@ -98,6 +98,16 @@ def test_config_errors():
         load_config(kto.KTOConfig, None, ["batch_size=1"])
 
 
+def test_help_lists_the_new_keys(capsys):
+    for stage, keys in (("dpo", ("loss (sigmoid|ipo|hinge|rdpo|simpo|orpo", "gamma (float", "alpha (float", "ORPO's lambda")),
+                        ("kto", ("beta (float", "desirable_weight (float", "undesirable_weight (float", "ref_model (str"))):
+        with pytest.raises(SystemExit):
+            cli([stage, "--help"])
+        out = capsys.readouterr().out
+        for k in keys:
+            assert k in out, (stage, k)
+
+
 # -- micro-batch invariance ----------------------------------------------------------------------------
 
 
