@@ -241,6 +241,25 @@ def test_kto_learns_from_unpaired_labels(tiny_gpt2, tmp_path):
     assert summary["eval/rewards_desirable"] > 0 > summary["eval/rewards_undesirable"]
 
 
+def test_kto_resume_equivalence(tiny_gpt2, tmp_path):
+    data = _unpaired(tmp_path / "t.jsonl", 32, 0)
+
+    def run(out, *extra):
+        kto.train(load_config(kto.KTOConfig, None, [f"model={tiny_gpt2}", f"data.train={data}", f"out={out}", "batch_size=8", "optim.lr=1e-3",
+                                                    "track.progress=false", "save_every=2", *extra]))
+
+    run(tmp_path / "a", "max_steps=4")
+    run(tmp_path / "b", "max_steps=2")
+    run(tmp_path / "b", "max_steps=4", "resume=true")
+    def keep(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time", "speed/"))} for r in rows]
+
+    assert keep(read_metrics(tmp_path / "a")) == keep(read_metrics(tmp_path / "b"))
+    wa, wb = load_causal_lm(tmp_path / "a" / "final").state_dict(), load_causal_lm(tmp_path / "b" / "final").state_dict()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 # -- data errors ---------------------------------------------------------------------------------------
 
 
