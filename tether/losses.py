@@ -178,9 +178,9 @@ class DPOLoss(enum.Enum):
     SIGMOID = "sigmoid"  # DPO, Rafailov et al. 2023, eq. 7 (with label smoothing: cDPO, Mitchell 2023)
     IPO = "ipo"  # Azar et al. 2023, eq. 17
     HINGE = "hinge"  # SLiC-HF, Zhao et al. 2023, eq. 2
-    RDPO = "rdpo"  # length-regularised DPO (R-DPO), Park et al. 2024
-    SIMPO = "simpo"  # Meng et al. 2024, eq. 6: no reference model
-    ORPO = "orpo"  # Hong et al. 2024, eq. 6-7: no reference model
+    RDPO = "rdpo"  # length-regularised DPO (R-DPO), Park et al. 2024 (arXiv:2403.19159), its regularised objective
+    SIMPO = "simpo"  # Meng et al. 2024 (arXiv:2405.14734), eq. 6: no reference model
+    ORPO = "orpo"  # Hong et al. 2024 (arXiv:2403.07691), eq. 6-7: no reference model
 
     @property
     def length_normalised(self) -> bool:
@@ -259,7 +259,7 @@ def kto_loss(
     policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, z0: float, num_examples: float,
     beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
 ) -> tuple[Tensor, Metrics]:
-    """KTO (Ethayarajh et al. 2024, sec. 4.1) on unpaired examples (all [B]; desirable bool); the sum / num_examples.
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, sec. 4.1) on unpaired examples (all [B]; desirable bool); the sum / num_examples.
 
     r = log pi(y|x) - log ref(y|x); z0 = the reference point, a constant here (the loop estimates it as
     max(0, mean r) over mismatched prompt/completion pairs of the batch and does not backpropagate it);
