@@ -5,7 +5,8 @@
 
 Writes <dir>/model (an HF folder: a 4-layer, 64-wide GPT-2 with a byte-level BPE tokenizer trained on
 a few hundred words; tests/tiny.py builds it), <dir>/sft.jsonl (demonstrations of mixed sentiment),
-<dir>/prefs.jsonl (positive preferred over negative) and <dir>/prompts.jsonl. No downloads.
+<dir>/prefs.jsonl (positive preferred over negative), <dir>/kto.jsonl (unpaired: positive completions
+labelled desirable, negative ones undesirable) and <dir>/prompts.jsonl. No downloads.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def main(out: str = "runs/tiny", seed: int = 0) -> None:
 
     write_jsonl(root / "sft.jsonl", [{"prompt": prompt(), "completion": words(POSITIVE + NEGATIVE + TOPICS, rng.randint(2, 5))} for _ in range(512)])
     write_jsonl(root / "prefs.jsonl", [{"prompt": prompt(), "chosen": words(POSITIVE, rng.randint(1, 4)), "rejected": words(NEGATIVE, rng.randint(1, 4))} for _ in range(512)])
+    write_jsonl(root / "kto.jsonl", [{"prompt": prompt(), "completion": words(POSITIVE if i % 2 else NEGATIVE, rng.randint(1, 4)), "label": bool(i % 2)}
+                                     for i in range(512)])
     write_jsonl(root / "prompts.jsonl", [{"prompt": o.format(t=t)} for o in OPENERS for t in TOPICS])
-    print(f"wrote {root}/model, sft.jsonl, prefs.jsonl, prompts.jsonl")
+    print(f"wrote {root}/model, sft.jsonl, prefs.jsonl, kto.jsonl, prompts.jsonl")
 
 
 if __name__ == "__main__":

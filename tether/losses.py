@@ -178,40 +178,67 @@ class DPOLoss(enum.Enum):
     SIGMOID = "sigmoid"  # DPO, Rafailov et al. 2023, eq. 7 (with label smoothing: cDPO, Mitchell 2023)
     IPO = "ipo"  # Azar et al. 2023, eq. 17
     HINGE = "hinge"  # SLiC-HF, Zhao et al. 2023, eq. 2
+    RDPO = "rdpo"  # length-regularised DPO (R-DPO), Park et al. 2024 (arXiv:2403.19159), its regularised objective
+    SIMPO = "simpo"  # Meng et al. 2024 (arXiv:2405.14734), eq. 6: no reference model
+    ORPO = "orpo"  # Hong et al. 2024 (arXiv:2403.07691), eq. 6-7: no reference model
 
     @property
     def length_normalised(self) -> bool:
-        # IPO is defined on average per-token log-ratios in the reference implementations.
-        return self is DPOLoss.IPO
+        # IPO is defined on average per-token log-ratios in the reference implementations; SimPO's reward
+        # and ORPO's odds are on the average per-token logprob by definition.
+        return self in (DPOLoss.IPO, DPOLoss.SIMPO, DPOLoss.ORPO)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self not in (DPOLoss.SIMPO, DPOLoss.ORPO)
 
 
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
     num_pairs: float,
     beta: float = 0.1,
     kind: DPOLoss = DPOLoss.SIGMOID,
     label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    alpha: float = 0.0,
+    length_diff: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """Preference loss on sequence log-probabilities (all [B]); returns the sum / num_pairs.
 
-    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
+    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))   (ref = 0 for simpo and orpo)
     sigmoid: -(1-eps) log sigma(beta h) - eps log sigma(-beta h)     (DPO eq. 7; cDPO for eps > 0)
     ipo:     (h - 1/(2 beta))^2                                       (IPO eq. 17)
     hinge:   max(0, 1 - beta h)                                       (SLiC)
-    Implicit rewards are beta * (log pi - log ref) (DPO section 5).
+    rdpo:    -log sigma(beta h - alpha (|y_c| - |y_r|))               (R-DPO; length_diff = |y_c| - |y_r| in tokens)
+    simpo:   -log sigma(beta h - gamma), log pi averaged per token     (SimPO eq. 6)
+    orpo:    -log pi(y_c) - beta log sigma(log odds(y_c) - log odds(y_r)), odds(y) = pi(y) / (1 - pi(y)),
+             log pi averaged per token; the first term is the SFT loss, beta is ORPO's lambda (ORPO eq. 6-7)
+    Implicit rewards are beta * (log pi - log ref) (DPO section 5; SimPO's eq. 4 and ORPO's without ref).
     """
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    chosen_ratio, rejected_ratio = policy_chosen_logps, policy_rejected_logps
+    if ref_chosen_logps is not None:
+        chosen_ratio, rejected_ratio = chosen_ratio - ref_chosen_logps, rejected_ratio - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
+    extra: Metrics = {}
     if kind is DPOLoss.SIGMOID:
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif kind is DPOLoss.IPO:
         losses = (h - 1 / (2 * beta)) ** 2
     elif kind is DPOLoss.HINGE:
         losses = torch.relu(1 - beta * h)
+    elif kind is DPOLoss.RDPO:
+        losses = -F.logsigmoid(beta * h - alpha * length_diff)
+    elif kind is DPOLoss.SIMPO:
+        losses = -F.logsigmoid(beta * h - gamma)
+    elif kind is DPOLoss.ORPO:
+        # log odds = log p - log(1 - p); log(1 - p) = log(-expm1(log p)) stays finite for log p < 0
+        log_odds = h - (torch.log(-torch.expm1(policy_chosen_logps)) - torch.log(-torch.expm1(policy_rejected_logps)))
+        nll = -policy_chosen_logps
+        losses = nll - beta * F.logsigmoid(log_odds)
+        extra = {"loss/nll": nll.sum().detach() / num_pairs, "orpo/log_odds_ratio": log_odds.detach().mean()}
     else:  # pragma: no cover - exhaustive enum
         raise ValueError(kind)
     loss = losses.sum() / num_pairs
@@ -224,6 +251,35 @@ def dpo_loss(
         "rewards/margin": (rc - rr).mean(),
         "logps/chosen": policy_chosen_logps.detach().mean(),
         "logps/rejected": policy_rejected_logps.detach().mean(),
+        **extra,
+    }
+
+
+def kto_loss(
+    policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, z0: float, num_examples: float,
+    beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Metrics]:
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, sec. 4.1) on unpaired examples (all [B]; desirable bool); the sum / num_examples.
+
+    r = log pi(y|x) - log ref(y|x); z0 = the reference point, a constant here (the loop estimates it as
+    max(0, mean r) over mismatched prompt/completion pairs of the batch and does not backpropagate it);
+    v = lambda_D sigma(beta (r - z0)) for a desirable y, lambda_U sigma(beta (z0 - r)) for an undesirable one;
+    loss = lambda_y - v.
+    """
+    r = policy_logps - ref_logps
+    w = torch.where(desirable, desirable_weight, undesirable_weight)
+    v = w * torch.sigmoid(torch.where(desirable, beta * (r - z0), beta * (z0 - r)))
+    loss = (w - v).sum() / num_examples
+    rew = (beta * r).detach()
+    d, u = desirable.float(), (~desirable).float()
+    return loss, {
+        "loss/kto": loss.detach(),
+        "kto/z0": torch.as_tensor(float(z0)),
+        # share of examples whose implicit reward lies on their label's side of the reference point
+        "rewards/accuracy": ((r.detach() > z0) == desirable).float().mean(),
+        "rewards/desirable": (rew * d).sum() / d.sum().clamp(min=1),
+        "rewards/undesirable": (rew * u).sum() / u.sum().clamp(min=1),
+        "logps/mean": policy_logps.detach().mean(),
     }
 
 

@@ -100,6 +100,17 @@ class PairBatch(Batch):
 
 
 @dataclass
+class KTOBatch(Batch):
+    """Unpaired examples (KTO): prompt+completion rows, each with its label and reference logprob."""
+
+    input_ids: Tensor  # [B, T] long, right-padded prompt+completion
+    attention_mask: Tensor  # [B, T] long
+    loss_mask: Tensor  # [B, T] float, 1 on completion tokens
+    desirable: Tensor  # [B] bool: the record's label
+    ref_logps: Tensor  # [B] float, the reference model's completion logprob sums
+
+
+@dataclass
 class PromptBatch(Batch):
     input_ids: Tensor  # [B, P] long, left-padded
     attention_mask: Tensor  # [B, P] long

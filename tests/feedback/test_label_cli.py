@@ -145,3 +145,45 @@ def test_generate_label_export_train_rm(tmp_path, tiny_gpt2, capsys):
     out = tmp_path / "rm"
     assert tether_main(["rm", f"model={tiny_gpt2}", f"data.train={prefs}", f"out={out}", "max_steps=2", "batch_size=4"]) == 0
     assert (out / "final").is_dir()
+
+
+def test_export_kto_from_ratings(sqlite_db, fast_hasher, tmp_path, capsys):
+    """A rate project's 1-5 ratings become unpaired KTO records above / below a threshold, without pairs,
+    and `tether kto`'s reader takes them."""
+    from test_label_storage import jl, take
+
+    from tether.data import load_kto
+
+    with sqlite_db.write() as s:
+        rate = sv.create_project(s, "stars", "rate", overlap=2)
+        sv.create_project(s, "cmp", "compare")
+        us = [sv.create_user(s, f"u{i}", "password1", hasher=fast_hasher) for i in range(2)]
+        sv.import_tasks(s, rate, jl({"prompt": "tp", "responses": ["good", "ok", "bad"], "id": "g1"}))
+        sv.import_tasks(s, rate, jl({"prompt": "tq", "responses": ["fine"], "id": "g2"}))
+        rate_id, users = rate.id, [u.id for u in us]
+    ratings = {users[0]: {"good": 5, "ok": 3, "bad": 1, "fine": 4}, users[1]: {"good": 4, "ok": 4, "bad": 2, "fine": 2}}
+    for u in users:
+        while (tid := take(sqlite_db, rate_id, u)) is not None:
+            with sqlite_db.read() as s:
+                resp = s.get(sv.Task, tid).responses[0]
+            sv.submit(sqlite_db, rate_id, u, tid, {"rating": ratings[u][resp]})
+    dbf, out = str(tmp_path / "label.db"), tmp_path / "kto.jsonl"
+    capsys.readouterr()
+    assert main(["export", "--project", "stars", "--format", "kto", "--threshold", "4", "--out", str(out), "--db", dbf]) == 0
+    assert "wrote 4 KTO records (1 desirable)" in capsys.readouterr().out
+    recs = {r["completion"]: r for r in map(json.loads, out.read_text().splitlines())}
+    # means: good 4.5, ok 3.5, bad 1.5, fine 3.0; only good reaches 4
+    assert {k: r["label"] for k, r in recs.items()} == {"good": True, "ok": False, "bad": False, "fine": False}
+    assert recs["good"]["prompt"] == "tp" and recs["good"]["meta"]["mean_rating"] == 4.5 and recs["good"]["meta"]["n_ratings"] == 2
+    examples, _ = load_kto(str(out))
+    assert sorted((e.completion, e.label) for e in examples) == [("bad", False), ("fine", False), ("good", True), ("ok", False)]
+    # every rating its own record; the default threshold is 4
+    assert main(["export", "--project", "stars", "--format", "kto", "--policy", "all", "--out", str(out), "--db", dbf]) == 0
+    votes = sorted((r["completion"], r["meta"]["annotator"], r["label"]) for r in map(json.loads, out.read_text().splitlines()))
+    assert votes == [("bad", "u0", False), ("bad", "u1", False), ("fine", "u0", True), ("fine", "u1", False),
+                     ("good", "u0", True), ("good", "u1", True), ("ok", "u0", False), ("ok", "u1", True)]
+    capsys.readouterr()
+    assert main(["export", "--project", "cmp", "--format", "kto", "--out", str(out), "--db", dbf]) == 1
+    assert "error: the kto format needs a rate project (1-5 ratings); 'cmp' is a compare project" in capsys.readouterr().err
+    assert main(["export", "--project", "stars", "--threshold", "3", "--out", str(out), "--db", dbf]) == 1
+    assert "error: --threshold applies to --format kto" in capsys.readouterr().err

@@ -1,13 +1,16 @@
 """Direct preference optimisation: fit the policy to preference pairs without a reward model
-(Rafailov et al. 2023), with conservative DPO (label smoothing), IPO and hinge as loss options.
+(Rafailov et al. 2023), with conservative DPO (label smoothing), IPO, hinge, length-regularised DPO,
+and the reference-free SimPO and ORPO as loss options.
 
     tether dpo --config configs/dpo.yaml
     tether dpo model=runs/sft/final data.train=prefs.jsonl data.eval_fraction=0.05 out=runs/dpo beta=0.1
+    tether dpo model=runs/sft/final data.train=prefs.jsonl out=runs/simpo loss=simpo beta=2 gamma=0.5
 
 Reads the same preference files as `tether rm`. The reference model's sequence logprobs are computed
 once per example before training and cached in the run folder (ref_logps.pt), so training runs only
 the policy: chosen and rejected as one concatenated [2B, T] forward pass. Logged: loss, implicit
 reward accuracy and margin, chosen/rejected implicit rewards and logprobs, on train and held-out pairs.
+A loss that needs no reference (simpo, orpo) loads none and runs no reference pass.
 """
 
 from __future__ import annotations
@@ -34,15 +37,22 @@ REF_CACHE = "ref_logps.pt"
 @dataclass(frozen=True)
 class DPOConfig(RunConfig):
     ref_model: str = doc("", "frozen reference model folder (empty = the initial policy, `model`)")
-    beta: float = doc(0.1, "beta: strength of the implicit KL constraint (DPO eq. 7; IPO's tau)")
-    loss: Literal["sigmoid", "ipo", "hinge"] = doc("sigmoid", "sigmoid (DPO), ipo (Azar et al. 2023), hinge (SLiC-HF)")
+    beta: float = doc(0.1, "beta: strength of the implicit KL constraint (DPO eq. 7; IPO's tau); SimPO's reward scale "
+                      "(its paper uses 2-2.5); ORPO's lambda, the weight of the odds-ratio term beside the SFT loss")
+    loss: Literal["sigmoid", "ipo", "hinge", "rdpo", "simpo", "orpo"] = doc(
+        "sigmoid", "sigmoid (DPO), ipo (Azar et al. 2023), hinge (SLiC-HF), rdpo (DPO with a length penalty, Park et al. 2024), "
+        "simpo (Meng et al. 2024: length-normalised, no reference), orpo (Hong et al. 2024: SFT + odds ratio, no reference)")
     label_smoothing: float = doc(0.0, "conservative DPO: assumed probability that a label is flipped (sigmoid loss only)")
+    gamma: float = doc(0.5, "SimPO's target reward margin gamma (loss=simpo)")
+    alpha: float = doc(0.0, "R-DPO's length penalty alpha, times (chosen - rejected) response tokens inside the sigmoid (loss=rdpo)")
 
     def validate(self, p: str = "") -> None:
         super().validate(p)
         check(self.beta > 0, f"{p}beta", "must be positive")
         check(0 <= self.label_smoothing < 0.5, f"{p}label_smoothing", "must be in [0, 0.5)")
         check(self.label_smoothing == 0 or self.loss == "sigmoid", f"{p}label_smoothing", "only applies to loss=sigmoid")
+        check(self.alpha == 0 or self.loss == "rdpo", f"{p}alpha", "only applies to loss=rdpo")
+        check(self.kind.needs_reference or not self.ref_model, f"{p}ref_model", f"loss={self.loss} uses no reference model")
 
     @property
     def kind(self) -> DPOLoss:
@@ -69,10 +79,16 @@ def dpo_loss_fn(cfg: DPOConfig, num_pairs: float):
     kind = cfg.kind
 
     def loss_fn(model, mb):
-        pc, pr = pair_logps(model, mb, kind.length_normalised)
-        return dpo_loss(pc, pr, mb.ref_chosen_logps, mb.ref_rejected_logps, num_pairs, cfg.beta, kind, cfg.label_smoothing)
+        return pair_loss(cfg, pair_logps(model, mb, kind.length_normalised), mb, num_pairs)
 
     return loss_fn
+
+
+def pair_loss(cfg: DPOConfig, logps: tuple[torch.Tensor, torch.Tensor], mb, num_pairs: float):
+    """dpo_loss with this config's options; ref logprobs are None for a loss that needs no reference."""
+    length_diff = mb.chosen_loss_mask.sum(-1) - mb.rejected_loss_mask.sum(-1)  # [B] response tokens (R-DPO)
+    return dpo_loss(*logps, mb.ref_chosen_logps, mb.ref_rejected_logps, num_pairs, cfg.beta, cfg.kind, cfg.label_smoothing,
+                    cfg.gamma, cfg.alpha, length_diff.to(logps[0].device))
 
 
 def reference_logps(engine, items, pad: int, batch_size: int, length_normalised: bool, only: list[int] | None = None) -> torch.Tensor:
@@ -101,15 +117,16 @@ def items_to_visit(n: int, batch_size: int, seed: int, shuffle: bool, steps: int
     return sorted(seen)
 
 
-def make_batch(items, ref: torch.Tensor, idx: list[int], pad: int):
+def make_batch(items, ref: torch.Tensor | None, idx: list[int], pad: int):
     from tether.data import collate_pairs
 
     batch = collate_pairs([items[i] for i in idx], pad)
-    batch.ref_chosen_logps, batch.ref_rejected_logps = ref[idx, 0], ref[idx, 1]  # [B], [B]
+    if ref is not None:
+        batch.ref_chosen_logps, batch.ref_rejected_logps = ref[idx, 0], ref[idx, 1]  # [B], [B]
     return batch
 
 
-def evaluate(engine, items, ref: torch.Tensor, pad: int, cfg: DPOConfig, prefix: str = "eval") -> dict[str, float]:
+def evaluate(engine, items, ref: torch.Tensor | None, pad: int, cfg: DPOConfig, prefix: str = "eval") -> dict[str, float]:
     """Loss and implicit-reward metrics over all `items`, pair-weighted."""
     totals: dict[str, float] = {}
     n = len(items)
@@ -117,24 +134,15 @@ def evaluate(engine, items, ref: torch.Tensor, pad: int, cfg: DPOConfig, prefix:
         idx = list(range(s, min(s + cfg.eval_batch_size, n)))
         batch = make_batch(items, ref, idx, pad)
         c, r = engine.forward(batch, lambda m, b: pair_logps(m, b, cfg.kind.length_normalised))
-        _, m = dpo_loss(c.cpu(), r.cpu(), batch.ref_chosen_logps, batch.ref_rejected_logps, len(idx), cfg.beta, cfg.kind, cfg.label_smoothing)
+        _, m = pair_loss(cfg, (c.cpu(), r.cpu()), batch, len(idx))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(idx)
     return {f"{prefix}/{k.replace('/', '_')}": v / max(n, 1) for k, v in totals.items()}
 
 
-def train(cfg: DPOConfig) -> dict:
-    from tether.data import load_preferences, tokenize_pairs
-
-    out, ckpt = start_run(cfg, "dpo")
-    tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
-
-    model = load_causal_lm(cfg.model)
-    disable_dropout(model, cfg.dropout)
-    engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
-
-    # Reference logprobs, once per example. With ref_model = model the initial policy *is* the
-    # reference, so no second model is loaded; the cache makes a resumed run skip this pass.
+def reference_cache(cfg: DPOConfig, engine, out, train_items, eval_items, pad: int, steps: int):
+    """Reference logprobs, once per example -> (train [N, 2], eval [M, 2], seconds). With ref_model = model
+    the initial policy *is* the reference, so no second model is loaded; the cache makes a resumed run skip this pass."""
     t = time.perf_counter()
     cache = out / REF_CACHE
     key = {"ref": cfg.ref_model or cfg.model, "loss": cfg.loss, "n": (len(train_items), len(eval_items)), "max_length": cfg.data.max_length}
@@ -156,12 +164,27 @@ def train(cfg: DPOConfig) -> dict:
         ref_eval = reference_logps(ref_engine, eval_items, pad, cfg.eval_batch_size, norm)
         del ref_engine
         atomic_torch_save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
-    ref_seconds = time.perf_counter() - t
+    return ref_train, ref_eval, time.perf_counter() - t
+
+
+def train(cfg: DPOConfig) -> dict:
+    from tether.data import load_preferences, tokenize_pairs
+
+    out, ckpt = start_run(cfg, "dpo")
+    tok, train_items, eval_items, report, pad, steps = load_tokenized(cfg, load_preferences, tokenize_pairs)
+
+    model = load_causal_lm(cfg.model)
+    disable_dropout(model, cfg.dropout)
+    engine = make_engine(model, cfg.engine, cfg.optim, total_steps=steps)
+
+    # simpo and orpo have no reference: no second model, no reference pass, no cache
+    ref_train, ref_eval, ref_seconds = reference_cache(cfg, engine, out, train_items, eval_items, pad, steps) if cfg.kind.needs_reference else (None, None, 0.0)
 
     sampler, step, _ = sampler_and_step(cfg, ckpt, {"policy": engine}, len(train_items))
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "dpo", resume=cfg.resume, start_step=step)
+    ref_note = f"reference logprobs in {ref_seconds:.1f}s" if cfg.kind.needs_reference else "no reference model"
     tracker.event(f"dpo: {len(train_items)} train / {len(eval_items)} eval pairs, {steps} steps, loss={cfg.loss} beta={cfg.beta}, "
-                  f"reference logprobs in {ref_seconds:.1f}s, {report.truncated} truncated")
+                  f"{ref_note}, {report.truncated} truncated")
 
     metrics: dict[str, float] = {}
     while step < steps:

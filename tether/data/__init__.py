@@ -1,6 +1,6 @@
 """The data layer: readers, format adapters, tokenisation with chat templates, collators.
 
-    records  = load_sft(spec) | load_preferences(spec) | load_prompts(spec)   -> (items, DataReport)
+    records  = load_sft(spec) | load_kto(spec) | load_preferences(spec) | load_prompts(spec)   -> (items, DataReport)
     train, eval = split_eval(records, fraction, seed)
     tokenized = tokenize_sft | tokenize_pairs | tokenize_prompts (items, tokenizer, cfg.data, report)
     batch = collate_sft | collate_pairs | collate_prompts (chunk, pad_id(tokenizer))
@@ -9,7 +9,7 @@ Record formats: tether/data/formats.py. Text vs chat, loss masks, EOS and trunca
 Bad records raise DataError("{path}:{line}: {problem}") or, with on_bad_record=skip, are counted by reason.
 """
 
-from tether.data.formats import load_preferences, load_prompts, load_sft, split_eval, split_transcripts
+from tether.data.formats import load_kto, load_preferences, load_prompts, load_sft, split_eval, split_transcripts
 from tether.data.records import (
     DataError,
     DataReport,
@@ -37,7 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataError", "DataReport", "Messages", "PreferencePair", "PromptExample", "SFTExample", "TokenizedPair",
-    "load_sft", "load_preferences", "load_prompts", "split_eval", "split_transcripts",
+    "load_sft", "load_kto", "load_preferences", "load_prompts", "split_eval", "split_transcripts",
     "pad_id", "render_prompt", "encode_prompt", "encode_conversation", "prompt_text", "use_template",
     "tokenize_sft", "tokenize_pairs", "tokenize_prompts", "collate_sft", "collate_pairs", "collate_prompts", "pack_rows",
 ]

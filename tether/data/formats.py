@@ -6,6 +6,10 @@ SFT records
   {messages}             a conversation; loss on every assistant turn
   {text}                 raw text with an empty prompt; loss on all of it (language-model style)
 
+Unpaired records (`tether kto`): any SFT record above with label = true (a desirable completion) or
+false (an undesirable one), e.g. {prompt, completion, label}; for {messages}, the completion is
+everything from the first assistant turn on.
+
 Preference records (optional keys everywhere: id, source, meta, margin = preference strength;
 chosen_safe / rejected_safe = true or false, each response's safety label for a cost model, where
 `chosen` is the safer response: `tether rm loss=cost`; labels = {name: 1 | -1 | 0}, the pair judged on
@@ -40,6 +44,7 @@ Prompt records (for PPO / generation)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -86,6 +91,20 @@ def parse_sft(rec: dict, loc: str) -> SFTExample:
         return SFTExample(None, None, p + c, loc)
     raise BadRecord(f"unrecognised record: expected keys {{prompt, completion}}, {{messages}} or {{text}}; got keys {_keys(rec)}",
                     "unrecognised record")
+
+
+def parse_kto(rec: dict, loc: str) -> SFTExample:
+    ex = parse_sft(rec, loc)
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise BadRecord("field 'label' is missing (true = desirable, false = undesirable)" if label is None else
+                        f"field 'label' must be true or false, got {label!r}", "field 'label' is missing or not true/false")
+    return dataclasses.replace(ex, label=label)
+
+
+def load_kto(spec: str, on_bad_record: str = "error") -> tuple[list[SFTExample], DataReport]:
+    sink = Sink(on_bad_record, DataReport())
+    return _finish([ex for _, ex in parsed(spec, sink, parse_kto)], sink, spec)
 
 
 def parsed(spec: str, sink: Sink, parse, **kw):

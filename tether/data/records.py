@@ -35,6 +35,7 @@ class SFTExample:
     completion: str | None
     messages: Messages | None  # None for prompt/completion records
     loc: str
+    label: bool | None = None  # KTO: true = a desirable completion, false = an undesirable one
 
 
 @dataclass(frozen=True)

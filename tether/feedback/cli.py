@@ -10,6 +10,7 @@
     tether label audit [--user U] [--limit 200]
     tether label generate --model DIR --prompts FILE -k 4 --project P
     tether label export --project P --out prefs.jsonl [--raw raw.jsonl] [--policy majority|all] [--include-gold]
+                        [--format pairs|kto] [--threshold 4]
     tether label stats --project P
     tether label projects | migrate
 
@@ -105,10 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("export", help="write preference pairs for `tether rm` / `tether dpo`")
+    p = sub.add_parser("export", help="write preference pairs for `tether rm` / `tether dpo` (or unpaired records for `tether kto`)")
     _db_arg(p)
     p.add_argument("--project", required=True)
     p.add_argument("--out", required=True, help="preference records (jsonl)")
+    p.add_argument("--format", choices=["pairs", "kto"], default="pairs",
+                   help="pairs: {prompt, chosen, rejected}; kto: a rate project's ratings as {prompt, completion, label} (no pairs formed)")
+    p.add_argument("--threshold", type=float, help="--format kto: a rating (majority: the mean rating) >= this is desirable (default 4)")
     p.add_argument("--raw", help="also write every raw judgment to this jsonl")
     p.add_argument("--policy", choices=["majority", "all"], default="majority")
     p.add_argument("--include-gold", action="store_true", help="also export gold items")
@@ -244,12 +248,18 @@ def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
     if args.cmd == "generate":
         return _generate(args, db, sv)
     if args.cmd == "export":
+        if args.threshold is not None and args.format != "kto":
+            raise sv.Invalid("--threshold applies to --format kto")
         with db.read() as s:
             p = sv.get_project(s, args.project)
-            recs = sv.export_preferences(s, p, args.policy, args.include_gold)
+            if args.format == "kto":
+                recs = sv.export_kto(s, p, 4 if args.threshold is None else args.threshold, args.policy, args.include_gold)
+            else:
+                recs = sv.export_preferences(s, p, args.policy, args.include_gold)
             raw = sv.export_raw(s, p) if args.raw else None
         sv.write_jsonl(recs, args.out)
-        msg = f"wrote {len(recs)} preference records to {args.out}"
+        n_good = sum(bool(r.get("label")) for r in recs)
+        msg = f"wrote {len(recs)} KTO records ({n_good} desirable) to {args.out}" if args.format == "kto" else f"wrote {len(recs)} preference records to {args.out}"
         if raw is not None:
             sv.write_jsonl(raw, args.raw)
             msg += f" and {len(raw)} raw judgments to {args.raw}"

@@ -933,6 +933,36 @@ def export_preferences(s: Session, project: Project, policy: str = "majority", i
     return out
 
 
+def export_kto(s: Session, project: Project, threshold: float = 4, policy: str = "majority", include_gold: bool = False,
+               exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """Unpaired records {prompt, completion, label, id, source, meta} for `tether kto`, from a rate project's
+    1-5 ratings, without forming pairs: label = true (desirable) when the rating is >= threshold.
+
+    majority: one record per rated response, labelled by its mean rating; all: one record per rating.
+    Skips are never used; gold items only with include_gold; the annotators in `exclude` are left out.
+    """
+    if project.kind != "rate":
+        raise Invalid(f"the kto format needs a rate project (1-5 ratings); {project.name!r} is a {project.kind} project")
+    if policy not in POLICIES:
+        raise Invalid(f"policy must be one of {POLICIES}")
+    rows = [r for r in _rows(s, project) if (include_gold or not r[0].is_gold) and r[2] not in exclude and not r[1].skipped]
+    by_task: dict[int, list[tuple[Task, Judgment, str]]] = defaultdict(list)
+    for r in rows:
+        by_task[r[0].id].append(r)
+    out: list[dict] = []
+    for trs in by_task.values():
+        task = trs[0][0]
+        ratings = [j.value["rating"] for _t, j, _w in trs]
+        votes = [(sum(ratings) / len(ratings), "", {"mean_rating": sum(ratings) / len(ratings), "n_ratings": len(ratings)})] if policy == "majority" \
+            else [(j.value["rating"], f"/u{j.user_id}", {"annotator": who, "rating": j.value["rating"]}) for _t, j, who in trs]
+        for rating, suffix, meta in votes:
+            out.append({"prompt": task.prompt, "completion": task.responses[0], "label": rating >= threshold,
+                        "id": f"{project.name}/{task.external_id}{suffix}", "source": f"tether-label:{project.name}",
+                        "meta": {"project": project.name, "kind": "rate", "policy": policy, "group": task.group_key,
+                                 "task": task.external_id, "threshold": threshold, **meta}})
+    return out
+
+
 def export_raw(s: Session, project: Project) -> list[dict]:
     """Every judgment, with its item, for audits and re-analysis."""
     return [
