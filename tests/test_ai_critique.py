@@ -158,3 +158,67 @@ def test_critique_revise_over_http_retries_reports_and_resumes_from_its_cache(tm
     finally:
         srv.server.shutdown()
         srv.server.server_close()
+
+
+# -- the direct AI reward in PPO ---------------------------------------------------------------------------
+
+
+def _p_yes_by_hand(model_dir, prompt, response, principle):
+    """P(Yes) from the judge model's logits at the answer position, pooled over the single-token spellings."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tether.data import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = (f"Principle ({principle.name}): {principle.comparison}\n\n[Prompt]\n{prompt}\n\n[Response]\n{response}\n\n"
+            "Judged by this principle, is the response good? Answer with a single word: Yes or No.")
+    ids = encode_prompt(tok, [{"role": "user", "content": text}])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    enc = lambda v: tok(v, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # this vocabulary: " no" is one token; "Yes"/"yes" are not, so they are read from their first tokens
+    yes, no = {enc("Yes")[0], enc("yes")[0]}, {enc(" no")[0]}
+    assert all(len(enc(v)) > 1 for v in ("Yes", " Yes", "yes", " yes", "No", " No", "no")) and len(enc(" no")) == 1
+    py, pn = sum(math.exp(logits[t]) for t in yes), sum(math.exp(logits[t]) for t in no)
+    return py / (py + pn)
+
+
+def test_ppo_with_a_direct_ai_reward_logs_the_judges_probability(tiny_llama, tmp_path):
+    from tiny import write_jsonl
+
+    from tether.ai.reward import ai_judge
+    from tether.algo import ppo
+    from tether.config import load_config
+    from tether.track import read_metrics
+
+    c = load_constitution()
+    prompts = ["hello there", "the movie was", "tell me about the cat", "is it good"]
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "reference": f"a good answer about {p}"} for p in prompts])
+    cfg = load_config(ppo.PPOConfig, None, [
+        f"model={tiny_llama}", f"data.train={tmp_path / 'p.jsonl'}", f"out={tmp_path / 'run'}", "reward.fn=tether.ai.reward:ai_judge",
+        f"reward.kwargs={{model: {tiny_llama}, principle: harmlessness}}", "reward.missing_eos_penalty=0", "batch_size=4",
+        "rollout.max_new_tokens=6", "ppo.minibatch_size=4", "max_steps=3", "engine.threads=1", "track.progress=false",
+        "sample_every=1", "num_samples=4"])
+    ppo.train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 3 and all(0 < r["rewards/raw_mean"] < 1 for r in rows)
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and len({round(s["reward"], 6) for s in samples}) > 1
+    for s in samples[:4] + samples[-2:]:  # the logged reward is the judge's P(Yes), computed here by hand
+        assert s["reward"] == pytest.approx(_p_yes_by_hand(tiny_llama, s["prompt"], s["response"], c.get("harmlessness")), abs=1e-5)
+    for k in range(3):
+        assert rows[k]["rewards/raw_mean"] == pytest.approx(sum(s["reward"] for s in samples[4 * k:4 * k + 4]) / 4, abs=1e-5)
+    # all principles: the mean of each principle's P(Yes)
+    got = ai_judge(["hello there"], ["the cat was good"], model=str(tiny_llama))
+    assert got[0] == pytest.approx(sum(_p_yes_by_hand(tiny_llama, "hello there", "the cat was good", p) for p in c.principles) / 3, abs=1e-5)
+    # against the record's reference: P(response better), both orders averaged, from the A/B judge
+    from tether.ai.judge import Comparison, LocalJudge
+
+    (p_ref,) = ai_judge(["is it good"], ["no"], model=str(tiny_llama), principle="honesty", references=str(tmp_path / "p.jsonl"))
+    lj, h = LocalJudge(str(tiny_llama), device="cpu"), c.get("honesty")
+    fwd, rev = lj.judge([Comparison("is it good", "no", "a good answer about is it good", h), Comparison("is it good", "a good answer about is it good", "no", h)])
+    assert p_ref == pytest.approx((fwd + 1 - rev) / 2, abs=1e-6)
+    with pytest.raises(Exception, match="no reference for the prompt 'unknown'"):
+        ai_judge(["unknown"], ["x"], model=str(tiny_llama), references=str(tmp_path / "p.jsonl"))
