@@ -170,3 +170,23 @@ def test_cli_imports_ai_labels_and_sets_routing(tmp_path, fast_hasher, capsys):
     assert rec["chosen"] == "a0" and rec["meta"]["auto_labelled"] is True
     assert main(["ai-settings", "--db", url, "--project", "p", "--threshold", "0.2"]) == 1
     assert "threshold must be a number" in capsys.readouterr().err
+
+
+def test_tether_ai_label_output_imports_into_the_project_made_from_the_same_tasks(tiny_llama, tmp_path, fast_hasher, sqlite_db):
+    """No ids in the task file and a 3-response task: the labeler and the app name the items alike."""
+    from tether.cli import main
+
+    tasks = jl({"prompt": "hello", "responses": ["the movie was good", "bad", "fun"]}, {"prompt": "hi", "responses": ["yes", "no"]})
+    (tmp_path / "t.jsonl").write_text(tasks)
+    assert main(["ai", "label", "--model", str(tiny_llama), "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "ai.jsonl"),
+                 "--device", "cpu", "--principles", "honesty"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "ai.jsonl").read_text().splitlines()]
+    with sqlite_db.write() as s:
+        p = sv.create_project(s, "p", "compare")
+        assert sv.import_tasks(s, p, tasks) == 4
+        assert sv.import_ai_labels(s, p, (tmp_path / "ai.jsonl").read_text()) == len(recs) == 4
+        by_ext = {t.external_id: t for t in s.scalars(sv.select(sv.Task).where(sv.Task.project_id == p.id))}
+        for r, a in zip(recs, s.scalars(sv.select(sv.AILabel).order_by(sv.AILabel.id))):
+            t = by_ext[r["meta"]["task"]]
+            assert a.task_id == t.id and t.responses[0 if a.choice == "A" else 1] == r["chosen"]
+            assert a.confidence == r["meta"]["confidence"] and a.principle == "honesty" and a.agent == f"hf:{tiny_llama.name}"
