@@ -222,3 +222,13 @@ def test_ppo_with_a_direct_ai_reward_logs_the_judges_probability(tiny_llama, tmp
     assert p_ref == pytest.approx((fwd + 1 - rev) / 2, abs=1e-6)
     with pytest.raises(Exception, match="no reference for the prompt 'unknown'"):
         ai_judge(["unknown"], ["x"], model=str(tiny_llama), references=str(tmp_path / "p.jsonl"))
+
+
+def test_an_http_rating_pools_the_yes_and_no_spellings():
+    from tether.ai.compare import YES_NO
+    from tether.ai.http import option_probability
+
+    top = [["Yes", math.log(0.5)], [" yes", math.log(0.1)], [" no", math.log(0.2)], ["No", math.log(0.1)], ["A", math.log(0.05)]]
+    assert option_probability(top, YES_NO) == (pytest.approx(0.6 / 0.9), False)
+    assert option_probability([["Yes", math.log(0.7)], ["x", math.log(0.1)]], YES_NO) == (pytest.approx(0.7 / 0.8), True)  # No bounded
+    assert option_probability([["A", math.log(0.8)], ["B", math.log(0.2)]]) == (pytest.approx(0.8), False)  # the A/B default unchanged
