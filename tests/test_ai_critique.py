@@ -232,3 +232,16 @@ def test_an_http_rating_pools_the_yes_and_no_spellings():
     assert option_probability(top, YES_NO) == (pytest.approx(0.6 / 0.9), False)
     assert option_probability([["Yes", math.log(0.7)], ["x", math.log(0.1)]], YES_NO) == (pytest.approx(0.7 / 0.8), True)  # No bounded
     assert option_probability([["A", math.log(0.8)], ["B", math.log(0.2)]]) == (pytest.approx(0.8), False)  # the A/B default unchanged
+
+
+def test_a_mistyped_model_is_one_line_and_the_fixed_rerun_runs(tiny_llama, tmp_path, capsys):
+    from tether.cli import main
+
+    args = ["ai", "critique-revise", "--prompts", str(_prompts(tmp_path / "p.jsonl", 1)), "--out", str(tmp_path / "o"), "--max-new-tokens", "4",
+            "--device", "cpu"]
+    assert main([*args, "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope" in err
+    assert main([*args, "--model", "http://127.0.0.1:9/v1", "--retries", "0", "--timeout", "2"]) == 2  # nothing listens on port 9
+    assert capsys.readouterr().err.strip().startswith("tether ai critique-revise: --model http://127.0.0.1:9/v1: failed after 1 attempts")
+    assert main([*args, "--model", str(tiny_llama)]) == 0

@@ -240,8 +240,6 @@ def run(a) -> int:
         if diff:
             raise ConfigError(f"{out} holds a run made with other settings ({', '.join(f'{k}: {old.get(k)!r} then, {settings[k]!r} now' for k in diff[:3])}); "
                               f"use another --out or delete it")
-    else:
-        atomic_write_text(sfile, json.dumps(settings, indent=1) + "\n")
     ids, seen = [], set()
     for k, ex in enumerate(examples):
         pid = str(ex.meta.get("id") or f"p{k}")
@@ -250,10 +248,15 @@ def run(a) -> int:
         seen.add(pid)
         ids.append(pid)
     if a.model.startswith(("http://", "https://")):
-        gen = http_generator(a.model, out / "cache.jsonl", a.max_new_tokens, a.temperature, a.top_p, model_name=a.model_name,
-                             api_key=a.api_key, timeout=a.timeout, retries=a.retries, backoff=a.backoff, concurrency=a.concurrency)
+        try:
+            gen = http_generator(a.model, out / "cache.jsonl", a.max_new_tokens, a.temperature, a.top_p, model_name=a.model_name,
+                                 api_key=a.api_key, timeout=a.timeout, retries=a.retries, backoff=a.backoff, concurrency=a.concurrency)
+        except JudgeError as e:  # the endpoint did not answer /v1/models
+            raise ConfigError(f"--model {a.model}: {e}") from None
     else:
         gen = LocalGenerator(a.model, a.device, a.max_new_tokens, a.temperature, a.top_p, a.batch_size, a.max_prompt_length)
+    if not sfile.exists():  # once the model has loaded: a mistyped --model leaves nothing behind to refuse the fix
+        atomic_write_text(sfile, json.dumps(settings, indent=1) + "\n")
     t0, done_before, errors = time.monotonic(), 0, []
     try:
         for c, s in enumerate(range(0, len(examples), a.chunk)):
