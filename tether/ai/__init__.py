@@ -5,7 +5,9 @@
                      both-order debiasing, principle choice, and labelling a file into export-schema records
     compare.py       one comparison (the prompt a judge answers) and JudgeError
     http.py          the OpenAI-compatible HTTP judge: retries, timeout, concurrency, on-disk request cache
-    cli.py           `tether ai label`
+    critique.py      `tether ai critique-revise`: answer, critique, revise (Constitutional AI's supervised phase)
+    reward.py        a direct AI reward for PPO (reward.fn): P(yes) per response, or against a reference answer
+    cli.py           `tether ai label`, `tether ai critique-revise`
     convert.py       LLMBar (and its processed FairEval, LLMEval^2, MT-Bench) as preference records
     eval_labeler.py  `tether eval labeler`: agreement with human labels, flips, calibration, baselines, routing
 

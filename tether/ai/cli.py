@@ -9,6 +9,12 @@ schema `tether label export` writes, meta.labeler / meta.principles / meta.confi
 Beside it: OUT.errors.jsonl (items that failed after retries, with the reason), OUT.ties.jsonl (items
 judged exactly 0.5: no preference, so no record), and for a URL OUT.cache.jsonl (the request cache a
 rerun resumes from). Exit 1 when any item failed (rerun to retry only those).
+
+    tether ai critique-revise --model DIR|URL --prompts FILE --out DIR [--constitution FILE] [--principles sample|all|NAME]
+
+Constitutional AI's supervised phase (tether.ai.critique): DIR/sft.jsonl (prompt -> revision, for `tether
+sft`), DIR/pairs.jsonl (revision over initial, for `tether rm` / `tether dpo`), DIR/trace.jsonl (every
+intermediate text). Resumable by chunks.
 """
 
 from __future__ import annotations
@@ -113,5 +119,11 @@ def main(argv: list[str]) -> int:
     lb.add_argument("--data", required=True, help="preference records or feedback-app tasks (jsonl)")
     lb.add_argument("--out", required=True, help="labelled preference records (jsonl)")
     judge_args(lb)
+    from tether.ai import critique
+
+    cr = sub.add_parser("critique-revise", help="Constitutional AI's supervised phase: answer, critique, revise; write SFT records and pairs",
+                        description=critique.__doc__.strip().splitlines()[0])
+    critique.add_args(cr)
     a = ap.parse_args(argv)
-    return one_line(f"tether ai {a.cmd}", lambda: run_label(a), verbose=a.verbose)
+    run = critique.run if a.cmd == "critique-revise" else run_label
+    return one_line(f"tether ai {a.cmd}", lambda: run(a), verbose=a.verbose)

@@ -9,6 +9,7 @@ from typing import Any
 from tether.ai.constitution import Principle
 
 OPTIONS = ("A", "B")
+YES_NO = (("Yes", "yes"), ("No", "no"))  # a rating's options, each with the spellings pooled
 TEMPLATE = (
     "{question}\n\n[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
     "Answer with a single letter: A or B."
@@ -36,6 +37,39 @@ class Comparison:
     def messages(self) -> list[dict]:
         text = TEMPLATE.format(question=self.principle.comparison, prompt=self.prompt, a=self.first, b=self.second)
         return [{"role": "user", "content": text}]
+
+    @property
+    def responses(self) -> tuple[str, ...]:
+        return self.first, self.second
+
+    def shortened(self, texts: list[str]) -> "Comparison":
+        return Comparison(self.prompt, texts[0], texts[1], self.principle)
+
+
+RATING = (
+    "Principle ({name}): {question}\n\n[Prompt]\n{prompt}\n\n[Response]\n{response}\n\n"
+    "Judged by this principle, is the response good? Answer with a single word: Yes or No."
+)
+
+
+@dataclass(frozen=True)
+class Rating:
+    """One response judged alone against a principle: the judge's P(Yes) (options YES_NO)."""
+
+    prompt: str
+    response: str
+    principle: Principle
+
+    def messages(self) -> list[dict]:
+        p = self.principle
+        return [{"role": "user", "content": RATING.format(name=p.name, question=p.comparison, prompt=self.prompt, response=self.response)}]
+
+    @property
+    def responses(self) -> tuple[str, ...]:
+        return (self.response,)
+
+    def shortened(self, texts: list[str]) -> "Rating":
+        return Rating(self.prompt, texts[0], self.principle)
 
 
 class Progress:

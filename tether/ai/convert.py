@@ -2,6 +2,10 @@
 
     python -m tether.ai.convert llmbar ../shared/data/llmbar/Dataset data/llmbar.jsonl        # every dataset.json below
     python -m tether.ai.convert llmbar ../shared/data/llmbar/Dataset/LLMBar/Natural/dataset.json data/natural.jsonl
+    python -m tether.ai.convert xstest-unsafe ../shared/data/xstest/xstest_prompts.csv data/xstest_unsafe.jsonl  # prompts
+
+xstest-unsafe: XSTest's 200 unsafe prompts as prompt records ({prompt, id, meta: {type, focus}}), the red-team
+prompts `tether ai critique-revise` revises answers to (xstest-safe: its 250 safe ones, for over-refusal).
 
 LLMBar (and the sets it ships processed: FairEval, LLMEval^2, MT-Bench): {input, output_1, output_2,
 label}, label 1 or 2 the better output; any other label is counted and skipped. Records:
@@ -45,18 +49,27 @@ def llmbar_records(src: str | Path, counts: Counter | None = None) -> list[dict]
     return out
 
 
+def xstest_prompts(path: str | Path, label: str = "unsafe") -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{"prompt": r["prompt"], "id": f"xstest:{r['id']}", "meta": {"type": r["type"], "focus": r["focus"], "label": r["label"]}}
+            for r in rows if r["label"] == label]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tether.ai.convert", description=__doc__.strip().splitlines()[0])
-    ap.add_argument("kind", choices=["llmbar"])
+    ap.add_argument("kind", choices=["llmbar", "xstest-unsafe", "xstest-safe"])
     ap.add_argument("src", help="a dataset.json or a folder of them")
     ap.add_argument("out", help="preference jsonl to write")
     a = ap.parse_args(argv)
     counts: Counter = Counter()
-    recs = llmbar_records(a.src, counts)
+    recs = llmbar_records(a.src, counts) if a.kind == "llmbar" else xstest_prompts(a.src, a.kind.split("-")[1])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     skipped = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "records")
-    print(f"wrote {len(recs)} preference records to {a.out}" + (f" (skipped: {skipped})" if skipped else ""), file=sys.stderr)
+    print(f"wrote {len(recs)} {'preference' if a.kind == 'llmbar' else 'prompt'} records to {a.out}" + (f" (skipped: {skipped})" if skipped else ""), file=sys.stderr)
     return 0
 
 

@@ -79,12 +79,14 @@ def parse_top(body: str) -> list[list]:
     return [[t, v] for t, v in top.items()]
 
 
-def option_probability(top: list[list]) -> tuple[float, bool]:
-    """(P(A) from the top tokens, whether one option had to be bounded)."""
-    probs = [sum(math.exp(v) for t, v in top if t.strip() == o) for o in OPTIONS]
+def option_probability(top: list[list], options=OPTIONS) -> tuple[float, bool]:
+    """(P(first option) from the top tokens, whether one option had to be bounded). An option is a
+    spelling or a tuple of spellings (pooled)."""
+    spell = [(o,) if isinstance(o, str) else tuple(o) for o in options]
+    probs = [sum(math.exp(v) for t, v in top if t.strip() in s) for s in spell]
     if not any(probs):
         shown = ", ".join(repr(t) for t, _ in top[:5])
-        raise JudgeError(f"neither option {' nor '.join(map(repr, OPTIONS))} is among the top tokens ({shown})")
+        raise JudgeError(f"neither option {' nor '.join(repr(s[0]) for s in spell)} is among the top tokens ({shown})")
     bounded = not all(probs)
     if bounded:
         floor = min(math.exp(v) for _, v in top)
@@ -93,11 +95,11 @@ def option_probability(top: list[list]) -> tuple[float, bool]:
 
 
 class HttpJudge:
-    OPTIONS = ("model_name", "api_key", "timeout", "retries", "backoff", "concurrency", "cache", "top_logprobs")
+    OPTIONS = ("model_name", "api_key", "timeout", "retries", "backoff", "concurrency", "cache", "top_logprobs", "options")
 
     def __init__(self, url: str, model_name: str | None = None, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 4, backoff: float = 1.0, concurrency: int = 4, cache: str | Path | None = None,
-                 top_logprobs: int = 5):
+                 top_logprobs: int = 5, options=None):
         import openai
 
         self.openai = openai
@@ -107,6 +109,7 @@ class HttpJudge:
         self.client = openai.OpenAI(base_url=self.base, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
                                     timeout=timeout, max_retries=0)
         self.retries, self.backoff, self.concurrency, self.top_logprobs = retries, backoff, concurrency, top_logprobs
+        self.options = options or OPTIONS  # (the module's A/B: the class's OPTIONS names the keyword arguments)
         self.cache = RequestCache(cache) if cache else None
         self.stats = {"requests": 0, "cached": 0, "retries": 0, "failed": 0, "bounded": 0}
         self._lock = threading.Lock()
@@ -172,7 +175,7 @@ class HttpJudge:
                     self.cache.put(key, top)
             else:
                 self._count("cached")
-            p, bounded = option_probability(top)
+            p, bounded = option_probability(top, self.options)
         except JudgeError as e:
             self._count("failed")
             return e

@@ -29,7 +29,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from tether.ai.compare import OPTIONS, TEMPLATE, Comparison, JudgeError, Progress, as_text  # noqa: F401 (re-exported)
+from tether.ai.compare import OPTIONS, TEMPLATE, Comparison, JudgeError, Progress, Rating, as_text  # noqa: F401 (re-exported)
 from tether.ai.constitution import Constitution, Principle
 
 
@@ -212,39 +212,47 @@ class LocalJudge:
     """A local causal LM: P(A) = softmax over the option tokens' logits at the answer position. Batched,
     left-padded (positions from the attention mask, so padding changes nothing)."""
 
-    def __init__(self, model_dir: str, device: str = "auto", batch_size: int = 8, max_length: int = 2048):
+    def __init__(self, model_dir: str, device: str = "auto", batch_size: int = 8, max_length: int = 2048, options=OPTIONS):
         from tether.models import load_causal_lm, load_tokenizer, resolve_device
 
         self.tok = load_tokenizer(model_dir)
         self.device = resolve_device(device)
         self.model = load_causal_lm(model_dir, self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
-        self.option_ids = [self._option_ids(o) for o in OPTIONS]
+        self.option_ids = [self._option_ids(o) for o in options]  # P(first option) is the answer
+        if len({i for ids in self.option_ids for i in ids}) < sum(map(len, self.option_ids)):
+            from tether.models import ModelError
+
+            raise ModelError(f"{model_dir}: the options {options} share a first token in this tokenizer")
         self.identity = f"hf:{Path(model_dir).resolve().name}"
         self.n_truncated = 0
 
-    def _option_ids(self, label: str) -> list[int]:
-        ids = sorted({e[0] for v in (label, " " + label) if len(e := self.tok(v, add_special_tokens=False)["input_ids"]) == 1})
+    def _option_ids(self, label: str | tuple[str, ...]) -> list[int]:
+        spellings = (label,) if isinstance(label, str) else label
+        enc = {v: self.tok(v, add_special_tokens=False)["input_ids"] for w in spellings for v in (w, " " + w)}
+        ids = sorted({e[0] for e in enc.values() if len(e) == 1})
+        if not ids and not isinstance(label, str):  # a word with no single-token spelling: its first token (not a bare space)
+            ids = sorted({enc[w][0] for w in spellings if enc[w]})
         if not ids:
             from tether.models import ModelError
 
             raise ModelError(f"the tokenizer has no single token for the option {label!r}")
         return ids
 
-    def encode(self, c: Comparison) -> list[int]:
+    def encode(self, c: Comparison | Rating) -> list[int]:
         from tether.data import encode_prompt
 
         ids = encode_prompt(self.tok, c.messages())
         if len(ids) <= self.max_length:
             return ids
-        # too long: shorten both responses (never the question or the answer instruction)
+        # too long: shorten the responses (never the question or the answer instruction)
         self.n_truncated += 1
-        f, s = (self.tok(t, add_special_tokens=False)["input_ids"] for t in (c.first, c.second))
-        keep = max(8, (self.max_length - (len(ids) - len(f) - len(s))) // 2)
-        short = Comparison(c.prompt, self.tok.decode(f[:keep]), self.tok.decode(s[:keep]), c.principle)
+        rs = [self.tok(t, add_special_tokens=False)["input_ids"] for t in c.responses]
+        keep = max(8, (self.max_length - (len(ids) - sum(map(len, rs)))) // len(rs))
+        short = c.shortened([self.tok.decode(r[:keep]) for r in rs])
         return encode_prompt(self.tok, short.messages())[-self.max_length:]
 
-    def judge(self, comps: list[Comparison]) -> list[float]:
+    def judge(self, comps: list[Comparison] | list[Rating]) -> list[float]:
         import torch
 
         from tether.data import collate_prompts, pad_id
@@ -261,7 +269,7 @@ class LocalJudge:
                 mask = b.attention_mask.to(self.device)
                 logits = self.model(input_ids=b.input_ids.to(self.device), attention_mask=mask,
                                     position_ids=position_ids_from_mask(mask), use_cache=False).logits[:, -1].float()  # [B, V]
-                opt = torch.stack([logits[:, ids].logsumexp(-1) for ids in self.option_ids], -1)  # [B, 2]
+                opt = torch.stack([logits[:, ids].logsumexp(-1) for ids in self.option_ids], -1)  # [B, options]
                 pa = torch.softmax(opt, -1)[:, 0].tolist()
                 for i, p in zip(idx, pa):
                     out[i] = p
@@ -275,4 +283,4 @@ def make_judge(spec: str, **kw):
         from tether.ai.http import HttpJudge
 
         return HttpJudge(spec, **{k: v for k, v in kw.items() if k in HttpJudge.OPTIONS})
-    return LocalJudge(spec, **{k: v for k, v in kw.items() if k in ("device", "batch_size", "max_length")})
+    return LocalJudge(spec, **{k: v for k, v in kw.items() if k in ("device", "batch_size", "max_length", "options")})

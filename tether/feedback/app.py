@@ -394,7 +394,7 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             order = list(range(len(task.responses)))
             random.Random(f"{task.id}:{auth.user_id}").shuffle(order)
             shown = [(i, task.responses[i]) for i in order]
-            ctx.update(task=task, shown=shown, submission_id=secrets.token_hex(16))
+            ctx.update(task=task, shown=shown, submission_id=secrets.token_hex(16), suggestion=sv.suggestion(s, p, task))
         return page(f"{p.kind}.html", request, auth, **ctx)
 
     @app.post("/p/{pid}/next")
@@ -453,8 +453,10 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
             t = sv.next_task(s, p, s.get(User, auth.user_id), lease)
             if t is None:
                 return {"task": None}
-            return {"task": {"id": t.id, "external_id": t.external_id, "kind": p.kind, "prompt": t.prompt,
-                             "responses": t.responses}}
+            task = {"id": t.id, "external_id": t.external_id, "kind": p.kind, "prompt": t.prompt, "responses": t.responses}
+            if (hint := sv.suggestion(s, p, t)) is not None:  # only when the admin turned suggestions on
+                task["ai_suggestion"] = hint
+            return {"task": task}
 
     @app.post("/api/projects/{pid}/judgments")
     async def api_judge(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth_json)]) -> JSONResponse:
@@ -549,6 +551,56 @@ def create_app(db: Database | str | None = None, *, secure_cookies: bool = False
         except sv.ImportRejected as e:
             return page("error.html", request, auth, status=422, detail="Nothing was imported.", import_errors=e.errors)
         return RedirectResponse(f"/admin/p/{pid}?msg=imported&n={n}", status_code=303)
+
+    @app.post("/admin/p/{pid}/ai")
+    def admin_ai_settings(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth)],
+                          show_ai: Annotated[str | None, Form()] = None, threshold: Annotated[str, Form()] = "") -> Response:
+        admin(auth)
+        try:
+            th = float(threshold) if threshold.strip() else None
+        except ValueError:
+            raise sv.Invalid("threshold must be a number in [0.5, 1], or empty for no routing") from None
+        with database.write() as s:
+            p = project_for(s, pid, auth)
+            got = sv.set_ai_settings(s, p, show_ai == "on", th)
+            sv.audit(s, "ai_settings", auth.username, p.name, address(request), json.dumps(got))
+        return RedirectResponse(f"/admin/p/{pid}?msg=ai", status_code=303)
+
+    @app.post("/admin/p/{pid}/ai-labels")
+    def admin_ai_labels(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth)],
+                        labels: Annotated[UploadFile, File()]) -> Response:
+        admin(auth)
+        text = _read_upload(labels)
+        try:
+            with database.write() as s:
+                n = sv.import_ai_labels(s, project_for(s, pid, auth), text)
+        except sv.ImportRejected as e:
+            return page("error.html", request, auth, status=422, detail="No AI label was imported.", import_errors=e.errors)
+        return RedirectResponse(f"/admin/p/{pid}?msg=ai-labels&n={n}", status_code=303)
+
+    @app.post("/api/admin/projects/{pid}/ai")
+    async def api_ai_settings(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth_json)]) -> dict:
+        admin(auth)
+        body = await _json_body(request)
+        with database.write() as s:
+            p = project_for(s, pid, auth)
+            got = sv.set_ai_settings(s, p, body.get("show_ai"), body.get("threshold", "keep"))
+            sv.audit(s, "ai_settings", auth.username, p.name, address(request), json.dumps(got))
+            return got
+
+    @app.post("/api/admin/projects/{pid}/ai-labels")
+    async def api_ai_labels(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth_json)]) -> JSONResponse:
+        admin(auth)
+        raw = await request.body()
+        if len(raw) > MAX_UPLOAD:
+            raise HTTPError(413, "file too large")
+        from starlette.concurrency import run_in_threadpool
+
+        def work() -> JSONResponse:
+            with database.write() as s:
+                return JSONResponse({"imported": sv.import_ai_labels(s, project_for(s, pid, auth), _utf8(raw))}, status_code=201)
+
+        return await run_in_threadpool(work)
 
     @app.post("/admin/p/{pid}/members")
     def admin_members(request: Request, pid: int, auth: Annotated[Auth, Depends(csrf_auth)],
@@ -754,6 +806,8 @@ _MESSAGES = {
     "full": "That item got all the judgments it needs while you were on it; here is the next one.",
     "created": "Project created; {n} items imported.",
     "imported": "{n} items imported.",
+    "ai": "AI settings saved.",
+    "ai-labels": "{n} AI labels imported.",
     "member": "Annotator added to the project.",
     "user": "User created.",
 }
@@ -774,7 +828,8 @@ def _slug(name: str) -> str:
 
 
 def _project_json(p: Project) -> dict:
-    return {"id": p.id, "name": p.name, "kind": p.kind, "overlap": p.overlap, "guidelines": p.guidelines}
+    return {"id": p.id, "name": p.name, "kind": p.kind, "overlap": p.overlap, "guidelines": p.guidelines, "show_ai": p.show_ai,
+            "ai_threshold": p.ai_threshold}
 
 
 def _read_upload(f: UploadFile | None) -> str:

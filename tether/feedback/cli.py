@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", required=True)
     p.add_argument("file")
 
+    p = sub.add_parser("ai-import", help="attach AI labels to a compare project's items (`tether ai label` output; all or nothing)")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("file")
+
+    p = sub.add_parser("ai-settings", help="show AI suggestions to annotators, and route confident items to the AI")
+    _db_arg(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("--show", choices=["on", "off"], help="show AI suggestions to annotators (off by default: anchoring)")
+    p.add_argument("--threshold", help="auto-label items whose AI confidence is at least this (0.5-1); 'off' sends every item to people")
+
     p = sub.add_parser("add-member", help="let annotators work on a project")
     _db_arg(p)
     p.add_argument("--project", required=True)
@@ -215,6 +226,25 @@ def _run(args: argparse.Namespace, sv) -> int:  # noqa: ANN001, C901
     if args.cmd == "import":
         n = sv.import_file(db, args.project, Path(args.file).read_text(encoding="utf-8"))
         print(f"imported {n} items into {args.project!r}")
+        return 0
+    if args.cmd == "ai-import":
+        with db.write() as s:
+            n = sv.import_ai_labels(s, sv.get_project(s, args.project), Path(args.file).read_text(encoding="utf-8"))
+        print(f"imported {n} AI labels into {args.project!r}")
+        return 0
+    if args.cmd == "ai-settings":
+        th: object = "keep"
+        if args.threshold is not None:
+            try:
+                th = None if args.threshold == "off" else float(args.threshold)
+            except ValueError:
+                raise sv.Invalid(f"--threshold must be a number in [0.5, 1] or off, got {args.threshold!r}") from None
+        with db.write() as s:
+            p = sv.get_project(s, args.project)
+            got = sv.set_ai_settings(s, p, None if args.show is None else args.show == "on", th)
+            sv.audit(s, "ai_settings", "cli", p.name, detail=json.dumps(got))
+        print(f"{args.project}: show AI suggestions {'on' if got['show_ai'] else 'off'}; routing "
+              + (f"items with AI confidence >= {got['ai_threshold']} to the AI" if got["ai_threshold"] is not None else "off"))
         return 0
     if args.cmd in ("add-member", "remove-member"):
         add = args.cmd == "add-member"

@@ -10,12 +10,14 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -79,6 +81,10 @@ class Project(Base):
     guidelines: Mapped[str] = mapped_column(Text, default="")
     overlap: Mapped[int] = mapped_column(Integer, default=2)  # distinct annotators per item
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # AI pre-labels: shown to annotators only when the admin turns it on (hidden by default: anchoring);
+    # an item whose AI label is at least this confident is auto-labelled and not given to people (None = off)
+    show_ai: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    ai_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Membership(Base):
@@ -143,4 +149,22 @@ class Judgment(Base):
     server_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)  # from reservation to submit
     client_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)  # as measured by the page
     gold_correct: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AILabel(Base):
+    """An AI judge's label of a compare item (a suggestion, and the item's label when routing trusts it)."""
+
+    __tablename__ = "ai_labels"
+    __table_args__ = (
+        UniqueConstraint("task_id", "agent", name="uq_ai_labels_task_agent"),
+        Index("ix_ai_labels_project", "project_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    agent: Mapped[str] = mapped_column(String(160))  # the labeler's identity, e.g. hf:SmolLM2-135M-Instruct
+    choice: Mapped[str] = mapped_column(String(8))  # A | B | tie, in the task's response order
+    confidence: Mapped[float] = mapped_column(Float)  # in [0.5, 1]
+    principle: Mapped[str | None] = mapped_column(String(160), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -27,12 +27,12 @@ from datetime import timedelta
 from itertools import combinations
 from typing import Any
 
-from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import and_, case, delete, exists, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tether.feedback import agreement
-from tether.feedback.models import KINDS, ROLES, Assignment, AuditEvent, Judgment, Membership, Project, Task, User, utcnow
+from tether.feedback.models import KINDS, ROLES, AILabel, Assignment, AuditEvent, Judgment, Membership, Project, Task, User, utcnow
 from tether.feedback.security import end_sessions, hash_password
 
 RANK_MIN, RANK_MAX = 4, 7
@@ -494,7 +494,7 @@ def next_task(s: Session, project: Project, user: User, lease: timedelta = DEFAU
     # gold first, then items that others started (agreement becomes measurable early), then in import
     # order: one query per tier, each an ordered walk of ix_tasks_next that stops at 8 rows, so the
     # cost does not grow with the project (one query sorting every open item did)
-    tiers = [Task.is_gold.is_(True)] + [and_(Task.is_gold.is_(False), Task.n_claims == c) for c in range(project.overlap - 1, -1, -1)]
+    tiers = [Task.is_gold.is_(True)] + [and_(Task.is_gold.is_(False), Task.n_claims == c, ~_auto(project)) for c in range(project.overlap - 1, -1, -1)]
     lost: set[int] = set()
     while True:
         # Asked again after every lost race: on PostgreSQL (read committed) each query sees what the
@@ -539,6 +539,147 @@ def reserved_task(s: Session, project: Project, user: User) -> Task | None:
         .where(Assignment.project_id == project.id, Assignment.user_id == user.id, Assignment.expires_at >= utcnow())
         .order_by(Assignment.created_at, Assignment.id).limit(1)
     )
+
+
+# ---------------------------------------------------------------- AI pre-labels
+
+AI_CHOICES = ("A", "B", "tie")
+
+
+def _auto(project: Project):  # noqa: ANN202
+    """Items routed to the AI: a non-gold item with an AI label at least project.ai_threshold confident."""
+    if project.ai_threshold is None:
+        return false()
+    return exists().where(AILabel.task_id == Task.id, AILabel.confidence >= project.ai_threshold) & Task.is_gold.is_(False)
+
+
+def set_ai_settings(s: Session, project: Project, show_ai: Any = None, threshold: Any = "keep") -> dict:
+    """show_ai: show AI suggestions to annotators (None = unchanged); threshold: auto-label items whose AI
+    confidence is at least this (0.5-1), None = routing off, "keep" = unchanged."""
+    if project.kind != "compare" and (show_ai or threshold not in ("keep", None)):
+        raise Invalid("AI labels are for compare projects")
+    if show_ai is not None:
+        if not isinstance(show_ai, bool):
+            raise Invalid("show_ai must be true or false")
+        project.show_ai = show_ai
+    if threshold != "keep":
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.5 <= float(threshold) <= 1.0:
+                raise Invalid("threshold must be a number in [0.5, 1] (or off)")
+            threshold = float(threshold)
+        project.ai_threshold = threshold
+    return {"show_ai": project.show_ai, "ai_threshold": project.ai_threshold}
+
+
+def _ai_line(obj: Any) -> tuple[str, str, float, str, str | None]:
+    """(task external id, choice in the task's order, confidence, agent, principle) of one line: a record of
+    `tether ai label` (chosen/rejected with meta.task, meta.response_ids, meta.confidence, meta.labeler), or
+    {task, choice: A|B|tie, confidence, agent, principle?}."""
+    if not isinstance(obj, dict):
+        raise Invalid("each line must be a JSON object")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    if "chosen" in obj:
+        task, ids, conf, agent = meta.get("task"), meta.get("response_ids"), meta.get("confidence"), meta.get("labeler")
+        if not isinstance(ids, list) or len(ids) != 2:
+            raise Invalid("a `tether ai label` record needs meta.response_ids [chosen, rejected]")
+        choice = ids  # resolved against the task's response_ids by the caller
+        principles = meta.get("principles") or []
+        principle = principles[0] if len(principles) == 1 else ("+".join(sorted(map(str, principles))) or None)
+    else:
+        task, choice, conf, agent, principle = obj.get("task"), obj.get("choice"), obj.get("confidence"), obj.get("agent"), obj.get("principle")
+        if choice not in AI_CHOICES:
+            raise Invalid(f"choice must be one of {AI_CHOICES}")
+    if not isinstance(task, str) or not task:
+        raise Invalid("no task id (meta.task or task)")
+    if not isinstance(agent, str) or not agent.strip() or len(agent) > 160:
+        raise Invalid("agent (meta.labeler or agent) must be a non-empty string of at most 160 characters")
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 <= conf <= 1.0:
+        raise Invalid("confidence must be a number in [0.5, 1]")
+    if principle is not None and (not isinstance(principle, str) or len(principle) > 160):
+        raise Invalid("principle must be a string of at most 160 characters")
+    return task, choice, float(conf), agent.strip(), principle
+
+
+def import_ai_labels(s: Session, project: Project, text: str) -> int:
+    """AI labels for a compare project's items, all or nothing (ImportRejected with every bad line); a label
+    from the same agent for the same item replaces the old one."""
+    if project.kind != "compare":
+        raise Invalid("AI labels are for compare projects")
+    tasks = {t.external_id: t for t in s.scalars(select(Task).where(Task.project_id == project.id))}
+    rows, errors, seen = [], [], set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise Invalid(f"invalid JSON: {e.msg}") from None
+            ext, choice, conf, agent, principle = _ai_line(obj)
+            task = tasks.get(ext)
+            if task is None:
+                raise Invalid(f"no item {ext!r} in project {project.name!r}")
+            if isinstance(choice, list):
+                if sorted(map(str, choice)) != sorted(map(str, task.response_ids)):
+                    raise Invalid(f"meta.response_ids {choice} are not item {ext!r}'s responses {task.response_ids}")
+                choice = "A" if str(choice[0]) == str(task.response_ids[0]) else "B"
+            if (task.id, agent) in seen:
+                raise Invalid(f"a second label of item {ext!r} by {agent!r}")
+            seen.add((task.id, agent))
+            rows.append(AILabel(project_id=project.id, task_id=task.id, agent=agent, choice=choice, confidence=conf, principle=principle))
+        except Invalid as e:
+            errors.append((lineno, str(e)))
+    if errors:
+        raise ImportRejected(errors)
+    for r in rows:
+        s.execute(delete(AILabel).where(AILabel.task_id == r.task_id, AILabel.agent == r.agent))
+    s.add_all(rows)
+    s.flush()
+    return len(rows)
+
+
+def best_ai_labels(s: Session, project: Project) -> dict[int, AILabel]:
+    """task id -> its most confident AI label."""
+    best: dict[int, AILabel] = {}
+    for a in s.scalars(select(AILabel).where(AILabel.project_id == project.id).order_by(AILabel.id)):
+        if a.task_id not in best or a.confidence > best[a.task_id].confidence:
+            best[a.task_id] = a
+    return best
+
+
+def suggestion(s: Session, project: Project, task: Task) -> dict | None:
+    """The AI suggestion an annotator sees for this item: None unless the admin turned suggestions on."""
+    if not project.show_ai:
+        return None
+    a = s.scalar(select(AILabel).where(AILabel.task_id == task.id).order_by(AILabel.confidence.desc(), AILabel.id).limit(1))
+    return None if a is None else {"choice": a.choice, "agent": a.agent, "confidence": a.confidence, "principle": a.principle}
+
+
+def ai_stats(s: Session, project: Project, rows: list[tuple[Task, Judgment, str]] | None = None) -> dict:
+    """AI labels, routing, and AI-human agreement: Cohen's kappa between each AI label and its item's human
+    plurality vote (A/B/tie; skips and tied votes left out), over the project, per principle and per agent."""
+    labels = list(s.scalars(select(AILabel).where(AILabel.project_id == project.id).order_by(AILabel.id)))
+    rows = _rows(s, project) if rows is None else rows
+    votes: dict[int, list] = defaultdict(list)
+    for t, j, _w in rows:
+        if not j.skipped and not t.is_gold:
+            votes[t.id].append(j.value["choice"])
+    human = {tid: agreement.plurality(v) for tid, v in votes.items()}
+    n_auto = s.scalar(select(func.count(Task.id)).where(Task.project_id == project.id, _auto(project))) if project.ai_threshold is not None else 0
+
+    def kappa(ls: list[AILabel]) -> dict:
+        both = [(a.choice, human[a.task_id]) for a in ls if human.get(a.task_id) is not None]
+        return {"n": len(both), "agreement": (sum(x == y for x, y in both) / len(both)) if both else None,
+                "cohen_kappa": agreement.cohen_kappa([x for x, _ in both], [y for _, y in both]) if both else None}
+
+    by: dict[str, dict[str, list]] = {"principle": defaultdict(list), "agent": defaultdict(list)}
+    for a in labels:
+        by["principle"][a.principle or "-"].append(a)
+        by["agent"][a.agent].append(a)
+    return {"labels": len(labels), "items": len({a.task_id for a in labels}), "show_ai": project.show_ai,
+            "threshold": project.ai_threshold, "auto_labelled": int(n_auto or 0),
+            "agreement": kappa(labels) | {"per_principle": {k: kappa(v) for k, v in sorted(by["principle"].items())},
+                                          "per_agent": {k: kappa(v) for k, v in sorted(by["agent"].items())}}}
 
 
 # ---------------------------------------------------------------- judgments
@@ -680,7 +821,7 @@ def progress(s: Session, project: Project, user: User) -> dict:
     reserved = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
     available = s.scalar(
         select(func.count(Task.id)).where(
-            Task.project_id == project.id, ~judged, or_(reserved, _claimable(project))
+            Task.project_id == project.id, ~judged, or_(reserved, and_(_claimable(project), ~_auto(project)))
         )
     ) or 0
     n_regular = s.scalar(select(func.count(Task.id)).where(Task.project_id == project.id, Task.is_gold.is_(False))) or 0
@@ -777,6 +918,7 @@ def project_stats(s: Session, project: Project) -> dict:
             }
         )
     all_ms = [j.server_ms for _t, j, _u in rows if j.server_ms is not None]
+    ai = ai_stats(s, project, rows) if project.kind == "compare" else None
     return {
         "project": project.name,
         "kind": project.kind,
@@ -806,6 +948,7 @@ def project_stats(s: Session, project: Project) -> dict:
             "median_seconds": (statistics.median(all_ms) / 1000) if all_ms else None,
             "p90_seconds": (_pct(all_ms, 0.9) / 1000) if all_ms else None,
         },
+        "ai": ai,
     }
 
 
@@ -879,6 +1022,18 @@ def export_preferences(s: Session, project: Project, policy: str = "majority", i
                         c, r_ = (a, b) if ch == "A" else (b, a)
                         ids = (ia, ib) if ch == "A" else (ib, ia)
                         out.append(rec(task, c, r_, f"{task.external_id}/u{j.user_id}", {**base, "annotator": who, "response_ids": list(ids)}))
+        if project.ai_threshold is not None:
+            # routed items: the AI's label, marked as such, where no person gave a vote (a person's vote wins)
+            voted = {tid for tid, trs in by_task.items() if any(not j.skipped for _t, j, _u in trs)}
+            for tid, lab in best_ai_labels(s, project).items():
+                task = s.get(Task, tid)
+                if tid in voted or lab.confidence < project.ai_threshold or lab.choice not in ("A", "B") or (task.is_gold and not include_gold):
+                    continue
+                (a, b), (ia, ib) = task.responses, task.response_ids
+                c, r_, ids = (a, b, (ia, ib)) if lab.choice == "A" else (b, a, (ib, ia))
+                out.append(rec(task, c, r_, f"{task.external_id}/ai", {"task": task.external_id, "task_pk": tid, "response_ids": list(ids),
+                                                                         "auto_labelled": True, "ai": {"agent": lab.agent, "confidence": lab.confidence,
+                                                                                                       "principle": lab.principle}}))
     elif project.kind == "rank":
         for tid, trs in by_task.items():
             task = trs[0][0]
