@@ -4,6 +4,7 @@ each estimator and loss, micro-batch invariance, learning on a rule reward, resu
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,8 +180,11 @@ def test_presets_set_keys_and_the_users_keys_win(capsys):
     c = load_config(ppo.PPOConfig, None, ["reward.fn=x:y", "algo=dapo", "ppo.clip_high=0.3", "samples_per_prompt=8"])
     assert (c.ppo.clip_high, c.samples_per_prompt, c.dynamic_sampling, c.kl.coef) == (0.3, 8, True, 0.0)
     assert load_config(ppo.PPOConfig, None, ["reward.fn=x:y"]).advantage == "gae"  # ppo: nothing changes
-    for algo in ALGOS:
-        load_config(ppo.PPOConfig, None, ["reward.fn=x:y", f"algo={algo}"])  # each preset is a valid config
+    shipped = Path(__file__).parents[1] / "configs" / "critic_free.yaml"  # README's command for each method
+    assert "tether ppo --config configs/critic_free.yaml algo=grpo" in shipped.read_text()
+    for algo in ALGOS:  # each preset is a valid config, alone and over the shipped one
+        assert load_config(ppo.PPOConfig, None, ["reward.fn=x:y", f"algo={algo}"]).algo == algo
+        assert load_config(ppo.PPOConfig, shipped, [f"algo={algo}"]).ppo.epochs == (1 if algo in ("rloo", "remax") else 4)
     with pytest.raises(ConfigError, match="config key 'algo': must be one of ppo, grpo"):
         load_config(ppo.PPOConfig, None, ["reward.fn=x:y", "algo=trpo"])
     with pytest.raises(ConfigError, match="config key 'dynamic_sampling': needs samples_per_prompt >= 2"):

@@ -12,7 +12,8 @@ Each iteration (one `max_steps` step):
   3. forward    old-policy logprobs, reference logprobs, values (from the critic's first update step
                 when it covers the whole batch: critic.fuse_value_pass); per-token KL penalty in the
                 reward r_t = -beta KL_t (+ score on the last token); beta fixed or adaptive (Ziegler 2.2)
-  4. advantage  GAE(gamma, lambda) with the critic (or RLOO / GRPO group baselines without one); whitening
+  4. advantage  GAE(gamma, lambda) with the critic, or without one (algo=grpo, rloo, remax ...: rl_config.ALGOS)
+                a group baseline or REINFORCE returns-to-go minus a baseline; whitening
   5. update     `ppo.epochs` passes over shuffled minibatches: clipped policy loss (+ entropy bonus),
                 clipped value loss, gradient clipping; stop early when approx KL > ppo.target_approx_kl
   6. guard      a non-finite loss/gradient, or KL to the reference above kl.max, rolls the iteration's
