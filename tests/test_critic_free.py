@@ -251,6 +251,11 @@ def test_remax_baseline_is_the_greedy_reward(tiny_gpt2, tmp_path):
     assert m["rewards/greedy_raw_mean"] == pytest.approx(float(g.mean()))
 
 
+def test_remax_learns_rule_reward(tiny_gpt2, tmp_path):
+    rows = _learns(tiny_gpt2, tmp_path, "remax", "samples_per_prompt=4", "ppo.minibatch_size=0", "optim.lr=2e-2", steps=30)
+    assert rows[-1]["ppo/minibatch_steps"] == 1 and rows[-1]["rewards/greedy_raw_mean"] >= 0
+
+
 def uneven(prompts, responses, response_ids, tokens=()):
     """A rule reward that is 1 for every sample of a prompt with an even number of words (a uniform group)."""
     target = set(tokens)

@@ -75,14 +75,14 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     t = time.perf_counter()
     raw, scores, metrics = scorer.score(ro)
     costs = cost[0].raw(ro) if cost is not None else None
-    G, baseline = cfg.samples_per_prompt, None
-    if cfg.advantage_kind is Advantage.REMAX:  # ReMax's baseline: the reward of one greedy response per prompt
+    G, baseline, buf = cfg.samples_per_prompt, None, cfg.overlong_buffer
+    length_penalty = lambda r: cfg.overlong_penalty * overlong_penalty(r.response_mask.sum(-1), cfg.rollout.max_new_tokens, buf) if buf else 0.0  # noqa: E731 (DAPO)
+    if cfg.advantage_kind is Advantage.REMAX:  # ReMax's baseline: the reward of one greedy response per prompt, shaped alike
         greedy = rollout.generate(prompts.select(list(range(0, len(prompts), G))), dataclasses.replace(cfg.rollout, temperature=0.0)).to("cpu")
         _, baseline, m = scorer.score(greedy)
-        baseline, metrics["rewards/greedy_raw_mean"] = baseline.repeat_interleave(G), m["rewards/raw_mean"]
-    if cfg.overlong_buffer:
-        penalty = cfg.overlong_penalty * overlong_penalty(ro.response_mask.sum(-1), cfg.rollout.max_new_tokens, cfg.overlong_buffer)
-        scores, metrics["rewards/overlong_penalty"] = scores + penalty, float(penalty.mean())
+        baseline, metrics["rewards/greedy_raw_mean"] = (baseline + length_penalty(greedy)).repeat_interleave(G), m["rewards/raw_mean"]
+    if buf:
+        scores, metrics["rewards/overlong_penalty"] = scores + length_penalty(ro), float(length_penalty(ro).mean())
     if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal; the batch shrinks
         uniform = uniform_groups(raw, G)
         keep = torch.arange(len(raw)) if uniform.all() else (~uniform).nonzero().view(-1)
