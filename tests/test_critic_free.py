@@ -154,7 +154,7 @@ def test_k3_kl_in_the_loss_by_hand():
     assert lp.grad[0].tolist() == pytest.approx([-0.02, -0.02])
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "gspo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "gspo", "reinforce_pp_baseline"])
 def test_policy_loss_microbatch_invariance(tiny_gpt2, algo):
     cfg = load_config(ppo.PPOConfig, None, ["reward.fn=x:y", f"algo={algo}", "kl.coef=0.1", "ppo.clip_high=0.3", "rollout.max_new_tokens=6"])
     base = load_causal_lm(tiny_gpt2)
@@ -180,8 +180,8 @@ def test_presets_set_keys_and_the_users_keys_win(capsys):
     c = load_config(ppo.PPOConfig, None, ["reward.fn=x:y", "algo=dapo", "ppo.clip_high=0.3", "samples_per_prompt=8"])
     assert (c.ppo.clip_high, c.samples_per_prompt, c.dynamic_sampling, c.kl.coef) == (0.3, 8, True, 0.0)
     assert load_config(ppo.PPOConfig, None, ["reward.fn=x:y"]).advantage == "gae"  # ppo: nothing changes
-    shipped = Path(__file__).parents[1] / "configs" / "critic_free.yaml"  # README's command for each method
-    assert "tether ppo --config configs/critic_free.yaml algo=grpo" in shipped.read_text()
+    shipped = Path(__file__).parents[1] / "configs" / "ppo_critic_free.yaml"  # README's command for each method
+    assert "tether ppo --config configs/ppo_critic_free.yaml algo=grpo" in shipped.read_text()
     for algo in ALGOS:  # each preset is a valid config, alone and over the shipped one
         assert load_config(ppo.PPOConfig, None, ["reward.fn=x:y", f"algo={algo}"]).algo == algo
         assert load_config(ppo.PPOConfig, shipped, [f"algo={algo}"]).ppo.epochs == (1 if algo in ("rloo", "remax") else 4)
