@@ -18,6 +18,10 @@ class Advantage(enum.Enum):
     GAE = "gae"  # Schulman et al. 2016 with a learned critic (PPO as in Ouyang et al. 2022)
     RLOO = "rloo"  # leave-one-out baseline over G samples (Ahmadian et al. 2024, eq. 4)
     GRPO = "grpo"  # group mean/std normalised reward (Shao et al. 2024, eq. 3)
+    DR_GRPO = "dr_grpo"  # group mean baseline, no std division (Dr. GRPO, Liu et al. 2025)
+    REINFORCE = "reinforce"  # returns-to-go, whitened over the batch (REINFORCE++, Hu 2025)
+    REINFORCE_BASELINE = "reinforce_baseline"  # returns-to-go minus the group's mean return (REINFORCE++-baseline, Hu 2025)
+    REMAX = "remax"  # returns-to-go minus the greedy response's reward (ReMax, Li et al. 2023, Algorithm 1)
 
     @property
     def needs_critic(self) -> bool:
@@ -25,7 +29,11 @@ class Advantage(enum.Enum):
 
     @property
     def needs_groups(self) -> bool:
-        return self is not Advantage.GAE
+        return self in (Advantage.RLOO, Advantage.GRPO, Advantage.DR_GRPO, Advantage.REINFORCE_BASELINE)
+
+    @property
+    def per_token(self) -> bool:  # returns-to-go of the per-token rewards rather than one value per sequence
+        return self in (Advantage.REINFORCE, Advantage.REINFORCE_BASELINE, Advantage.REMAX)
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -75,7 +83,8 @@ def whiten_advantages(adv: Tensor, mask: Tensor) -> Tensor:
 def group_advantages(scores: Tensor, group_size: int, kind: Advantage, eps: float = 1e-6) -> Tensor:
     """Sequence-level advantages from G samples per prompt. scores [B] -> [B].
 
-    rloo: A_i = s_i - mean_{j != i} s_j;  grpo: A_i = (s_i - mean(s)) / (std(s) + eps).
+    rloo: A_i = s_i - mean_{j != i} s_j;  grpo: A_i = (s_i - mean(s)) / (std(s) + eps);
+    dr_grpo: A_i = s_i - mean(s) (Liu et al. 2025: the std division weighs near-uniform groups up).
     """
     if scores.shape[0] % group_size:
         raise ValueError(f"batch of {scores.shape[0]} is not a multiple of group size {group_size}")
@@ -88,7 +97,31 @@ def group_advantages(scores: Tensor, group_size: int, kind: Advantage, eps: floa
     if kind is Advantage.GRPO:
         std = s.std(1, keepdim=True) if group_size > 1 else torch.ones_like(s)
         return ((s - s.mean(1, keepdim=True)) / (std + eps)).view(-1)
+    if kind is Advantage.DR_GRPO:
+        return (s - s.mean(1, keepdim=True)).view(-1)
     raise ValueError(f"{kind} is not a group estimator")
+
+
+def reinforce_advantages(rewards: Tensor, mask: Tensor, baseline: Tensor | None = None, gamma: float = 1.0) -> Tensor:
+    """REINFORCE with returns-to-go (Williams 1992): A_t = sum_{s>=t} gamma^(s-t) r_s - b, one baseline b per
+    sequence [B] (None = 0). rewards/mask [B, R] -> [B, R]. REINFORCE++ (Hu 2025, section 3) uses no b and
+    whitens A over the batch; REINFORCE++-baseline takes b = the mean return of the prompt's group; ReMax
+    (Li et al. 2023, Algorithm 1) b = the reward of the prompt's greedy response. GAE with V = 0, lambda = 1."""
+    adv = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
+    return adv if baseline is None else (adv - baseline.to(adv.dtype)[:, None]) * mask
+
+
+def uniform_groups(scores: Tensor, group_size: int) -> Tensor:
+    """[B] -> [B] bool: True on every row of a group whose G scores are all equal. DAPO's dynamic sampling
+    (Yu et al. 2025, section 3.2: keep 0 < #correct < G) drops them: their group advantage is 0."""
+    s = scores.view(-1, group_size)
+    return (s == s[:, :1]).all(1).repeat_interleave(group_size)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, section 3.4): 0 up to max_len - buffer tokens, then
+    falling linearly to -1 at max_len. lengths [B] -> [B]."""
+    return (((max_len - buffer) - lengths.float()) / buffer).clamp(-1.0, 0.0)
 
 
 def combine_rewards(scores: Tensor, weights: Tensor, group_size: int = 0, eps: float = 1e-6) -> Tensor:

@@ -263,6 +263,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type[C], values: dict[str, Any], prefix: str) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    key, table = getattr(cls, "PRESETS", ("", {}))  # a method preset (e.g. `tether ppo algo=grpo`): its keys under the user's
+    preset = table.get(values.get(key), []) if isinstance(values.get(key), str) else []
+    values = {k: dict(x) if isinstance(x, dict) else x for k, x in values.items()} if preset else values  # the caller's tree stays as given
+    for path, v in map(_parse_override, preset):
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], v)
     kw: dict[str, Any] = {}
     for key, value in values.items():
         full = f"{prefix}{key}"

@@ -310,24 +310,47 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = KLEs
 # -- PPO -------------------------------------------------------------------------------------------
 
 
+class LossAgg(enum.Enum):
+    TOKEN = "token"  # every token weighs the same: sum / the batch's tokens (DAPO, Yu et al. 2025, section 3.3)
+    SEQUENCE = "sequence"  # each sequence's token mean, then the mean over sequences (GRPO, Shao et al. 2024, eq. 3)
+    CONSTANT = "constant"  # sum / (sequences x max_new_tokens): no length normalisation (Dr. GRPO, Liu et al. 2025)
+
+
+def loss_normaliser(mask: Tensor, agg: LossAgg, num_tokens: float, num_seqs: float, max_len: int) -> float | Tensor:
+    """The divisor of a token loss's sum under `agg`: a number, or one per sequence [B, 1]. num_tokens and
+    num_seqs count the whole batch (every micro-batch and rank), so the loss does not change with the split."""
+    if agg is LossAgg.TOKEN:
+        return num_tokens
+    if agg is LossAgg.SEQUENCE:
+        return mask.sum(-1, keepdim=True).clamp(min=1) * num_seqs
+    return float(num_seqs * max_len)
+
+
 def ppo_policy_loss(
     new_logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    num_tokens: float,
+    num_tokens: float | Tensor,
     clip_eps: float = 0.2,
+    clip_high: float = 0.0,
+    seq_ratio: bool = False,
 ) -> tuple[Tensor, Metrics]:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), per token, summed / num_tokens.
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), per token, summed / num_tokens (a number
+    or per sequence [B, 1]: loss_normaliser).
 
-    L = -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(new - old). All inputs [B, R].
+    L = -min(rho A, clip(rho, 1-eps, 1+eps_high) A), rho = exp(new - old). All inputs [B, R]. clip_high > 0:
+    DAPO's clip-higher, eps_high != eps (Yu et al. 2025, section 3.1). seq_ratio: GSPO's one ratio per
+    sequence, s_i = exp(mean_t (new - old)) (Zheng et al. 2025), on each of its tokens.
     """
     log_ratio = new_logprobs - old_logprobs
+    if seq_ratio:
+        log_ratio = masked_mean(log_ratio, mask, -1)[:, None].expand_as(log_ratio)
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages
-    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + (clip_high or clip_eps)) * advantages
     losses = -torch.min(surr1, surr2)
-    loss = masked_sum(losses, mask) / num_tokens
+    loss = (losses * mask / num_tokens).sum()
     with torch.no_grad():
         clipped = (surr2 < surr1).float()
         # approx KL(old || new) with the k3 estimator on the minibatch (Schulman 2020)
@@ -338,6 +361,16 @@ def ppo_policy_loss(
         "policy/approx_kl": approx_kl,
         "policy/ratio": masked_mean(ratio.detach(), mask),
     }
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, num_tokens: float | Tensor, coef: float,
+            kind: KLEstimator = KLEstimator.K3) -> tuple[Tensor, Metrics]:
+    """beta KL(pi || ref) as a loss term rather than a reward penalty, the per-token estimate summed /
+    num_tokens like the policy loss (GRPO, Shao et al. 2024, eq. 3 with the k3 estimator of eq. 4;
+    REINFORCE++-baseline, Hu 2025, with k2). Inputs [B, R]; the gradient flows through logprobs."""
+    kl = kl_estimate(logprobs, ref_logprobs, kind)
+    loss = coef * (kl * mask / num_tokens).sum()
+    return loss, {"loss/kl": loss.detach(), "policy/kl_ref": masked_mean(kl.detach(), mask)}
 
 
 def value_loss(

@@ -12,7 +12,8 @@ Each iteration (one `max_steps` step):
   3. forward    old-policy logprobs, reference logprobs, values (from the critic's first update step
                 when it covers the whole batch: critic.fuse_value_pass); per-token KL penalty in the
                 reward r_t = -beta KL_t (+ score on the last token); beta fixed or adaptive (Ziegler 2.2)
-  4. advantage  GAE(gamma, lambda) with the critic (or RLOO / GRPO group baselines without one); whitening
+  4. advantage  GAE(gamma, lambda) with the critic, or without one (algo=grpo, rloo, remax ...: rl_config.ALGOS)
+                a group baseline or REINFORCE returns-to-go minus a baseline; whitening
   5. update     `ppo.epochs` passes over shuffled minibatches: clipped policy loss (+ entropy bonus),
                 clipped value loss, gradient clipping; stop early when approx KL > ppo.target_approx_kl
   6. guard      a non-finite loss/gradient, or KL to the reference above kl.max, rolls the iteration's
@@ -34,15 +35,15 @@ import time
 import torch
 from torch import Tensor
 
-from tether.advantages import (AdaptiveKLController, FixedKLController, LagrangeMultiplier, explained_variance, gae, group_advantages, kl_shaped_rewards,
-                               lagrangian_advantages, whiten_advantages)
+from tether.advantages import (AdaptiveKLController, Advantage, FixedKLController, LagrangeMultiplier, explained_variance, gae, group_advantages, kl_shaped_rewards,
+                               lagrangian_advantages, overlong_penalty, reinforce_advantages, uniform_groups, whiten_advantages)
 from tether.algo.common import require_examples, sampler_and_step, start_run, total_steps, write_summary
 from tether.algo.reward import RewardConfig, Rewards, Scorer
 from tether.algo.rl_config import PPOConfig
 from tether.cli import cli_main
 from tether.config import ConfigError, RunStopped, to_dict
 from tether.engine import make_engine, make_reference
-from tether.losses import KLEstimator, entropy_bonus, kl_estimate, masked_mean, ppo_policy_loss, value_loss
+from tether.losses import KLEstimator, LossAgg, entropy_bonus, kl_estimate, kl_loss, loss_normaliser, masked_mean, ppo_policy_loss, value_loss
 from tether.models import causal_logprobs, disable_dropout, eos_ids, load_causal_lm, load_scalar_model, load_tokenizer, save_reward_stats, scalar_values
 from tether.rollout import make_rollout
 from tether.track import Tracker, peak_memory_mb
@@ -74,6 +75,20 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     t = time.perf_counter()
     raw, scores, metrics = scorer.score(ro)
     costs = cost[0].raw(ro) if cost is not None else None
+    G, baseline, buf = cfg.samples_per_prompt, None, cfg.overlong_buffer
+    length_penalty = lambda r: cfg.overlong_penalty * overlong_penalty(r.response_mask.sum(-1), cfg.rollout.max_new_tokens, buf) if buf else 0.0  # noqa: E731 (DAPO)
+    if cfg.advantage_kind is Advantage.REMAX:  # ReMax's baseline: the reward of one greedy response per prompt, shaped alike
+        greedy = rollout.generate(prompts.select(list(range(0, len(prompts), G))), dataclasses.replace(cfg.rollout, temperature=0.0)).to("cpu")
+        _, baseline, m = scorer.score(greedy)
+        baseline, metrics["rewards/greedy_raw_mean"] = (baseline + length_penalty(greedy)).repeat_interleave(G), m["rewards/raw_mean"]
+    if buf:
+        scores, metrics["rewards/overlong_penalty"] = scores + length_penalty(ro), float(length_penalty(ro).mean())
+    if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal; the batch shrinks
+        uniform = uniform_groups(raw, G)
+        keep = torch.arange(len(raw)) if uniform.all() else (~uniform).nonzero().view(-1)
+        metrics |= {"rollout/groups_uniform": float(uniform.sum()) / G, "rollout/groups_dropped": (len(raw) - len(keep)) / G}
+        ro, raw, scores = ro.select(keep), raw[keep], scores[keep]
+        costs, baseline = (x[keep] if x is not None else None for x in (costs, baseline))
     timing["timing/score"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -89,7 +104,7 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
 
     # Per-token KL penalty in the reward (Ziegler et al. 2019, eq. 2), score on the last token.
     kl = kl_estimate(logprobs, ref_logprobs, cfg.kl.kind) * mask  # [B, R]
-    rewards, non_score = kl_shaped_rewards(scores, kl, mask, kl_coef)
+    rewards, non_score = kl_shaped_rewards(scores, kl, mask, 0.0 if cfg.kl.in_loss else kl_coef)
     exp = Experience(sequences=ro.sequences, attention_mask=ro.attention_mask, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                      values=None, advantages=None, returns=None, prompt_length=ro.prompt_length, rewards=rewards, scores=raw, group_ids=ro.group_ids)
     value_step = None
@@ -108,7 +123,7 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         if cost[1] is not None:
             metrics["cost_value/explained_variance"] = float(explained_variance(c_values, c_returns, mask))
     timing["timing/forward"] = time.perf_counter() - t
-    advantages, returns = estimate_advantages(rewards, values, mask, cfg)
+    advantages, returns = estimate_advantages(rewards, values, mask, cfg, baseline)
     if cfg.rollout.tis_cap > 0 and not reuse:  # truncated importance sampling: the tokens came from the sampler, not the trainer's policy
         tis = torch.exp(logprobs - ro.logprobs.cpu() * mask).clamp(max=cfg.rollout.tis_cap).detach() * mask
         advantages, metrics["rollout/tis_weight_mean"] = advantages * tis, float(masked_mean(tis, mask))
@@ -138,12 +153,17 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     return exp, ro, metrics, value_step
 
 
-def estimate_advantages(rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
-    """GAE(gamma, lambda) with the critic, or a group baseline (RLOO / GRPO) on the whole-sequence
-    KL-shaped return; whitened over the batch when ppo.whiten_advantages. -> (advantages, returns) [B, R]."""
-    kind = cfg.advantage_kind
+def estimate_advantages(rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig, baseline: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """GAE(gamma, lambda) with the critic, a group baseline (RLOO / GRPO / Dr. GRPO) on the whole-sequence
+    KL-shaped return, or returns-to-go minus a per-sequence baseline (REINFORCE++: none; its baseline form:
+    the group's mean return; ReMax: `baseline`, the greedy reward); whitened over the batch when
+    ppo.whiten_advantages. -> (advantages, returns) [B, R]."""
+    kind, G = cfg.advantage_kind, cfg.samples_per_prompt
     if kind.needs_critic:
         advantages, returns = gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    elif kind.per_token:
+        baseline = rewards.sum(-1).view(-1, G).mean(1).repeat_interleave(G) if kind is Advantage.REINFORCE_BASELINE else baseline
+        advantages, returns = reinforce_advantages(rewards, mask, baseline, cfg.ppo.gamma), torch.zeros_like(rewards)
     else:
         advantages, returns = group_advantages(rewards.sum(-1), cfg.samples_per_prompt, kind)[:, None] * mask, torch.zeros_like(rewards)
     return (whiten_advantages(advantages, mask) if cfg.ppo.whiten_advantages else advantages), returns
@@ -170,13 +190,18 @@ def fused_value_step(exp: Experience, critic, cfg: PPOConfig) -> tuple[Tensor, d
 # -- The update ------------------------------------------------------------------------------------
 
 
-def policy_loss_fn(cfg: PPOConfig, num_tokens: float):
-    """Clipped surrogate (+ entropy bonus) on a micro-batch of Experience, normalised by num_tokens."""
-    temp, coef = cfg.rollout.temperature or 1.0, cfg.ppo.entropy_coef
+def policy_loss_fn(cfg: PPOConfig, num_tokens: float, num_seqs: float = 1.0, kl_coef: float | None = None):
+    """Clipped surrogate (+ KL term with kl.in_loss, + entropy bonus) on a micro-batch of Experience,
+    aggregated by ppo.loss_agg over the whole batch's num_tokens / num_seqs."""
+    temp, coef, beta = cfg.rollout.temperature or 1.0, cfg.ppo.entropy_coef, cfg.kl.coef if kl_coef is None else kl_coef
 
     def loss_fn(model, mb: Experience):
         new_logprobs, ent = _logprobs(mb.response_mask.shape[1], temp, with_entropy=coef > 0)(model, mb)
-        loss, metrics = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, num_tokens, cfg.ppo.clip)
+        norm = loss_normaliser(mb.response_mask, LossAgg(cfg.ppo.loss_agg), num_tokens, num_seqs, cfg.rollout.max_new_tokens)
+        loss, metrics = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, norm, cfg.ppo.clip, cfg.ppo.clip_high, cfg.ppo.ratio == "sequence")
+        if cfg.kl.in_loss and beta > 0:
+            kl, m = kl_loss(new_logprobs, mb.ref_logprobs, mb.response_mask, norm, beta, cfg.kl.kind)
+            loss, metrics = loss + kl, metrics | m
         if coef > 0:
             bonus, m = entropy_bonus(ent, mb.response_mask, num_tokens, coef)
             loss, metrics = loss + bonus, metrics | {"policy/entropy_update": m["policy/entropy"]}
@@ -197,12 +222,13 @@ def value_loss_fn(cfg: PPOConfig, num_tokens: float):
 
 
 def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int, value_step: dict[str, float] | None = None,
-               cost_critic=None) -> dict[str, float]:
+               cost_critic=None, kl_coef: float | None = None) -> dict[str, float]:
     """ppo.epochs passes over shuffled minibatches; early stop on approx KL; stops at a non-finite step.
 
     The shuffle is seeded by (seed, iteration), so a resumed run draws the same minibatches. value_step:
     the critic's step of the first (whole-batch) minibatch, already taken by make_experience (fused).
-    cost_critic: fitted to the cost returns with the same value loss (metrics cost_value/*)."""
+    cost_critic: fitted to the cost returns with the same value loss (metrics cost_value/*). kl_coef: beta
+    of a KL term in the loss (kl.in_loss; the adaptive controller's value)."""
     n = len(exp)
     mbs = cfg.ppo.minibatch_size or n
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
@@ -213,7 +239,8 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int, 
         for s in range(0, n, mbs):
             mb = exp.select(perm[s : s + mbs])
             num_tokens = policy.global_sum(float(mb.response_mask.sum()))
-            m = {f"{k}_policy" if k.startswith("optim/") else k: v for k, v in policy.train_step(mb, policy_loss_fn(cfg, num_tokens)).items()}
+            loss_fn = policy_loss_fn(cfg, num_tokens, policy.global_sum(float(len(mb))), kl_coef)
+            m = {f"{k}_policy" if k.startswith("optim/") else k: v for k, v in policy.train_step(mb, loss_fn).items()}
             if critic is not None:
                 mv = value_step if value_step is not None and epoch == 0 else critic.train_step(mb, value_loss_fn(cfg, num_tokens))
                 m |= {f"{k}_value" if k.startswith("optim/") else k: v for k, v in mv.items()}
@@ -297,7 +324,7 @@ def train(cfg: PPOConfig) -> dict:
         lagrange.load_state_dict(state.get("lagrange", {"value": cfg.cost.lambda_init}))
         rollout.update_weights(policy.named_parameters())
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "ppo", resume=cfg.resume, start_step=step)
-    tracker.event(f"ppo: {len(prompt_ids)} prompts, {steps} iterations of {cfg.batch_size} x {cfg.samples_per_prompt} responses, advantage={cfg.advantage}")
+    tracker.event(f"ppo: {len(prompt_ids)} prompts, {steps} iterations of {cfg.batch_size} x {cfg.samples_per_prompt} responses, algo={cfg.algo}, advantage={cfg.advantage}")
 
     metrics: dict[str, float] = {}
     recent: list[float] = []
@@ -315,7 +342,7 @@ def train(cfg: PPOConfig) -> dict:
             metrics["lagrange/lambda"] = lagrange.value
         # 5. update, 6. guarded
         t = time.perf_counter()
-        metrics |= ppo_update(exp, policy, critic, cfg, step, value_step, cost_critic)
+        metrics |= ppo_update(exp, policy, critic, cfg, step, value_step, cost_critic, kl_ctl.value)
         bad = metrics["guard/nonfinite"] > 0
         if cfg.kl.max > 0 and not bad:
             metrics["guard/kl_after_update"] = kl_after_update(policy, exp, cfg)

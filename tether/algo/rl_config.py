@@ -35,6 +35,7 @@ class KLConfig:
     horizon: int = doc(10000, "adaptive controller: horizon in sequences")
     estimator: Literal["k1", "k2", "k3", "abs"] = doc("k1", "per-token KL estimator in the reward (k1 = log pi/ref; k1/k2/k3 are all logged)")
     max: float = doc(0.0, "roll an update back when the KL per sequence of the updated policy to the reference exceeds this (0 = off)")
+    in_loss: bool = doc(False, "put beta * KL (kl.estimator, per token) in the policy loss, aggregated like it, instead of in the reward (GRPO: k3)")
 
     def validate(self, p: str) -> None:
         check(self.coef >= 0, f"{p}coef", "must be >= 0")
@@ -85,6 +86,9 @@ class PPOHyper:
     epochs: int = doc(4, "passes over each rollout batch (lm-human-preferences: 4)")
     minibatch_size: int = doc(0, "sequences per optimizer step (0 = the whole rollout batch)")
     clip: float = doc(0.2, "policy ratio clip epsilon (Schulman et al. 2017)")
+    clip_high: float = doc(0.0, "upper clip epsilon when it differs from ppo.clip (DAPO's clip-higher: 0.28; 0 = ppo.clip)")
+    ratio: Literal["token", "sequence"] = doc("token", "token: a ratio per token; sequence: GSPO's per-sequence ratio exp(mean log ratio) (Zheng et al. 2025)")
+    loss_agg: Literal["token", "sequence", "constant"] = doc("token", "token: mean over the batch's tokens (DAPO); sequence: mean per sequence, then over sequences (GRPO); constant: sum / (sequences x rollout.max_new_tokens) (Dr. GRPO)")
     value_clip: float = doc(0.2, "value clip around the old values (0 = off)")
     vf_coef: float = doc(0.1, "value loss coefficient (lm-human-preferences: 0.1)")
     entropy_coef: float = doc(0.0, "entropy bonus coefficient (0 = off, as in the RLHF papers)")
@@ -100,6 +104,7 @@ class PPOHyper:
         check(self.epochs > 0, f"{p}epochs", "must be positive")
         check(self.minibatch_size >= 0, f"{p}minibatch_size", "must be >= 0")
         check(0 < self.clip < 1, f"{p}clip", "must be in (0, 1)")
+        check(self.clip_high >= 0, f"{p}clip_high", "must be >= 0")
         check(self.value_clip >= 0, f"{p}value_clip", "must be >= 0")
         check(0 <= self.gamma <= 1, f"{p}gamma", "must be in [0, 1]")
         check(0 <= self.lam <= 1, f"{p}lam", "must be in [0, 1]")
@@ -107,8 +112,29 @@ class PPOHyper:
         check(self.max_rollbacks >= 0, f"{p}max_rollbacks", "must be >= 0")
 
 
+# Each method of `tether ppo algo=...`: the keys it sets (load_config lays the user's keys over them). The
+# same loop runs every one; what differs is the advantage, where the KL goes, the ratio, the clip and the loss's
+# aggregation. Sources: GRPO Shao et al. 2024 (beta 0.04, k3 in the loss); Dr. GRPO Liu et al. 2025; DAPO
+# Yu et al. 2025 (no KL, clip 0.2/0.28, token mean, dynamic sampling); GSPO Zheng et al. 2025 (clip 3e-4/4e-4);
+# RLOO Ahmadian et al. 2024 and ReMax Li et al. 2023 (one plain policy-gradient step per batch); REINFORCE++
+# and its baseline form Hu 2025 (k1 in the reward, or k2 in the loss; advantages whitened over the batch).
+_GROUP = ["samples_per_prompt=4", "ppo.whiten_advantages=false"]
+ALGOS = {
+    "ppo": [],
+    "grpo": ["advantage=grpo", *_GROUP, "kl.in_loss=true", "kl.estimator=k3", "kl.coef=0.04", "ppo.loss_agg=sequence"],
+    "dr_grpo": ["advantage=dr_grpo", *_GROUP, "kl.in_loss=true", "kl.estimator=k3", "kl.coef=0.04", "ppo.loss_agg=constant"],
+    "dapo": ["advantage=grpo", *_GROUP, "kl.coef=0", "ppo.clip_high=0.28", "ppo.loss_agg=token", "dynamic_sampling=true"],
+    "gspo": ["advantage=grpo", *_GROUP, "kl.coef=0", "ppo.ratio=sequence", "ppo.loss_agg=sequence", "ppo.clip=3e-4", "ppo.clip_high=4e-4"],
+    "rloo": ["advantage=rloo", *_GROUP, "ppo.epochs=1", "ppo.minibatch_size=0"],
+    "reinforce_pp": ["advantage=reinforce", "ppo.whiten_advantages=true"],
+    "reinforce_pp_baseline": ["advantage=reinforce_baseline", "samples_per_prompt=4", "ppo.whiten_advantages=true", "kl.in_loss=true", "kl.estimator=k2"],
+    "remax": ["advantage=remax", "ppo.whiten_advantages=false", "ppo.epochs=1", "ppo.minibatch_size=0"],
+}
+
+
 @dataclass(frozen=True)
 class PPOConfig(RunConfig):
+    PRESETS = ("algo", ALGOS)  # not a field: load_config's table of method presets
     # the run-wide keys, in PPO's terms
     max_steps: int = doc(0, "PPO iterations, each a rollout, scoring and ppo.epochs update passes (0 = run `epochs` passes over the prompts)")
     epochs: float = doc(1.0, "passes over the prompt set when max_steps is 0 (ppo.epochs is the passes over each rollout batch)")
@@ -120,8 +146,12 @@ class PPOConfig(RunConfig):
     kl: KLConfig = sub(KLConfig, "KL penalty to the reference and the KL guard")
     critic: CriticConfig = sub(CriticConfig, "the value model")
     ppo: PPOHyper = sub(PPOHyper, "PPO update")
-    samples_per_prompt: int = doc(1, "responses sampled per prompt (>= 2 for rloo/grpo)")
-    advantage: Literal["gae", "rloo", "grpo"] = doc("gae", "advantage estimator: gae (critic), rloo or grpo (group baselines, no critic)")
+    samples_per_prompt: int = doc(1, "responses sampled per prompt (>= 2 for the group baselines)")
+    algo: Literal[tuple(ALGOS)] = doc("ppo", "method: sets the keys of ALGOS (tether/algo/rl_config.py, README) to the paper's choices; a key you set wins")
+    advantage: Literal[tuple(a.value for a in Advantage)] = doc("gae", "gae (critic); group baselines without a critic: rloo, grpo, dr_grpo (no std); returns-to-go: reinforce (REINFORCE++), reinforce_baseline (minus the group mean), remax (minus the greedy response's reward)")
+    dynamic_sampling: bool = doc(False, "drop each prompt's group whose rewards are all equal before the forward passes (DAPO): the batch shrinks, it is not refilled (rollout/groups_dropped); kept whole when every group is uniform")
+    overlong_buffer: int = doc(0, "DAPO's soft overlong penalty: over the last N of rollout.max_new_tokens tokens the score falls linearly by up to overlong_penalty (0 = off)")
+    overlong_penalty: float = doc(1.0, "the penalty at rollout.max_new_tokens tokens")
     sample_every: int = doc(10, "print and save a few sample completions every N iterations (0 = off)")
     num_samples: int = doc(3, "completions shown each time")
 
@@ -133,6 +163,8 @@ class PPOConfig(RunConfig):
         if self.critic.init == "reward_model":
             check(bool(self.reward.model), f"{p}critic.init", "reward_model needs reward.model; use critic.init=policy with reward.fn")
         check(self.sample_every >= 0, f"{p}sample_every", "must be >= 0")
+        check(not self.dynamic_sampling or self.samples_per_prompt >= 2, f"{p}dynamic_sampling", "needs samples_per_prompt >= 2")
+        check(0 <= self.overlong_buffer <= self.rollout.max_new_tokens, f"{p}overlong_buffer", "must be in [0, rollout.max_new_tokens]")
         if self.reward.sources and self.reward.combine == "gdpo":
             check(self.samples_per_prompt >= 2, f"{p}reward.combine", "gdpo normalises each reward within a prompt's samples: set samples_per_prompt >= 2")
 
