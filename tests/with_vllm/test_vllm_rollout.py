@@ -87,11 +87,25 @@ def test_update_weights_in_place(llama):
     assert len(vr.push_seconds) == 1 and vr.push_seconds[0] < 30
 
 
-def test_a_lora_policy_pushes_merged_weights(llama):
+@pytest.mark.parametrize("shape", ["peft_model", "tether_engine"])
+def test_a_lora_policy_pushes_merged_weights(llama, shape):
+    """Both shapes a LoRA policy comes in: a PeftModel, and the module with LoRA layers injected that tether's
+    LoRA engine trains (`engine.lora.r`)."""
+    from types import SimpleNamespace
+
     from peft import LoraConfig, get_peft_model
 
+    from tether.backends.lora import apply_lora
+
     model, tok = load_causal_lm(str(llama)), load_tokenizer(str(llama))
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    if shape == "peft_model":
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    else:
+        model = apply_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # B starts at 0: give the adapters a delta first, so that merging matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.3)
     vr = VLLMRollout(model, tok)
     greedy = SamplingConfig(max_new_tokens=12, temperature=0)
     hf = HFRollout(model, tok).generate(_batch(tok), greedy)
@@ -101,7 +115,8 @@ def test_a_lora_policy_pushes_merged_weights(llama):
             if "lora_B" in n:
                 p.mul_(-3)
     vr.update_weights(model.named_parameters())  # the adapter's parameters: the rollout merges them
-    assert vr.generate(_batch(tok), greedy).sequences.tolist() == HFRollout(model, tok).generate(_batch(tok), greedy).sequences.tolist()
+    after = vr.generate(_batch(tok), greedy).sequences.tolist()
+    assert after == HFRollout(model, tok).generate(_batch(tok), greedy).sequences.tolist() and after != hf.sequences.tolist()
 
 
 def _ppo(llama, tmp_path, backend, *extra):

@@ -52,14 +52,12 @@ def import_vllm():
 
 
 def hf_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The policy's weights under their Hugging Face checkpoint names; a PEFT LoRA model's merged."""
-    if not hasattr(model, "get_base_model"):
-        yield from ((name, p.detach()) for name, p in model.named_parameters())
-        return
-    base = model.get_base_model()
+    """The policy's weights under their Hugging Face checkpoint names, LoRA layers merged (W + the adapters' delta),
+    whether the module is a PeftModel or, as tether's LoRA engine holds it, a model with LoRA layers injected."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora = {name: mod for name, mod in base.named_modules() if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer")}
     for name, p in base.named_parameters():
-        if ".lora_" in name or "lora_embedding" in name:
+        if ".lora_" in name:
             continue
         owner, _, leaf = name.rpartition(".base_layer.")
         if owner in lora and leaf == "weight":
@@ -129,7 +127,7 @@ class VLLMRollout:
         """Push the trainer's current weights into the engine in place. A LoRA policy's are merged here from the
         module itself (the trainer's named parameters are the adapter's)."""
         named = list(named_parameters)
-        if hasattr(self.model, "get_base_model") or any(".lora_" in n for n, _ in named):
+        if any(".lora_" in n or ".base_layer." in n for n, _ in named) or hasattr(self.model, "get_base_model"):
             named = list(hf_weights(self.model))
         t = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
