@@ -78,7 +78,7 @@ class HFRollout:
         return RolloutBatch(
             sequences=torch.cat([ids, resp], 1), attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
             prompt_length=P, prompts=list(prompts.prompts), responses=texts, finished=finished, entropy=entropy,
-            group_ids=list(prompts.group_ids),
+            group_ids=list(prompts.group_ids), fields=list(prompts.fields),
         )
 
     def _own_loop(self) -> bool:
