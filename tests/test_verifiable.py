@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import write_jsonl
+from tiny import make_digits_model_dir
 
 from tether.algo import ppo, rsft, sft
 from tether.config import load_config
@@ -78,6 +79,10 @@ def test_gsm8k_converter_writes_prompt_records(tmp_path):
     prompts, _ = load_prompts(str(tmp_path / "train.jsonl"))
     assert prompts[0].prompt == recs[0]["prompt"] and prompts[0].meta["answer"] == recs[0]["answer"]
     assert exact_number([], ["It is 72."], [prompts[0].meta["answer"]]) == [float(recs[0]["answer"] == "72")]
+    assert main(["gsm8k", str(GSM8K / "test.jsonl"), str(tmp_path / "chat.jsonl"), "--chat"]) == 0
+    chat, _ = load_prompts(str(tmp_path / "chat.jsonl"))
+    assert len(chat) == 1319 and chat[0].prompt == [{"role": "user", "content": json.loads((GSM8K / "test.jsonl").read_text().split("\n")[0])["question"]}]
+    assert chat[0].meta["answer"] == "18"
 
 
 def test_bad_records_are_one_line(tmp_path, capsys):
@@ -136,27 +141,11 @@ def test_best_of_n_equals_the_average_over_all_draws():
 # A checkable task a tiny model learns: "d" -> d (repeat the digit)
 
 
-def digits_model(path, seed=0):
-    """A tiny GPT-2 over 16 tokens (digits, + = ? and space, EOS, pad): a digit answer is 1 in 16 at the start."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(["<eos>", "<pad>"] + list("0123456789+=? "))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", clean_up_tokenization_spaces=False)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path), safe_serialization=True)
-    tok.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     prompts = write_jsonl(root / "repeat.jsonl", [{"prompt": f"{d}", "answer": d} for d in range(10)] * 2)
-    return digits_model(root / "model"), prompts
+    return make_digits_model_dir(root / "model"), prompts
 
 
 def _accuracy(model, prompts, k=16):
@@ -273,3 +262,20 @@ def test_eval_policy_reports_accuracy_and_pass_at_k(digits, tmp_path):
     assert side["pass_at_k"]["1"] <= side["pass_at_k"]["2"] <= side["pass_at_k"]["4"] <= side["pass_at_k"]["6"]
     assert res["sides"][1] == side  # the same model and seed: the same samples
     assert "pass@6" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_one_round_on_smollm2_with_gsm8k(request, tmp_path):
+    """The real-data interface: GSM8K test records as chat prompts, SmolLM2 sampling, the verifier, one SFT step."""
+    try:
+        model = request.getfixturevalue("smollm2_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("the smollm2_dir fixture (tests/conftest.py) is not available")
+    raw = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().split("\n")[:2]]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in raw])
+    summary = rsft.train(load_config(rsft.RSFTConfig, None, [
+        f"model={model}", f"data.train={prompts}", f"out={tmp_path / 'rsft'}", "reward.fn=tether.rewards:exact_number", "reward.missing_eos_penalty=0",
+        "samples_per_prompt=2", "rollout.max_new_tokens=24", "max_steps=1", "batch_size=2", "optim.lr=1e-6", "track.progress=false"]))
+    rows = [json.loads(line) for line in (tmp_path / "rsft" / "round_0" / "samples.jsonl").read_text().split("\n") if line]
+    assert len(rows) == 4 and all(r["reward"] in (0.0, 1.0) for r in rows)
+    assert summary["rounds"][0]["kept"] == 2 and (tmp_path / "rsft" / "final" / "config.json").exists()  # keep=best, no floor: one per prompt

@@ -9,15 +9,15 @@ et al. 2023).
 Each round r writes out/round_<r>/samples.jsonl (every sample with its reward and whether it was kept),
 sft.jsonl (the kept ones as SFT records), sft/ (the SFT run; sft/final is the round's model) and
 round.json (its figures, written last). With `resume` (--resume) a finished round is not run again, so a
-rerun goes on at the first unfinished one. out/final is the last round's model.
+rerun goes on at the first unfinished one. out/final links to the last round's model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
-import shutil
 from dataclasses import dataclass
 from typing import Literal
 
@@ -135,7 +135,10 @@ def train(cfg: RSFTConfig) -> dict:
         tracker.event(f"rsft: round {r}: reward {stats['reward_mean']:.4g}, kept {len(demos)} of {len(rows)} samples, "
                       f"{100 * stats['prompts_kept']:.0f}% of prompts with a kept sample")
     tracker.close()
-    shutil.copytree(current, out / "final", dirs_exist_ok=True)
+    link = out / "final.tmp"  # out/final: a link to the last round's model, not a second copy of its weights
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(current, out) if current != cfg.model else os.path.abspath(current))
+    os.replace(link, out / "final")
     summary = {"stage": "rsft", "rounds": rounds, "model": current, "reward_first": rounds[0]["reward_mean"], "reward_last": rounds[-1]["reward_mean"]}
     write_summary(out, summary)
     return summary

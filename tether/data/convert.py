@@ -6,7 +6,7 @@
     python -m tether.data.convert hhh          hhh-alignment/ (or one task.json)        out.jsonl
     python -m tether.data.convert xstest       xstest/model_completions/ (or one .csv)  out.jsonl   (helpful/harmless labels)
     python -m tether.data.convert sft          prefs.jsonl             demos.jsonl   (chosen replies as SFT data)
-    python -m tether.data.convert gsm8k        gsm8k/test.jsonl        prompts.jsonl (prompts with their answers)
+    python -m tether.data.convert gsm8k        gsm8k/test.jsonl        prompts.jsonl [--chat]  (prompts with their answers)
 
 OUT may end in .gz. Each converter also returns counts of what it wrote and what it left out, and why.
 """
@@ -235,10 +235,10 @@ def sft_from_preferences(records: list[Record], counts: Counter | None = None) -
     return out
 
 
-def gsm8k_records(path: str | Path, counts: Counter | None = None) -> list[Record]:
+def gsm8k_records(path: str | Path, counts: Counter | None = None, chat: bool = False) -> list[Record]:
     """GSM8K's {question, answer} -> prompt records {prompt, answer, solution, id, source}: `answer` is the
     final number after '####' (what tether.rewards:exact_number checks), `solution` the worked solution.
-    A record without one is a DataError naming the file and line."""
+    A record without one is a DataError naming the file and line. chat: the question as a user turn."""
     from tether.data.records import DataError
     from tether.rewards import reference_answer
 
@@ -252,7 +252,7 @@ def gsm8k_records(path: str | Path, counts: Counter | None = None) -> list[Recor
         except (ValueError, AttributeError) as e:  # json errors and DataError are ValueErrors
             raise DataError(f"{path}:{i}: not a GSM8K record ({e})") from None
         if r is not None:
-            out.append({"prompt": r["question"], "answer": str(int(value)) if value == int(value) else repr(value), "solution": r["answer"],
+            out.append({"prompt": [{"role": "user", "content": r["question"]}] if chat else r["question"], "answer": str(int(value)) if value == int(value) else repr(value), "solution": r["answer"],
                         "id": f"{Path(path).stem}-{len(out)}", "source": "gsm8k"})
     counts["pairs"] = len(out)
     return out
@@ -274,7 +274,7 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
     elif kind == "sft":
         recs = sft_from_preferences(list(_jsonl(src)), counts=counts)
     elif kind == "gsm8k":
-        recs = gsm8k_records(src, counts)
+        recs = gsm8k_records(src, counts, kw.get("chat", False))
     else:
         raise ValueError(f"unknown data set {kind!r}")
     write_jsonl(recs, out)
@@ -289,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--no-synthetic", action="store_true", help="oasst: leave out model-written replies")
     ap.add_argument("--no-passages", action="store_true", help="qa-feedback: the prompt is the question only")
+    ap.add_argument("--chat", action="store_true", help="gsm8k: the question as a user turn (a chat model's template applies)")
     a = ap.parse_args(argv)
     from tether.data.records import DataError
 
     try:
-        counts = convert(a.kind, a.src, a.out, synthetic=not a.no_synthetic, passages=not a.no_passages)
+        counts = convert(a.kind, a.src, a.out, synthetic=not a.no_synthetic, passages=not a.no_passages, chat=a.chat)
     except DataError as e:
         print(f"python -m tether.data.convert {a.kind}: {e}", file=sys.stderr)
         return 2
