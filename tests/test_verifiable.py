@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import write_jsonl
 from tiny import make_digits_model_dir
@@ -180,13 +181,21 @@ def test_rsft_select_and_resume(digits, tmp_path):
     assert rsft.select(rows, [0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0], "all", 1.0) == [False, True, True, True, False, False, True]
     assert rsft.select(rows, [0.3, 0.2, -1.0, -2.0, -5.0, 9.0, -9.0], "best", None) == [True, False, True, False, True, False, True]  # empty: never
     model, prompts = digits
-    common = [f"model={model}", f"data.train={prompts}", f"out={tmp_path / 'r'}", "reward.fn=tether.rewards:exact_number", "min_reward=1",
+    common = [f"model={model}", f"data.train={prompts}", f"out={tmp_path / 'r'}", "reward.fn=tether.rewards:exact_number",
               "reward.missing_eos_penalty=0", "samples_per_prompt=4", "rollout.max_new_tokens=2", "max_steps=1", "engine.threads=1", "track.progress=false"]
     first = rsft.train(load_config(rsft.RSFTConfig, None, common + ["rounds=1"]))
     stamp = (tmp_path / "r" / "round_0" / "samples.jsonl").stat().st_mtime_ns
     both = rsft.train(load_config(rsft.RSFTConfig, None, common + ["rounds=2", "resume=true"]))
     assert (tmp_path / "r" / "round_0" / "samples.jsonl").stat().st_mtime_ns == stamp  # the finished round was not run again
-    assert both["rounds"][0] == first["rounds"][0] and len(both["rounds"]) == 2 and (tmp_path / "r" / "round_1" / "round.json").exists()
+    assert both["rounds"][0] == first["rounds"][0] and len(both["rounds"]) == 2
+    # the resumed run equals an uninterrupted one: the same samples, figures and weights
+    whole = rsft.train(load_config(rsft.RSFTConfig, None, [c.replace(str(tmp_path / "r"), str(tmp_path / "w")) for c in common] + ["rounds=2"]))
+    strip = [{k: v for k, v in r.items() if k != "model"} for r in both["rounds"]], [{k: v for k, v in r.items() if k != "model"} for r in whole["rounds"]]
+    assert strip[0] == strip[1] and all(r["kept"] > 0 for r in whole["rounds"])  # each round trained
+    for r in (0, 1):
+        assert (tmp_path / "r" / f"round_{r}" / "samples.jsonl").read_text() == (tmp_path / "w" / f"round_{r}" / "samples.jsonl").read_text()
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("r", "w"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ppo_learns_to_repeat_the_digit_with_the_verifier(digits, tmp_path):
