@@ -16,6 +16,7 @@ from tiny import make_digits_model_dir
 from tether.algo import ppo, rsft, sft
 from tether.config import load_config
 from tether.data import DataError, load_prompts
+from tether.models import load_tokenizer
 from tether.eval import metrics as M
 from tether.rewards import answer_format, exact_number, extract_answer, numbers, reference_answer
 from tether.track import read_metrics
@@ -271,6 +272,17 @@ def test_eval_policy_reports_accuracy_and_pass_at_k(digits, tmp_path):
     assert side["pass_at_k"]["1"] <= side["pass_at_k"]["2"] <= side["pass_at_k"]["4"] <= side["pass_at_k"]["6"]
     assert res["sides"][1] == side  # the same model and seed: the same samples
     assert "pass@6" in (tmp_path / "rep" / "report.md").read_text()
+    # a reward model choosing among the samples (an untrained head on the same model: any scorer will do)
+    from tether.models import load_scalar_model, save_reward_stats
+
+    rm = tmp_path / "rm"
+    load_scalar_model(str(model)).save_pretrained(str(rm))
+    load_tokenizer(str(model)).save_pretrained(str(rm))
+    save_reward_stats(rm, 0.0, 1.0)
+    assert main(["policy", "--model", str(model), "--prompts", str(prompts), "--verifier", "tether.rewards:exact_number", "--reward-model", str(rm),
+                 "-k", "6", "--max-new-tokens", "2", "--out", str(tmp_path / "rep2"), "--device", "cpu"]) == 0
+    bon = json.loads((tmp_path / "rep2" / "metrics.json").read_text())["sides"][0]["best_of_n"]
+    assert set(bon) == {"1", "2", "4", "6"} and bon["1"] == pytest.approx(side["accuracy"])  # the best of one sample is a random sample
 
 
 @pytest.mark.slow
