@@ -300,3 +300,17 @@ def test_one_round_on_smollm2_with_gsm8k(request, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "rsft" / "round_0" / "samples.jsonl").read_text().split("\n") if line]
     assert len(rows) == 2 and all(r["reward"] in (0.0, 1.0) for r in rows)
     assert summary["rounds"][0]["kept"] == 1 and (tmp_path / "rsft" / "final" / "config.json").exists()  # keep=best, no floor: one per prompt
+
+
+def test_rsft_config_and_data_errors_are_one_line(digits, tmp_path, capsys):
+    from tether.cli import main
+    from tether.config import ConfigError
+
+    model, prompts = digits
+    with pytest.raises(ConfigError, match="min_reward"):
+        load_config(rsft.RSFTConfig, None, ["reward.fn=tether.rewards:exact_number", "keep=all"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1", "answer": 1}\n{"question": 5, "answer": 5}\n')
+    rc = main(["rsft", f"model={model}", f"data.train={bad}", f"out={tmp_path / 'r'}", "reward.fn=tether.rewards:exact_number"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("tether rsft:")]
+    assert rc == 2 and len(err) == 1 and f"{bad}:2: field 'question' must be a string" in err[0], err
