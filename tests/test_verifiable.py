@@ -21,9 +21,14 @@ from tether.eval import metrics as M
 from tether.rewards import answer_format, exact_number, extract_answer, numbers, reference_answer
 from tether.track import read_metrics
 
+from tether.config import ConfigError
 from tether.data.corpora import shared_data_dir
 
-GSM8K = shared_data_dir() / "gsm8k"
+try:
+    GSM8K = shared_data_dir() / "gsm8k"
+except ConfigError:  # the GSM8K tests skip with [data]; the rest run
+    GSM8K = None
+needs_gsm8k = pytest.mark.skipif(GSM8K is None, reason="[data] ../shared/data is not beside this checkout")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,6 +63,7 @@ def test_format_rewards():
 # GSM8K, real records
 
 
+@needs_gsm8k
 def test_gsm8k_records_read_as_prompts_with_their_answers():
     prompts, report = load_prompts(str(GSM8K / "test.jsonl"))
     raw = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()]
@@ -71,6 +77,7 @@ def test_gsm8k_records_read_as_prompts_with_their_answers():
     assert sum(wrong) / len(wrong) < 0.05
 
 
+@needs_gsm8k
 def test_gsm8k_converter_writes_prompt_records(tmp_path):
     from tether.data.convert import main
 
@@ -286,6 +293,7 @@ def test_eval_policy_reports_accuracy_and_pass_at_k(digits, tmp_path):
 
 
 @pytest.mark.slow
+@needs_gsm8k
 def test_one_round_on_smollm2_with_gsm8k(request, tmp_path):
     """The real-data interface: GSM8K test records as chat prompts, SmolLM2 sampling, the verifier, one SFT step."""
     try:
@@ -304,7 +312,6 @@ def test_one_round_on_smollm2_with_gsm8k(request, tmp_path):
 
 def test_rsft_config_and_data_errors_are_one_line(digits, tmp_path, capsys):
     from tether.cli import main
-    from tether.config import ConfigError
 
     model, prompts = digits
     with pytest.raises(ConfigError, match="min_reward"):
