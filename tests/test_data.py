@@ -255,7 +255,7 @@ ROLE_MSG = "unknown role 'robot' in messages[1] (expected one of: system, user, 
     (load_sft, '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}', "field 'messages[1].content' is missing"),
     (load_sft, '{"prompt": "a"}', "field 'completion' is missing"),
     (load_prompts, '{"messages": [{"role": "system", "content": "hi"}]}', "messages has no user turn to answer"),
-    (load_prompts, '{"foo": 1}', "unrecognised record: expected keys {prompt}, {messages}, or a preference or SFT record; got keys [foo]"),
+    (load_prompts, '{"foo": 1}', "unrecognised record: expected keys {prompt}, {messages}, {question} or a preference or SFT record; got keys [foo]"),
 ])
 def test_bad_record_messages(tmp_path, loader, line, problem):
     good = {"prompt": "x", "chosen": "y", "rejected": "z"} if loader is load_preferences else {"prompt": "x", "completion": "y"}

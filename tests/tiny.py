@@ -68,6 +68,24 @@ def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", chat_template: boo
     return path
 
 
+def make_digits_model_dir(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random GPT-2 over 16 tokens (the digits, + = ? and space, EOS, pad), one token per character:
+    a digit answer is about 1 in 16 at the start, so a checkable task ("7" -> "7") is learnable in seconds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<eos>", "<pad>"] + list("0123456789+=? "))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", clean_up_tokenization_spaces=False)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return Path(path)
+
+
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     import json
 

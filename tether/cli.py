@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("tether.algo.dpo:main", "offline preference optimisation on pairs (DPO / IPO / cDPO / R-DPO / SimPO / ORPO)"),
     "kto": ("tether.algo.kto:main", "Kahneman-Tversky optimisation on unpaired desirable / undesirable examples"),
     "ppo": ("tether.algo.ppo:main", "PPO against a reward model with a KL penalty to the reference"),
+    "rsft": ("tether.algo.rsft:main", "rejection-sampling fine-tuning: SFT on the best of N samples under a reward or verifier, in rounds"),
     "generate": ("tether.generate:main", "sample from a checkpoint, writing jsonl"),
     "serve": ("tether.serve:main", "an OpenAI-compatible HTTP server for a checkpoint or a reward model"),
     "pipeline": ("tether.algo.pipeline:main", "run SFT -> RM -> PPO (or SFT -> DPO) in order, resumable"),

@@ -9,6 +9,14 @@ A reward function takes the prompts and the decoded responses (B strings each) a
 
 If it declares a `response_ids` parameter (or **kwargs) it also gets the sampled token ids of each
 response (EOS and padding removed), for rules on tokens. `reward.kwargs` are passed as keywords.
+
+The prompt records' other fields reach it too: a parameter named after a field (or **kwargs) gets that
+field's B values, one per response (None where a record lacks it), so a verifier reads each prompt's
+own reference answer and never looks it up by prompt text:
+
+    def exact_number(prompts, responses, answer, **_) -> list[float]   # answer: the records' `answer`
+
+A `reward.kwargs` key of the same name wins over the field.
 """
 
 from __future__ import annotations
@@ -50,8 +58,29 @@ def _wants_ids(fn: RewardFn) -> bool:
     return "response_ids" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str], response_ids: list[list[int]], kwargs: dict[str, Any]) -> list[float]:
+def record_columns(fn: RewardFn, fields: list[dict], taken: set[str]) -> dict[str, list]:
+    """The prompt records' fields that `fn` takes, as columns of B values (None where a record lacks one).
+    A parameter without a default that no record has is a DataError naming it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    every = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keys = {k for f in fields for k in f} - taken - {"prompts", "responses", "response_ids"}
+    for name, p in list(params.items())[2:]:
+        if name not in keys | taken and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            from tether.data.records import DataError
+
+            raise DataError(f"the reward function {getattr(fn, '__name__', fn)} reads the prompt records' field {name!r}, which the prompt records do not have"
+                            f" (they have: {', '.join(sorted(keys)) or 'no other field'})")
+    return {k: [f.get(k) for f in fields] for k in sorted(keys) if every or k in params}
+
+
+def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str], response_ids: list[list[int]], kwargs: dict[str, Any],
+                   fields: list[dict] | None = None) -> list[float]:
+    """fn's rewards; fields: each row's prompt record's other fields (PromptBatch.fields)."""
     extra = {"response_ids": response_ids} if _wants_ids(fn) else {}
+    extra |= record_columns(fn, fields or [{} for _ in responses], set(kwargs) | set(extra))
     out = [float(x) for x in fn(prompts, responses, **extra, **kwargs)]
     if len(out) != len(responses):
         raise ValueError(f"reward function returned {len(out)} values for {len(responses)} responses")
@@ -105,3 +134,66 @@ def repetition(prompts: list[str], responses: list[str], n: int = 1) -> list[flo
         grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
         out.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Verifiable rewards: checkable answers (GSM8K, Cobbe et al. 2021) and the format they are given in
+
+# A number as written in free text: an optional minus sign right before it (not a hyphen after a word or a
+# digit, nor one followed by a space: "16-3" and "16 - 3" are 16 and 3), an optional $, thousands separated
+# by commas, decimals ("18." is 18: a trailing full stop is not a decimal point).
+_NUMBER = re.compile(r"(?<![\w.)])(-)?(?:\$\s?)?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)")
+_MARKED = (re.compile(r"####\s*([^\n]*)"), re.compile(r"\\boxed\{([^{}]*)\}"), re.compile(r"answer is:?\s*([^\n]*)", re.IGNORECASE))
+
+
+def numbers(text: str) -> list[float]:
+    """Every number in the text, in order: '-$1,234.50' -> -1234.5."""
+    return [float((m[1] or "") + m[2].replace(",", "") + (m[3] or "")) for m in _NUMBER.finditer(text)]
+
+
+def extract_answer(text: str) -> float | None:
+    """The final numeric answer of a free-text response: the first number after the last '####', else
+    inside the last \\boxed{...}, else after the last 'the answer is', else the last number in the text;
+    None when there is none."""
+    for marked in _MARKED:
+        for m in reversed(list(marked.finditer(text))):
+            found = numbers(m.group(1))
+            if found:
+                return found[0]
+    found = numbers(text)
+    return found[-1] if found else None
+
+
+def reference_answer(answer: Any) -> float:
+    """A record's reference answer as a number: a GSM8K solution ('... #### 72'), or a number or numeric string."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return float(answer)
+    text = str(answer) if answer is not None else ""
+    value = extract_answer(text.rsplit("####", 1)[1]) if "####" in text else (numbers(text)[0] if len(numbers(text)) == 1 else None)
+    if value is None:
+        from tether.data.records import DataError
+
+        raise DataError(f"the prompt record's reference answer {text[-60:]!r} has no final number (expected '... #### <number>' or one number)")
+    return value
+
+
+def exact_number(prompts: list[str], responses: list[str], answer: Sequence[Any], **_: Any) -> list[float]:
+    """1.0 where the response's final number (extract_answer) equals the record's `answer` (reference_answer), else 0.0.
+    GSM8K: reward.fn=tether.rewards:exact_number on its {question, answer} records."""
+    refs = [reference_answer(a) for a in answer]
+    if len(refs) != len(responses):
+        raise ValueError(f"exact_number: {len(refs)} reference answers for {len(responses)} responses")
+    got = [extract_answer(r) for r in responses]
+    return [float(g is not None and abs(g - a) <= 1e-6 * max(1.0, abs(a))) for g, a in zip(got, refs)]
+
+
+_FORMATS = {"####": re.compile(r"####\s*" + _NUMBER.pattern), "boxed": re.compile(r"\\boxed\{\s*" + _NUMBER.pattern + r"\s*\}"),
+            "answer_is": re.compile(r"answer is:?\s*" + _NUMBER.pattern, re.IGNORECASE)}
+
+
+def answer_format(prompts: list[str], responses: list[str], style: str = "####", **_: Any) -> list[float]:
+    """1.0 where the response states a final number in the asked form, else 0.0: style '####'
+    ('#### 42', GSM8K's), 'boxed' ('\\boxed{42}') or 'answer_is' ('The answer is 42')."""
+    if style not in _FORMATS:
+        raise ValueError(f"answer_format: style must be one of {', '.join(_FORMATS)}, got {style!r}")
+    return [float(bool(_FORMATS[style].search(r))) for r in responses]

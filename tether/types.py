@@ -116,6 +116,7 @@ class PromptBatch(Batch):
     attention_mask: Tensor  # [B, P] long
     prompts: list[str] = field(default_factory=list)  # B prompt texts (as given, before templating)
     group_ids: list[int] = field(default_factory=list)  # B: rows with the same id hold the same prompt (collate_prompts; empty: all distinct)
+    fields: list[dict] = field(default_factory=list)  # B: each prompt record's other fields (a reference answer), for reward functions
 
 
 @dataclass
@@ -135,6 +136,7 @@ class RolloutBatch(Batch):
     finished: Tensor | None = None  # [B] bool, True where the response ended with EOS
     entropy: Tensor | None = None  # [B, R] float, entropy of the sampling distribution at each step (when the sampler has it)
     group_ids: list[int] = field(default_factory=list)  # B, the PromptBatch's
+    fields: list[dict] = field(default_factory=list)  # B, the PromptBatch's
 
 
 def prompt_groups(b: "RolloutBatch | Experience") -> tuple[list, list[int]] | None:

@@ -280,7 +280,7 @@ def train(cfg: PPOConfig) -> dict:
     prompts, report = load_prompts(cfg.data.train, cfg.data.on_bad_record)
     kept: list[int] = []
     prompt_ids = require_examples(tokenize_prompts(prompts, tok, cfg.data, report, kept), cfg, report)
-    texts = [prompt_text(prompts[i].prompt) for i in kept]
+    texts, fields = [prompt_text(prompts[i].prompt) for i in kept], [prompts[i].meta for i in kept]  # fields: for reward.fn
     pad = pad_id(tok)
     steps = total_steps(cfg, len(prompt_ids))
     rows = min(cfg.batch_size, len(prompt_ids)) * cfg.samples_per_prompt
@@ -333,7 +333,7 @@ def train(cfg: PPOConfig) -> dict:
         snap = {name: e.snapshot() for name, e in engines.items()} if cfg.ppo.rollback else None  # 6. the guard's copy
         # 1-4. rollout, score, forward passes, advantages (G copies of each prompt, contiguous)
         idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]
-        exp, ro, metrics, value_step = make_experience(collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx]),
+        exp, ro, metrics, value_step = make_experience(collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], [fields[i] for i in idx]),
                                                    rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
                                                    (coster, cost_critic) if coster is not None else None)
         if exp.costs is not None:  # lambda follows this batch's cost, then weighs the cost advantage (Safe RLHF)

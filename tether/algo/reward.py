@@ -102,7 +102,7 @@ class Scorer:
             R = ro.response_mask.shape[1]
             resp = ro.sequences[:, -R:].tolist()
             ids = [[t for t, m in zip(row, mask) if m and t not in self.eos] for row, mask in zip(resp, ro.response_mask.tolist())]
-            return torch.tensor(call_reward_fn(self.fn, ro.prompts, ro.responses, ids, self.cfg.kwargs), dtype=torch.float)
+            return torch.tensor(call_reward_fn(self.fn, ro.prompts, ro.responses, ids, self.cfg.kwargs, ro.fields), dtype=torch.float)
         from tether.data import pad_id
 
         if self.rm_tok is None:  # scored as the RM was trained: a cut response gets its EOS (models.as_trained)

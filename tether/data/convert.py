@@ -6,6 +6,7 @@
     python -m tether.data.convert hhh          hhh-alignment/ (or one task.json)        out.jsonl
     python -m tether.data.convert xstest       xstest/model_completions/ (or one .csv)  out.jsonl   (helpful/harmless labels)
     python -m tether.data.convert sft          prefs.jsonl             demos.jsonl   (chosen replies as SFT data)
+    python -m tether.data.convert gsm8k        gsm8k/test.jsonl        prompts.jsonl [--chat]  (prompts with their answers)
 
 OUT may end in .gz. Each converter also returns counts of what it wrote and what it left out, and why.
 """
@@ -234,6 +235,29 @@ def sft_from_preferences(records: list[Record], counts: Counter | None = None) -
     return out
 
 
+def gsm8k_records(path: str | Path, counts: Counter | None = None, chat: bool = False) -> list[Record]:
+    """GSM8K's {question, answer} -> prompt records {prompt, answer, solution, id, source}: `answer` is the
+    final number after '####' (what tether.rewards:exact_number checks), `solution` the worked solution.
+    A record without one is a DataError naming the file and line. chat: the question as a user turn."""
+    from tether.data.records import DataError
+    from tether.rewards import reference_answer
+
+    counts, out = counts if counts is not None else Counter(), []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: a question may hold U+2028
+        try:
+            r = json.loads(line) if line.strip() else None
+            if r is not None and (not isinstance(r.get("question"), str) or "####" not in str(r.get("answer"))):
+                raise ValueError("expected a 'question' string and an 'answer' ending in '#### <number>'")
+            value = reference_answer(r["answer"]) if r is not None else None
+        except (ValueError, AttributeError) as e:  # json errors and DataError are ValueErrors
+            raise DataError(f"{path}:{i}: not a GSM8K record ({e})") from None
+        if r is not None:
+            out.append({"prompt": [{"role": "user", "content": r["question"]}] if chat else r["question"], "answer": str(int(value)) if value == int(value) else repr(value), "solution": r["answer"],
+                        "id": f"{Path(path).stem}-{len(out)}", "source": "gsm8k"})
+    counts["pairs"] = len(out)
+    return out
+
+
 def convert(kind: str, src: str, out: str, **kw) -> Counter:
     counts: Counter = Counter()
     if kind == "oasst":
@@ -249,6 +273,8 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
         recs = xstest_records(sorted(p.glob("*.csv")) if p.is_dir() else [p], counts=counts)
     elif kind == "sft":
         recs = sft_from_preferences(list(_jsonl(src)), counts=counts)
+    elif kind == "gsm8k":
+        recs = gsm8k_records(src, counts, kw.get("chat", False))
     else:
         raise ValueError(f"unknown data set {kind!r}")
     write_jsonl(recs, out)
@@ -257,16 +283,23 @@ def convert(kind: str, src: str, out: str, **kw) -> Counter:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tether.data.convert", description=__doc__.strip().splitlines()[0])
-    ap.add_argument("kind", choices=["oasst", "qa-feedback", "lfqa", "hhh", "xstest", "sft"],
+    ap.add_argument("kind", choices=["oasst", "qa-feedback", "lfqa", "hhh", "xstest", "sft", "gsm8k"],
                     help="a data set to convert, or sft: demonstrations from a preference file's chosen replies")
     ap.add_argument("src")
     ap.add_argument("out")
     ap.add_argument("--no-synthetic", action="store_true", help="oasst: leave out model-written replies")
     ap.add_argument("--no-passages", action="store_true", help="qa-feedback: the prompt is the question only")
+    ap.add_argument("--chat", action="store_true", help="gsm8k: the question as a user turn (a chat model's template applies)")
     a = ap.parse_args(argv)
-    counts = convert(a.kind, a.src, a.out, synthetic=not a.no_synthetic, passages=not a.no_passages)
+    from tether.data.records import DataError
+
+    try:
+        counts = convert(a.kind, a.src, a.out, synthetic=not a.no_synthetic, passages=not a.no_passages, chat=a.chat)
+    except DataError as e:
+        print(f"python -m tether.data.convert {a.kind}: {e}", file=sys.stderr)
+        return 2
     left = ", ".join(f"{k}: {v}" for k, v in counts.items() if k != "pairs")
-    what = "demonstrations" if a.kind == "sft" else "preference records"
+    what = {"sft": "demonstrations", "gsm8k": "prompt records"}.get(a.kind, "preference records")
     print(f"wrote {counts['pairs']} {what} to {a.out}" + (f"; left out {left}" if left else ""), file=sys.stderr)
     return 0
 

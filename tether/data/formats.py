@@ -38,7 +38,9 @@ objective, -1 = rejected is, 0 = no preference)
 
 Prompt records (for PPO / generation)
   {prompt} (string or messages ending on a user turn), {messages} (trailing assistant turns are
-  removed), any preference or SFT record above (its prompt), or a .txt file with one prompt per line.
+  removed), {question} (GSM8K's {question, answer}), any preference or SFT record above (its prompt), or
+  a .txt file with one prompt per line. The record's other keys are kept (PromptExample.meta) and reach
+  reward functions (a reference answer: tether.rewards).
   Prompts taken from preference records are de-duplicated (counted in report.dropped).
 """
 
@@ -355,16 +357,16 @@ def load_preferences(spec: str, on_bad_record: str = "error") -> tuple[list[Pref
 def parse_prompt(rec: dict, loc: str) -> tuple[PromptExample, bool]:
     """(prompt, taken_from_a_pair_record). Other keys of the record go to meta (e.g. a reference answer)."""
     meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
-    derived = False
-    if rec.get("messages") is not None and rec.get("prompt") is None:
+    derived, key = False, "question" if rec.get("prompt") is None and rec.get("question") is not None else "prompt"  # GSM8K: {question, answer}
+    if rec.get("messages") is not None and rec.get(key) is None:
         msgs = messages_field(rec["messages"], "messages")
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
         if not msgs or msgs[-1]["role"] != "user":
             raise BadRecord("messages has no user turn to answer")
         prompt: str | Messages = msgs
-    elif rec.get("prompt") is not None:
-        prompt = text_or_messages(rec, "prompt")
+    elif rec.get(key) is not None:
+        prompt = text_or_messages(rec, key)
         if isinstance(prompt, list) and prompt[-1]["role"] != "user":
             raise BadRecord(f"'prompt' must end on a user turn, not {prompt[-1]['role']!r}", "'prompt' must end on a user turn")
         derived = any(k in rec for k in ("chosen", "responses", "response"))
@@ -372,10 +374,10 @@ def parse_prompt(rec: dict, loc: str) -> tuple[PromptExample, bool]:
         prompt = parse_preference(rec, loc)[0].prompt
         derived = True
     else:
-        raise BadRecord(f"unrecognised record: expected keys {{prompt}}, {{messages}}, or a preference or SFT record; got keys {_keys(rec)}",
+        raise BadRecord(f"unrecognised record: expected keys {{prompt}}, {{messages}}, {{question}} or a preference or SFT record; got keys {_keys(rec)}",
                         "unrecognised record")
     for k, v in rec.items():
-        if k not in ("prompt", "messages", "meta"):
+        if k not in ("prompt", "messages", "meta", key):
             meta.setdefault(k, v)
     return PromptExample(prompt, loc, meta), derived
 

@@ -367,7 +367,7 @@ def collate_pairs(items: list[TokenizedPair], pad: int, heads: tuple[str, ...] =
     return PairBatch(**fields, margin=margin, safety=safety, labels=labels, prompt_len=[len(it.prompt_ids) for it in items])
 
 
-def collate_prompts(items: list[list[int]], pad: int, texts: list[str] | None = None) -> PromptBatch:
+def collate_prompts(items: list[list[int]], pad: int, texts: list[str] | None = None, fields: list[dict] | None = None) -> PromptBatch:
     """LEFT-padded prompts, so that generation appends at a common column. Rows holding the same prompt
     (RL samples, best-of-N) share a group id, so that the sampler and packed passes compute it once."""
     same: dict = {}
@@ -375,4 +375,4 @@ def collate_prompts(items: list[list[int]], pad: int, texts: list[str] | None = 
     ids = torch.tensor([[pad] * (width - len(s)) + s for s in items], dtype=torch.long).reshape(len(items), width)  # [B, P]
     att = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in items], dtype=torch.long).reshape(len(items), width)  # [B, P]
     return PromptBatch(input_ids=ids, attention_mask=att, prompts=list(texts) if texts is not None else [],
-                       group_ids=[same.setdefault(tuple(s), len(same)) for s in items])
+                       group_ids=[same.setdefault(tuple(s), len(same)) for s in items], fields=list(fields or []))

@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     po = sub.add_parser("policy", help="win rates, KL, length, diversity and reward-hacking flags of a policy (or a run's checkpoints)")
     po.add_argument("--model", help="the policy folder (or use --run)")
     po.add_argument("--run", help="a training run folder: evaluate every checkpoints/step_N/model_policy")
-    po.add_argument("--ref", required=True, help="the reference policy folder (e.g. the SFT model)")
+    po.add_argument("--ref", help="the reference policy folder (e.g. the SFT model); optional with --verifier")
     po.add_argument("--prompts", required=True, help="prompt file (jsonl/json/txt; any format tether reads prompts from)")
     po.add_argument("--reward-model", help="the proxy reward model folder (optional)")
     po.add_argument("--reward-head", help="which head of a multi-objective reward model (`tether rm heads=[...]`) scores")
@@ -73,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
     po.add_argument("--temperature", type=float, default=1.0, help="1.0 keeps the k1 KL estimate unbiased")
     po.add_argument("--top-p", type=float, default=1.0)
     po.add_argument("--seed", type=int, default=0)
+    po.add_argument("--verifier", help="a reward function that checks answers (e.g. tether.rewards:exact_number): report accuracy, pass@k and "
+                                       "the reward model's best-of-n; it gets each prompt record's other fields (its reference answer)")
+    po.add_argument("--verifier-kwargs", default="{}", help="keyword arguments of the verifier as JSON, e.g. '{\"style\": \"boxed\"}'")
+    po.add_argument("--correct-at", type=float, default=1.0, help="a sample is correct when the verifier gives it at least this")
     _judge_args(po)
     _common(po)
 
@@ -190,12 +194,33 @@ def run_rm(a) -> Path:
     return write_report(a.out, a.model, results)
 
 
-def _prompts(path: str, n: int) -> list:
+def _prompts(path: str, n: int, fields: list | None = None) -> list:
     from tether.data import load_prompts
 
     examples, _ = load_prompts(path)
-    prompts = [e.prompt for e in examples]
-    return prompts[:n] if n else prompts
+    examples = examples[:n] if n else examples
+    if fields is not None:  # each record's other fields, for a verifier
+        fields += [e.meta for e in examples]
+    return [e.prompt for e in examples]
+
+
+def run_verify(a, scorer) -> Path:
+    from tether.eval import policy_report as P
+    from tether.rewards import load_reward_fn
+
+    try:
+        kwargs = json.loads(a.verifier_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--verifier-kwargs: not JSON ({e})") from None
+    fn, fields = load_reward_fn(a.verifier), []
+    prompts = _prompts(a.prompts, a.n_prompts, fields)
+    kw = dict(scorer=scorer, correct_at=a.correct_at, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+              batch_size=a.batch_size, device=a.device)
+    sides = [P.verify_side(m, prompts, fields, fn, kwargs, a.samples, **kw) for m in [a.model] + ([a.ref] if a.ref else [])]
+    print("  " + "; ".join(f"{s['model']}: accuracy {s['accuracy']:.3f}, pass@{a.samples} {s['pass_at_k'][a.samples]:.3f}" for s in sides), file=sys.stderr)
+    return P.write_verify_report(a.out, {"verifier": a.verifier, "verifier_kwargs": kwargs, "correct_at": a.correct_at, "prompts": len(prompts),
+                                         "samples_per_prompt": a.samples, "sides": sides,
+                                         "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed}})
 
 
 def run_policy(a) -> Path:
@@ -203,6 +228,10 @@ def run_policy(a) -> Path:
 
     if not a.model and not a.run:
         raise SystemExit("tether eval policy: give --model (one policy) or --run (a run folder)")
+    if a.verifier and a.run:
+        raise SystemExit("tether eval policy: --verifier evaluates one --model (and --ref), not a --run")
+    if not a.ref and not a.verifier:
+        raise SystemExit("tether eval policy: give --ref (the reference policy), or --verifier to check answers")
     scorer = None
     if a.reward_model:
         from tether.eval.scoring import Scorer
@@ -212,6 +241,8 @@ def run_policy(a) -> Path:
             scorer.use_head(a.reward_head)
         elif scorer.heads:  # before any sampling, not after it
             raise ValueError(f"{a.reward_model} has the heads {', '.join(scorer.heads)}; choose one with --reward-head")
+    if a.verifier:
+        return run_verify(a, scorer)
     judges = _judges(a.judge, a.judge_rubric, a.device)
     prompts = _prompts(a.prompts, a.n_prompts)
     kw = dict(scorer=scorer, judges=judges, k=a.samples, max_new_tokens=a.max_new_tokens, temperature=a.temperature,

@@ -255,6 +255,34 @@ def length_summary(lengths: Sequence[float]) -> dict:
             "p90": quantile(lengths, 0.9), "n": len(lengths)}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one prompt from n samples of which c are correct (Chen et al. 2021, eq. 1):
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement hold a correct one.
+    Exact in integers (math.comb), so it does not lose precision for large n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def best_of_n(scores: Sequence[float], n: int, quality: Sequence[float] | None = None) -> float:
+    """The unbiased best-of-n estimate from m >= n samples of one prompt: the expected `quality` of the
+    sample with the highest score among n drawn without replacement (ties broken uniformly at random),
+    averaged over all C(m, n) draws without enumerating them. With the samples sorted by score, the i-th
+    lowest (1-based) is the best of a draw in C(i-1, n-1) of the C(m, n) draws. quality defaults to the
+    score (the expected best score); a verifier's 0/1 as quality with a reward model's scores gives the
+    accuracy of reward-model best-of-n, and the verifier as both gives pass@n."""
+    q = list(scores if quality is None else quality)
+    m = len(q)
+    if len(scores) != m or not 1 <= n <= m:
+        raise ValueError(f"best-of-n needs 1 <= n <= the number of samples ({m}) and one quality per score")
+    ties: dict[float, list[float]] = defaultdict(list)
+    for s, x in zip(scores, q):
+        ties[s].append(x)
+    level = {s: sum(v) / len(v) for s, v in ties.items()}  # a random tie-break picks each tied sample alike
+    ordered = [level[s] for s in sorted(scores)]
+    return sum(math.comb(i, n - 1) * x for i, x in enumerate(ordered)) / math.comb(m, n)
+
+
 def accuracy_by_group(correct: Sequence[float], groups: Sequence[Hashable]) -> dict:
     acc: dict = defaultdict(list)
     for c, g in zip(correct, groups):

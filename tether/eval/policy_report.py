@@ -9,6 +9,13 @@ Samples from the policy P and the reference R on the same prompts, then reports:
   refusal/evasion rate;
 - reward-hacking flags (tether.eval.metrics.hacking_flags) with R as the baseline.
 
+With --verifier module:function (a reward function that checks an answer, e.g.
+tether.rewards:exact_number on GSM8K) it reports instead the policy's accuracy (the share of correct
+samples, which is pass@1), the unbiased pass@k for k = 1, 2, 4, ... up to the samples per prompt, and
+with a reward model the accuracy of the reward model's best-of-n (tether.eval.metrics.pass_at_k,
+best_of_n); --ref adds the reference's numbers beside the policy's. The verifier gets each prompt
+record's other fields (the reference answer), as in PPO.
+
 With --run DIR it evaluates every checkpoint of a training run (DIR/checkpoints/step_N/model_policy,
 and DIR/final when present) the same way and plots the signals against the step, next to the
 run's own logged curves from DIR/metrics.jsonl.
@@ -128,6 +135,54 @@ def write_report(out_dir: str | Path, res: dict) -> Path:
         rows.append([smp["policy"].prompt_texts[i][:80], smp["ref"].responses[i][:120], smp["policy"].responses[i][:120]])
     rep.table(["prompt", "reference", "policy"], rows)
     rep.metrics = {k: v for k, v in res.items() if not k.startswith("_")}
+    return rep.write()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkable answers: accuracy, pass@k, best-of-n
+
+
+def powers(k: int) -> list[int]:
+    """1, 2, 4, ... up to k, and k itself."""
+    return sorted({2**i for i in range(k.bit_length()) if 2**i <= k} | {k})
+
+
+def verify_side(model: str, prompts: list, fields: list[dict], verifier, kwargs: dict, k: int, scorer=None, correct_at: float = 1.0,
+                max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                device: str = "auto") -> dict:
+    """k samples per prompt, each checked by the verifier; a sample is correct when its score >= correct_at."""
+    from tether.eval.scoring import sample
+    from tether.rewards import call_reward_fn
+
+    s = sample(model, prompts, k, max_new_tokens, temperature, top_p, seed, batch_size, device)
+    rows = [f for f in fields for _ in range(k)]
+    scores = call_reward_fn(verifier, s.prompt_texts, s.responses, [[] for _ in s.responses], kwargs, rows)
+    correct = [float(x >= correct_at) for x in scores]
+    per_prompt = [correct[i * k : (i + 1) * k] for i in range(len(prompts))]
+    res = {"model": str(model), "accuracy": M.mean(correct), "ci": M.wilson_interval(sum(correct), len(correct)),
+           "pass_at_k": {n: M.mean([M.pass_at_k(k, int(sum(c)), n) for c in per_prompt]) for n in powers(k)},
+           "mean_tokens": M.mean(s.num_tokens), "_samples": s, "_correct": correct}
+    if scorer is not None:
+        rm = scorer.score_responses(s.prompts, s.responses)
+        res["best_of_n"] = {n: M.mean([M.best_of_n(rm[i * k : (i + 1) * k], n, c) for i, c in enumerate(per_prompt)]) for n in powers(k)}
+    return res
+
+
+def write_verify_report(out_dir: str | Path, res: dict) -> Path:
+    rep = Report(out_dir, "Policy accuracy on checkable answers")
+    sides = res["sides"]
+    rep.text(f"{res['prompts']} prompts × {res['samples_per_prompt']} samples (sampling {res['sampling']}), checked by "
+             f"`{res['verifier']}`; a sample is correct when the verifier gives it ≥ {res['correct_at']}. Accuracy = the share of "
+             "correct samples (pass@1), with a 95% Wilson interval; pass@k is the unbiased estimator of Chen et al. 2021 averaged over prompts"
+             + ("; best-of-n is the accuracy of the sample the reward model scores highest among n (unbiased, over all draws of n)." if "best_of_n" in sides[0] else "."))
+    ks = list(sides[0]["pass_at_k"])
+    head = ["model", "accuracy", "95% CI", "mean tokens"] + [f"pass@{n}" for n in ks] + ([f"RM best-of-{n}" for n in ks] if "best_of_n" in sides[0] else [])
+    rep.table(head, [[s["model"], s["accuracy"], f"[{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]", s["mean_tokens"]] + [s["pass_at_k"][n] for n in ks]
+                     + ([s["best_of_n"][n] for n in ks] if "best_of_n" in s else []) for s in sides])
+    rep.h2("Examples")
+    smp, ok = sides[0]["_samples"], sides[0]["_correct"]
+    rep.table(["prompt", "response", "correct"], [[smp.prompt_texts[i][:80], smp.responses[i][:160], ok[i]] for i in range(min(8, len(ok)))])
+    rep.metrics = {k: v for k, v in res.items() if k != "sides"} | {"sides": [{k: v for k, v in s.items() if not k.startswith("_")} for s in sides]}
     return rep.write()
 
 

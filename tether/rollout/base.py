@@ -57,4 +57,4 @@ def assemble_rollout(prompts: PromptBatch, resp: Tensor, logprobs: Tensor, entro
              for row, m in zip(resp.tolist(), resp_mask.tolist())]
     return RolloutBatch(sequences=torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask.long()], 1), response_mask=resp_mask,
                         logprobs=logprobs, prompt_length=ids.shape[1], prompts=list(prompts.prompts), responses=texts, finished=finished,
-                        entropy=entropy, group_ids=list(prompts.group_ids))
+                        entropy=entropy, group_ids=list(prompts.group_ids), fields=list(prompts.fields))
