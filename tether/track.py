@@ -90,7 +90,7 @@ class Tracker:
         with open(self.out / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
         for sink in self.sinks:
-            sink.samples(step, rows)
+            sink.table(step, "samples", rows)
         for r in rows:
             self.event(f"[sample @{step}] reward={r['reward']:.3g} | {r['prompt'][-60:]!r} -> {r['response'][:120]!r}")
 
