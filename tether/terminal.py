@@ -121,7 +121,8 @@ def _short(v: Any, width: int) -> str:
     return s if isinstance(v, str) or len(s) <= width else s[: width - 3] + "..."  # a path is shown whole
 
 
-_SHOWN = {"rm/accuracy": "accuracy", "rewards/mean": "reward", "objective/kl": "kl"}  # beside the losses
+# beside the losses; PPO's reward as its samples show it (raw, before normalisation) where it logs that
+_SHOWN = {"rm/accuracy": "accuracy", "rewards/raw_mean": "reward", "rewards/mean": "reward", "objective/kl": "kl"}
 
 
 def progress_info(stage: str, metrics: dict[str, Any], rate: float) -> str | None:
@@ -129,7 +130,10 @@ def progress_info(stage: str, metrics: dict[str, Any], rate: float) -> str | Non
     model's accuracy, PPO's reward and KL, and steps/s (rate, 0 = not known yet); None for a record with none
     of them (an evaluation's)."""
     names = {k: k.split("/")[-1] + "_loss" for k in metrics if k.startswith("loss/")} | {f"loss/{stage}": "loss"}
-    keys = {k: names[k] for k in list(names)[:2] if k in metrics} | {k: n for k, n in _SHOWN.items() if k in metrics}
+    keys = {k: names[k] for k in list(names)[:2] if k in metrics}
+    for k, n in _SHOWN.items():
+        if k in metrics and n not in keys.values():
+            keys[k] = n
     if not keys:
         return None
     return "  ".join([f"{n}={_number(metrics[k])}" for k, n in keys.items()] + [f"{rate:.3g} steps/s"] * (rate > 0))

@@ -145,12 +145,14 @@ def log_report(out: str | Path, cfg, run_config: dict[str, Any], metrics: dict[s
     sinks = make_sinks(out, cfg, run_config, step - 1 if again else None)
     try:
         for sink in sinks:
+            # a W&B run continued takes no step below the ones it has: a report made again is its next step
+            at = max(step, getattr(getattr(sink, "run", None), "step", step))
             if metrics:
-                sink.log(step, metrics)
+                sink.log(at, metrics)
             for key, rows in (tables or {}).items():
-                sink.table(step, key, rows)
+                sink.table(at, key, rows)
             for path in images or []:
-                sink.image(step, f"plots/{Path(path).stem}", Path(path))
+                sink.image(at, f"plots/{Path(path).stem}", Path(path))
     finally:
         for sink in sinks:
             sink.close()
