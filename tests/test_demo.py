@@ -276,6 +276,8 @@ def test_the_reports_plots_and_tables_reach_the_trackers(quick_run, tmp_path, mo
     cfg = load_config(DemoConfig, None, QUICK + [f"out={tmp_path}", "track.tensorboard=true", "track.mlflow=true"])
     ppo = stage_config(cfg, "ppo", {"model": "m", "out": "o", "data": {"train": "t"}, "reward": {"model": "r"}})
     assert ppo.track.tensorboard and ppo.track.mlflow and ppo.track.mlflow_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    plain = stage_config(load_config(DemoConfig, None, QUICK), "ppo", {"model": "m", "out": "o", "data": {"train": "t"}, "reward": {"model": "r"}})
+    assert plain.track == type(plain.track)()  # no tracker: the stage's track keys stay its defaults (none shown as set)
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
     shutil.copytree(quick_run, out)

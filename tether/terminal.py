@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any, Iterator
@@ -35,10 +36,9 @@ def verbose() -> bool:
 def quiet(is_verbose: bool = False) -> Iterator[None]:
     """Run a command with third-party output off (or, is_verbose, on at the libraries' defaults)."""
     global _verbose
-    env = {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "WANDB_SILENT", "MLFLOW_LOGGING_LEVEL", "TETHER_VERBOSE")}
+    env = {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "WANDB_SILENT", "MLFLOW_LOGGING_LEVEL")}
     before, _verbose = _verbose, is_verbose
     # the environment reaches the libraries imported later in this process and every worker it starts
-    os.environ["TETHER_VERBOSE"] = "1" if is_verbose else "0"
     if is_verbose:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"
     else:
@@ -49,7 +49,7 @@ def quiet(is_verbose: bool = False) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             if not is_verbose:
-                warnings.filterwarnings("ignore", module=rf"({'|'.join(p.replace('.', chr(92) + '.') for p in THIRD_PARTY)})(\.|$)")
+                warnings.filterwarnings("ignore", module=rf"({'|'.join(map(re.escape, THIRD_PARTY))})(\.|$)")
             yield
     finally:
         restore()

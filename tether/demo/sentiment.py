@@ -171,9 +171,12 @@ def stage_config(cfg: DemoConfig, name: str, wired: dict, n_train: int = 0, per_
 
 def _stage_track(cfg: DemoConfig) -> dict:
     """The demo's trackers, for a stage: one MLflow store for the whole demo unless track.mlflow_uri names one."""
-    t = cfg.track
-    uri = t.mlflow_uri or f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
-    return {"mlflow": t.mlflow, "mlflow_uri": uri, "experiment": t.experiment, "wandb": t.wandb, "tensorboard": t.tensorboard, "log_every": t.log_every}
+    from tether.config import to_dict
+
+    t, default = to_dict(cfg.track), to_dict(TrackConfig())
+    if t["mlflow"] and not t["mlflow_uri"]:
+        t["mlflow_uri"] = f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
+    return {k: v for k, v in t.items() if v != default[k]}  # the stage's own keys (progress ...) stay its own
 
 
 # The tiny version the tests run: every stage, a few steps each.
