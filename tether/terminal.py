@@ -126,11 +126,11 @@ _SHOWN = {"rm/accuracy": "accuracy", "rewards/raw_mean": "reward", "rewards/mean
 
 
 def progress_info(stage: str, metrics: dict[str, Any], rate: float) -> str | None:
-    """A training step's numbers on the progress line: its losses (the stage's own as `loss`), the reward
+    """A training step's numbers on the progress line: its losses (a single one, or the stage's own, as `loss`), the reward
     model's accuracy, PPO's reward and KL, and steps/s (rate, 0 = not known yet); None for a record with none
     of them (an evaluation's)."""
-    names = {k: k.split("/")[-1] + "_loss" for k in metrics if k.startswith("loss/")} | {f"loss/{stage}": "loss"}
-    keys = {k: names[k] for k in list(names)[:2] if k in metrics}
+    losses = [k for k in metrics if k.startswith("loss/")]
+    keys = {k: "loss" if len(losses) == 1 or k == f"loss/{stage}" else k.split("/")[-1] + "_loss" for k in losses[:2]}
     for k, n in _SHOWN.items():
         if k in metrics and n not in keys.values():
             keys[k] = n
