@@ -261,3 +261,35 @@ def test_redteam_experiment_on_the_quick_demo(quick_run, tmp_path):
     assert [json.loads(x)["prompt"] for x in (out / "findings" / "prompts.jsonl").read_text().splitlines()] == failing
     assert parse_task_lines("compare", (out / "findings" / "tasks.jsonl").read_text())[1] == []
     assert main(["--demo", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_the_reports_plots_and_tables_reach_the_trackers(quick_run, tmp_path, monkeypatch):
+    """`tether demo track.tensorboard=true track.wandb=true`: the report's PNGs as images, its results and samples
+    as tables (each stage logs its own curves with the same trackers), read back from the files written."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tether.config import load_config
+    from tether.demo.sentiment import QUICK, DemoConfig, main, stage_config
+
+    cfg = load_config(DemoConfig, None, QUICK + [f"out={tmp_path}", "track.tensorboard=true", "track.mlflow=true"])
+    ppo = stage_config(cfg, "ppo", {"model": "m", "out": "o", "data": {"train": "t"}, "reward": {"model": "r"}})
+    assert ppo.track.tensorboard and ppo.track.mlflow and ppo.track.mlflow_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    plain = stage_config(load_config(DemoConfig, None, QUICK), "ppo", {"model": "m", "out": "o", "data": {"train": "t"}, "reward": {"model": "r"}})
+    assert plain.track == type(plain.track)()  # no tracker: the stage's track keys stay its defaults (none shown as set)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    assert main(["--quick", "--out", str(out), "--threads", "2", "--from", "report", "track.tensorboard=true", "track.wandb=true"]) == 0
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert len(pngs) >= 3
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == sorted(f"plots/{p.stem}" for p in pngs)
+    assert {"results/text_summary", "samples/text_summary"} <= set(acc.Tags()["tensors"])
+    run_id = (out / "wandb_run_id").read_text()
+    (media,) = out.glob(f"wandb/offline-run-*-{run_id}/files/media")
+    assert sorted(p.name.split("_0_")[0] for p in media.glob("images/plots/*.png")) == sorted(p.stem for p in pngs)
+    samples = json.loads(next(media.glob("table/samples_0_*.table.json")).read_text())
+    assert samples["columns"] == ["step", "prompt", "policy", "response", "gold"] and samples["data"]

@@ -16,6 +16,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-tether-test"
 BODY_LIMIT = 20_000
 HELLO = [{"role": "user", "content": "hello there, tell me about the movie"}]
@@ -397,3 +398,40 @@ def test_the_load_script_measures_a_running_server(servers):
     assert r["requests"] == 6 and r["errors"] == 0
     assert 0 < r["completion_tokens"] <= 36 and r["tokens_per_s"] > 0
     assert 0 < r["p50_s"] <= r["p95_s"]
+
+
+def test_label_generate_from_a_served_model_equals_local_generation_without_torch(servers, models, tmp_path):
+    """`tether label generate --model http://.../v1`: tasks for the annotation app from any OpenAI-compatible
+    server (here `tether serve`); greedy responses equal sampling the folder locally, and the command imports
+    no torch (the feedback package's rule) since the model runs in the server."""
+    from tether.generate import sample_responses
+
+    prompts = ["hello there, tell me about the movie", "what did you think of the ending"]
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("".join(json.dumps({"prompt": p, "id": f"q{i}"}) + "\n" for i, p in enumerate(prompts)))
+    url, db = servers["main"].url + "/v1", str(tmp_path / "l.db")
+    code = (
+        "import sys\nfrom tether.cli import main\n"
+        f"assert main(['label', 'create-project', 'p', '--kind', 'compare', '--db', {db!r}]) == 0\n"
+        f"assert main(['label', 'generate', '--model', {url!r}, '--api-key', {KEY!r}, '--prompts', {str(pfile)!r}, '-k', '2',"
+        f" '--temperature', '0', '--max-new-tokens', '8', '--out', {str(tmp_path / 'greedy.jsonl')!r}, '--project', 'p', '--db', {db!r}]) == 0\n"
+        f"assert main(['label', 'generate', '--model', {url!r}, '--api-key', {KEY!r}, '--prompts', {str(pfile)!r}, '-k', '3',"
+        f" '--max-new-tokens', '8', '--chat', '--out', {str(tmp_path / 'sampled.jsonl')!r}, '--db', {db!r}]) == 0\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "HEAVY []" in r.stdout and "imported 2 items from 2 prompts into 'p'" in r.stdout
+    greedy = [json.loads(x) for x in (tmp_path / "greedy.jsonl").read_text().splitlines()]
+    want = sample_responses(str(models["policy"]), prompts, k=1, max_new_tokens=8, temperature=0.0)
+    assert [g["id"] for g in greedy] == ["q0", "q1"] and all(g["meta"]["model"] == f"tiny@{url}" for g in greedy)
+    assert [g["responses"] for g in greedy] == [[w[0], w[0]] for w in want] and all(w[0] for w in want)
+    sampled = [json.loads(x) for x in (tmp_path / "sampled.jsonl").read_text().splitlines()]
+    assert [len(s["responses"]) for s in sampled] == [3, 3]  # --chat: each prompt a user turn of the chat template
+    # a server that is not there: one line, not a traceback
+    bad = subprocess.run([sys.executable, "-m", "tether.cli", "label", "generate", "--model", f"http://127.0.0.1:{_free_port()}/v1",
+                          "--prompts", str(pfile), "--out", str(tmp_path / "x.jsonl"), "--db", db],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"tether label generate: cannot reach http://127.0.0.1:"), bad.stderr

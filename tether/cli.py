@@ -66,10 +66,12 @@ def one_line(prog: str, run: Callable[[], object], verbose: bool = False) -> int
     guard stopped (config.RunStopped) exits 3."""
     from tether.config import RunStopped
 
+    from tether.terminal import verbose as verbose_flag
+
     try:
         return int(run() or 0)
     except (*user_errors(), RunStopped) as e:
-        if verbose:
+        if verbose or verbose_flag():
             raise
         print(f"{prog}: {e}", file=sys.stderr)
         return 3 if isinstance(e, RunStopped) else 2
@@ -102,9 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tether: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from tether.terminal import hint, quiet
+
+    verbose = "--verbose" in rest  # every command takes it, anywhere on its line
+    rest = [a for a in rest if a != "--verbose"]
     module_name, func_name = COMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    with quiet(verbose):
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+            return int(func(rest) or 0)
+        except KeyboardInterrupt:
+            if verbose:
+                raise
+            print(f"tether {name}: interrupted (a training stage continues from its last checkpoint with --resume)", file=sys.stderr)
+            return 130
+        except Exception as e:  # a user's mistake is already one line (one_line); this is everything else
+            if verbose:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"tether {name}: {type(e).__name__}{': ' + first if first else ''}\n  hint: {hint(e)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

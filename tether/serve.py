@@ -818,7 +818,9 @@ def main(argv: list[str]) -> int:
         print(f"tether serve: {lack}", file=sys.stderr)
         return 2
     from tether.cli import one_line
+    from tether.terminal import verbose
 
+    args.verbose = args.verbose or verbose()  # `tether serve ... --verbose` reaches here without the flag
     return one_line("tether serve", lambda: _serve(args), args.verbose)
 
 

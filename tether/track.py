@@ -15,7 +15,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+from tether.terminal import progress_info
+
+console = Console(stderr=True, soft_wrap=True)  # a line longer than the terminal wraps there, not at 80 columns in a log file
 
 
 def _clean(v: Any) -> Any:
@@ -44,7 +46,7 @@ class Tracker:
         self.sinks = make_sinks(self.out, cfg, run_config or {}, start_step if resume else None) if self.main and cfg is not None else []
         show = self.main and getattr(cfg, "progress", True) and total > 0 and sys.stderr.isatty() and not os.environ.get("CI")
         self._plain_every = max(1, total // 10) if total else 10
-        self.total, self.desc, self.progress = total, desc, None
+        self.total, self.desc, self.progress, self.first = total, desc, None, start_step if resume else 0
         if show:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -63,20 +65,23 @@ class Tracker:
         self._show(step, metrics)
 
     def _show(self, step: int, metrics: dict[str, Any]) -> None:
-        keys = [k for k in metrics if k.startswith("loss/")][:2] + [k for k in ("rm/accuracy", "rewards/mean", "objective/kl", "speed/tokens_per_s") if k in metrics]
-        info = "  ".join(f"{k.split('/')[-1]}={_fmt(metrics[k])}" for k in keys)
+        rate = (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)  # steps/s since this process started
+        info = progress_info(self.desc, metrics, rate if step > self.first else 0.0)
+        if info is None:  # an evaluation's record: the line keeps the last step's numbers
+            return
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif self.main and (step % self._plain_every == 0 or step == self.total):
-            console.print(f"[{self.desc}] step {step}/{self.total}  {info}", highlight=False)
+            eta = f"  ETA {(self.total - step) / rate:.0f}s" if rate > 0 and step < self.total else ""
+            console.print(f"{self.desc} {step}/{self.total}  {info}{eta}", highlight=False, markup=False)
 
     def event(self, message: str) -> None:
         if not self.main:
             return
         if self.progress is not None:
-            self.progress.console.print(message, highlight=False)
+            self.progress.console.print(message, highlight=False, markup=False)
         else:
-            console.print(message, highlight=False)
+            console.print(message, highlight=False, markup=False)
 
     def samples(self, step: int, rows: list[dict]) -> None:
         """A few completions ({prompt, response, reward}): appended to samples.jsonl and shown."""
@@ -85,7 +90,7 @@ class Tracker:
         with open(self.out / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
         for sink in self.sinks:
-            sink.samples(step, rows)
+            sink.table(step, "samples", rows)
         for r in rows:
             self.event(f"[sample @{step}] reward={r['reward']:.3g} | {r['prompt'][-60:]!r} -> {r['response'][:120]!r}")
 
@@ -106,11 +111,6 @@ def peak_memory_mb(device) -> dict[str, float]:
 
         out["memory/peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def _fmt(v: Any) -> str:
-    v = _clean(v)
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The HTTP judge: any OpenAI-compatible chat endpoint (vLLM, llama.cpp, `tether serve`, a hosted API)
-through the official `openai` client.
+through the official `openai` client; and `sample_endpoint`, responses from one (`tether label generate
+--model URL`).
 
 Each comparison is one chat completion with max_tokens=1, temperature=0, logprobs=true, top_logprobs=5;
 P(A) is read from the first token's top_logprobs (the tokens that are "A" or "B" once stripped of
@@ -94,6 +95,39 @@ def option_probability(top: list[list], options=OPTIONS) -> tuple[float, bool]:
     return probs[0] / sum(probs), bounded
 
 
+def endpoint_client(url: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 0):
+    """(openai.OpenAI client, base URL ending in /v1) for an OpenAI-compatible server at `url`. The key: api_key,
+    else OPENAI_API_KEY, else TETHER_API_KEY (`tether serve --api-key`'s variable), else none."""
+    import openai
+
+    base = url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    key = api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("TETHER_API_KEY") or "none"
+    return openai.OpenAI(base_url=base, api_key=key, timeout=timeout, max_retries=max_retries), base
+
+
+def sample_endpoint(url: str, prompts: list, k: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                    seed: int = 0, model_name: str | None = None, api_key: str | None = None, concurrency: int = 4,
+                    timeout: float = 120.0, chat: bool = False) -> tuple[str, list[list[str]]]:
+    """k responses for each prompt from an OpenAI-compatible server, `concurrency` requests at a time (a server
+    that batches, as `tether serve` does, runs them together). A string prompt goes to /v1/completions as it is,
+    as a local model folder samples it (chat=True: as one user turn to /v1/chat/completions, for chat-only
+    APIs); a message list goes to /v1/chat/completions. Returns ("model@URL", responses per prompt). The
+    client's own retries (2, with backoff) cover a busy server's 429/503; any other error stops the run."""
+    client, base = endpoint_client(url, api_key, timeout, max_retries=2)
+    name = model_name or client.models.list().data[0].id
+
+    def one(i: int) -> list[str]:
+        p, kw = prompts[i], dict(model=name, n=k, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+        if isinstance(p, str) and not chat:
+            return [c.text for c in sorted(client.completions.create(prompt=p, **kw).choices, key=lambda c: c.index)]
+        r = client.chat.completions.create(messages=[{"role": "user", "content": p}] if isinstance(p, str) else p, **kw)
+        return [c.message.content or "" for c in sorted(r.choices, key=lambda c: c.index)]
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        return f"{name}@{base}", list(pool.map(one, range(len(prompts))))
+
+
 class HttpJudge:
     OPTIONS = ("model_name", "api_key", "timeout", "retries", "backoff", "concurrency", "cache", "top_logprobs", "options")
 
@@ -103,11 +137,8 @@ class HttpJudge:
         import openai
 
         self.openai = openai
-        base = url.rstrip("/")
-        self.base = base if base.endswith("/v1") else base + "/v1"
         # our own retries (counted, with the failure kept per item), not the client's silent ones
-        self.client = openai.OpenAI(base_url=self.base, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
-                                    timeout=timeout, max_retries=0)
+        self.client, self.base = endpoint_client(url, api_key, timeout, max_retries=0)
         self.retries, self.backoff, self.concurrency, self.top_logprobs = retries, backoff, concurrency, top_logprobs
         self.options = options or OPTIONS  # (the module's A/B: the class's OPTIONS names the keyword arguments)
         self.cache = RequestCache(cache) if cache else None

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from tether.checkpoint import Checkpointer, atomic_write_text, seed_everything
 from tether.config import ConfigError, save_config
 from tether.data.records import DataError
+from tether.terminal import changed_keys
 from tether.track import console
 
 SUMMARY_FILE = "summary.json"
@@ -24,7 +25,8 @@ def start_run(cfg, stage: str) -> tuple[Path, Checkpointer]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
-    console.print(f"[bold]tether {stage}[/bold] -> {out} (resolved config: {out / 'config.json'})")
+    console.print(f"[bold]tether {stage}[/bold] -> {out}", highlight=False)
+    console.print(f"  config, keys set: {changed_keys(cfg)}  (every key: {out / 'config.json'})", highlight=False, markup=False)
     seed_everything(cfg.seed)
     return out, Checkpointer(out, keep=cfg.keep_checkpoints)
 

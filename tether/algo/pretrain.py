@@ -29,6 +29,7 @@ from pathlib import Path
 from tether.cli import cli_main
 from tether.config import EngineConfig, OptimConfig, TrackConfig, check, doc, sub, to_dict
 from tether.data.corpora import CORPORA, cache_dir, corpus_fingerprint, is_held_out, read_reviews
+from tether.terminal import changed_keys
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 # -- Config ----------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def train(cfg: PretrainConfig) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    console.print(f"[bold]tether pretrain[/bold] -> {final if cfg.cache else work} (resolved config: config.json there)", highlight=False)
+    console.print(f"tether pretrain -> {final if cfg.cache else work}  config, keys set: {changed_keys(cfg)}", highlight=False, markup=False)
     save_config(cfg, work / "config.json")
     seed_everything(cfg.seed)
     if cfg.engine.threads:

@@ -181,6 +181,26 @@ def result_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
+def _to_trackers(demo, metrics: dict, rows: list[list[str]], samples: list[dict], pngs: list[Path]) -> None:
+    """The report to the trackers `track.*` turns on: each policy's numbers, the results and samples as tables,
+    the plots as images (the stages logged their own training curves)."""
+    cfg = demo.cfg
+    if not (cfg.track.mlflow or cfg.track.wandb or cfg.track.tensorboard):
+        return
+    from tether.backends.tracking import log_report
+    from tether.config import to_dict
+
+    numbers = {f"eval/{e['name']}/{k}": e[k] for e in metrics["policies"] for k in ("gold_mean", "win_rate", "kl")
+               if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])}
+    names = [k for k in samples[0] if k not in ("prompt", "reference")] if samples else []
+    tables = {"results": [dict(zip(RESULT_COLUMNS, r)) for r in rows],
+              "samples": [{"prompt": s["prompt"], "policy": n, "response": s[n]["response"], "gold": s[n]["gold"]} for s in samples for n in names]}
+    sent = log_report(demo.out, cfg.track, to_dict(cfg), numbers, tables, pngs)
+    from tether.track import console
+
+    console.print(f"report: {len(pngs)} plots, {len(tables)} tables and {len(numbers)} numbers logged to {', '.join(sent)}", highlight=False)
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -437,6 +457,7 @@ def write_report(demo) -> dict:
     results = {"table": {"columns": RESULT_COLUMNS, "rows": rows}, "checks": ck, "timings": timings, "precision": cfg.resolved_precision,
                "plots": [str(out / "plots" / n) for n, _ in figs], "report": str(path)}
     write_json(out / "results.json", results)
+    _to_trackers(demo, metrics, rows, samples, [out / "plots" / n for n, _ in figs])
     return {
         "path": str(path),
         "table": text_table(RESULT_COLUMNS, rows) + "\n\n" + "\n".join(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.3f} (target {c['target']})" for c in ck),

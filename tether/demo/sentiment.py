@@ -39,7 +39,7 @@ from typing import Any
 
 from tether.algo.pretrain import PretrainConfig
 from tether.data.corpora import is_held_out, read_reviews
-from tether.config import ConfigError, check, doc, load_config, save_config, sub
+from tether.config import ConfigError, TrackConfig, check, doc, load_config, save_config, sub
 from tether.demo.io import read_jsonl, write_json, write_jsonl
 from tether.judges.annotators import AnnotatorConfig
 
@@ -107,6 +107,7 @@ class DemoConfig:
     bon_n: tuple[int, ...] = doc((1, 2, 4, 8, 16), "best-of-N sizes (samples from the SFT model, ranked by the RM)")
     n_sample_rows: int = doc(8, "prompts in the report's sample table")
     pretrain: PretrainConfig = sub(PretrainConfig, "phase 0 (`tether pretrain`), skipped with base_model")
+    track: TrackConfig = sub(TrackConfig, "trackers for the training stages and the report (its plots as images, results and samples as tables); MLflow's store defaults to <out>/mlflow.db for all of them")
     annotators: AnnotatorConfig = sub(AnnotatorConfig, "the simulated annotators")
 
     @property
@@ -157,7 +158,8 @@ def stage_config(cfg: DemoConfig, name: str, wired: dict, n_train: int = 0, per_
         raise ConfigError(f"config key '{name}': is a stage section; set its keys, e.g. {name}.max_steps=...")
     if name == "ppo" and isinstance(mine.get("reward"), dict) and mine["reward"].get("fn"):
         wired = {**wired, "reward": {}}  # the user's reward function instead of the demo's reward model
-    wired = _merge(wired, {"seed": cfg.seed, "engine": {"device": "cpu", "threads": cfg.threads, "precision": cfg.resolved_precision}})
+    wired = _merge(wired, {"seed": cfg.seed, "engine": {"device": "cpu", "threads": cfg.threads, "precision": cfg.resolved_precision},
+                           "track": _stage_track(cfg)})
 
     def build(extra: dict):
         return _build(cls, _merge(_merge(_merge(wired, extra), STAGE_SETTINGS[name]), mine), f"{name}.")
@@ -165,6 +167,16 @@ def stage_config(cfg: DemoConfig, name: str, wired: dict, n_train: int = 0, per_
     c = build({})
     steps = c.max_steps or max(1, math.ceil(c.epochs * max(n_train, 1) / c.batch_size))
     return build({"max_steps": steps} | per_run(steps))
+
+
+def _stage_track(cfg: DemoConfig) -> dict:
+    """The demo's trackers, for a stage: one MLflow store for the whole demo unless track.mlflow_uri names one."""
+    from tether.config import to_dict
+
+    t, default = to_dict(cfg.track), to_dict(TrackConfig())
+    if t["mlflow"] and not t["mlflow_uri"]:
+        t["mlflow_uri"] = f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
+    return {k: v for k, v in t.items() if v != default[k]}  # the stage's own keys (progress ...) stay its own
 
 
 # The tiny version the tests run: every stage, a few steps each.

@@ -37,6 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--track", default="", help="also log the report to trackers: any of mlflow,wandb,tensorboard (numbers, tables, "
+                   "plots as images; MLflow's store: OUT/mlflow.db; W&B project: tether)")
 
 
 def _judge_args(p: argparse.ArgumentParser) -> None:
@@ -302,6 +304,10 @@ def main(argv: list[str]) -> int:
     from tether.data import DataError
     from tether.models import ModelError
 
+    track = _track_config(getattr(a, "track", ""))
+    from tether.eval.report import Report
+
+    Report.written.clear()
     try:
         path = {"rm": run_rm, "policy": run_policy, "sycophancy": run_sycophancy, "data": run_data, "refusal": run_refusal,
                 "redteam": run_redteam, "labeler": run_labeler}[a.cmd](a)
@@ -309,4 +315,27 @@ def main(argv: list[str]) -> int:
         print(f"tether eval {a.cmd}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}", file=sys.stderr)
+    if track is not None:
+        _to_trackers(a, track, Report.written)
     return 0
+
+
+def _track_config(spec: str):
+    from tether.config import TrackConfig
+
+    names = {t.strip() for t in spec.split(",") if t.strip()}
+    if not names:
+        return None
+    if names - {"mlflow", "wandb", "tensorboard"}:
+        raise SystemExit(f"tether eval: --track takes mlflow, wandb and tensorboard; got {', '.join(sorted(names))}")
+    return TrackConfig(**{n: True for n in names})
+
+
+def _to_trackers(a, track, reports: list) -> None:
+    """Each report written (one per data file for some commands) to the trackers, from its own folder."""
+    from tether.backends.tracking import log_report
+
+    config = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list)) or v is None}
+    for rep in reports:
+        sent = log_report(rep.out, track, config, rep.numbers(), rep.tables, [rep.out / f for f in rep.figures])
+        print(f"logged {rep.out / 'report.md'}: {len(rep.figures)} plots, {len(rep.tables)} tables to {', '.join(sent)}", file=sys.stderr)

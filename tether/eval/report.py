@@ -50,18 +50,24 @@ def _json_clean(v: Any) -> Any:
 
 
 class Report:
+    written: list["Report"] = []  # every report written in this process, for `tether eval --track` to send on
+
     def __init__(self, out: str | Path, title: str):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.lines: list[str] = [f"# {title}", ""]
         self.metrics: dict[str, Any] = {}
         self.figures: list[str] = []
+        self.tables: dict[str, list[dict]] = {}  # by the heading above each table, for the trackers
+        self._heading = "table"
 
     def h2(self, text: str) -> None:
         self.lines += [f"## {text}", ""]
+        self._heading = text
 
     def h3(self, text: str) -> None:
         self.lines += [f"### {text}", ""]
+        self._heading = text
 
     def text(self, md: str) -> None:
         self.lines += [md, ""]
@@ -73,6 +79,10 @@ class Report:
         if not rows:
             self.lines += ["(none)", ""]
             return
+        key, n = slug(self._heading), 2
+        while key in self.tables:
+            key, n = f"{slug(self._heading)}_{n}", n + 1
+        self.tables[key] = [{(h or "row"): v if isinstance(v, (int, float, str)) or v is None else fmt(v) for h, v in zip(headers, r)} for r in rows]
         cell = lambda v: fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         self.lines.append("| " + " | ".join(headers) + " |")
         self.lines.append("|" + "|".join("---" for _ in headers) + "|")
@@ -106,7 +116,23 @@ class Report:
     def write(self) -> Path:
         (self.out / "report.md").write_text("\n".join(self.lines).rstrip() + "\n")
         (self.out / "metrics.json").write_text(json.dumps(_json_clean(self.metrics), indent=2) + "\n")
+        Report.written.append(self)
         return self.out / "report.md"
+
+    def numbers(self) -> dict[str, float]:
+        """metrics.json's finite numbers as flat `a/b/c` keys (what a tracker plots); a list is followed where its
+        items are named (a report's files, policies), not where they are bins of a plot."""
+        def walk(v: Any, key: str):
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    yield from walk(x, f"{key}/{k}" if key else str(k))
+            elif isinstance(v, list) and v and all(isinstance(x, dict) and (x.get("name") or x.get("file")) for x in v):
+                for x in v:
+                    yield from walk(x, f"{key}/{Path(str(x.get('name') or x['file'])).name}")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                yield key, float(v)
+
+        return dict(walk(_json_clean(self.metrics), ""))
 
 
 def reliability_plot(ax, bins: list[dict], label: str = "") -> None:

@@ -9,6 +9,7 @@
     tether label deactivate-user USER | reset-password USER [--password-stdin] | end-sessions USER
     tether label audit [--user U] [--limit 200]
     tether label generate --model DIR --prompts FILE -k 4 --project P
+    tether label generate --model http://127.0.0.1:8000/v1 --prompts FILE -k 4 --project P   (any OpenAI-compatible server)
     tether label export --project P --out prefs.jsonl [--raw raw.jsonl] [--policy majority|all] [--include-gold]
                         [--format pairs|kto] [--threshold 4]
     tether label stats --project P
@@ -17,7 +18,8 @@
 The database is `--db` (a SQLAlchemy URL, `postgresql://...`, or a SQLite file path), else the
 TETHER_LABEL_DB environment variable, else ./tether_label.db. `serve` upgrades the schema and, if the
 database has no admin yet, creates `admin` with the password in TETHER_LABEL_ADMIN_PASSWORD or a random
-one printed once. This module imports no torch; only `generate` loads the training side.
+one printed once. This module imports no torch; only `generate` from a model folder loads the training side
+(from a URL it needs only the `openai` client).
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample K responses per prompt from a checkpoint and import them as tasks")
     _db_arg(p)
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", required=True, help="a checkpoint directory, or the URL of an OpenAI-compatible server "
+                   "(`tether serve`, vLLM, a hosted API), e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field (and optional 'id'), or a .txt with one prompt per line")
     p.add_argument("-k", type=int, default=4, help="responses per prompt")
     p.add_argument("--project", help="import into this project (its kind decides how items are made)")
@@ -116,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--served-model", help="with a URL: the model name to ask for (default: the server's first model)")
+    p.add_argument("--api-key", help="with a URL: its API key (default: OPENAI_API_KEY, else TETHER_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=4, help="with a URL: requests in flight at once")
+    p.add_argument("--chat", action="store_true", help="with a URL: send each prompt as a user turn to /v1/chat/completions "
+                   "(default: the text as it is to /v1/completions, as a model folder samples it)")
 
     p = sub.add_parser("export", help="write preference pairs for `tether rm` / `tether dpo` (or unpaired records for `tether kto`)")
     _db_arg(p)
@@ -333,19 +341,36 @@ def read_prompts(path: str) -> list[tuple[str | None, str]]:
     return out
 
 
+def _from_endpoint(args: argparse.Namespace, prompts: list[str], kw: dict) -> tuple[str, list[list[str]]]:
+    try:
+        import openai
+
+        from tether.ai.http import sample_endpoint
+    except ImportError:
+        raise SystemExit("tether label generate: a URL needs the openai client: pip install openai") from None
+    try:
+        return sample_endpoint(args.model, prompts, model_name=args.served_model, api_key=args.api_key, concurrency=args.concurrency,
+                               chat=args.chat, **kw)
+    except openai.APIConnectionError as e:
+        raise SystemExit(f"tether label generate: cannot reach {args.model} ({e}); is the server running?") from None
+    except openai.APIStatusError as e:
+        raise SystemExit(f"tether label generate: {args.model} answered HTTP {e.status_code}: {str(e)[:300]}") from None
+
+
 def _generate(args: argparse.Namespace, db, sv) -> int:  # noqa: ANN001
     if not args.project and not args.out:
         raise SystemExit("give --project (import) and/or --out (write jsonl)")
     prompts = read_prompts(args.prompts)
-    from tether.generate import sample_responses  # the training side, loaded only here
+    kw = dict(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.model.startswith(("http://", "https://")):
+        model_name, responses = _from_endpoint(args, [p for _i, p in prompts], kw)
+    else:
+        from tether.generate import sample_responses  # the training side, loaded only here
 
-    responses = sample_responses(
-        args.model, [p for _i, p in prompts], k=args.k, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-    )
+        responses = sample_responses(args.model, [p for _i, p in prompts], **kw)
+        model_name = Path(args.model).name
     if len(responses) != len(prompts):
         raise SystemExit(f"generator returned {len(responses)} results for {len(prompts)} prompts")
-    model_name = Path(args.model).name
     lines = []
     for (pid, prompt), resp in zip(prompts, responses, strict=True):
         obj = {"prompt": prompt, "responses": list(resp), "meta": {"model": model_name, "k": args.k, "seed": args.seed,
