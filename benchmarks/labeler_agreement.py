@@ -8,8 +8,9 @@ fixed sample of --n pairs (seeded, the same for every model) is judged with one 
 and scored by tether.ai.eval_labeler.evaluate: agreement with the human choice and its 95% Wilson
 interval, position-flip rate, ECE, the length-only and random baselines, and routing: for a target final
 agreement (humans label what is routed to them and are taken as right), the share of pairs that
-confidence routing auto-labels against random routing of the same kind. Routing is printed only for sets
-with at least --routing-min judged pairs (a small sample's ranking says little).
+confidence routing auto-labels against random routing (its expected share, and p: the share of 1,000
+random routings, the confidences shuffled over the pairs, that auto-label as much). Routing is printed
+only for sets with at least --routing-min judged pairs (a small sample's ranking says little).
 
 Each finished set is saved (OUT/SET.json, OUT/SET.judgements.jsonl) and skipped by a rerun with the same
 model, --n, --seed and principle, so an interrupted run resumes where it stopped.
@@ -64,15 +65,32 @@ def pct(d: dict | None) -> str:
     return f"{100 * d['rate']:.1f}" if d and d["n"] else "–"
 
 
-def row(name: str, m: dict, target: float, routing_min: int) -> list[str]:
+def shuffled(judgements: Path, target: float, share: float, reps: int = 1000, seed: int = 0) -> float:
+    """The share of random routings (the labeler's confidences shuffled over the pairs, scored by the same
+    best-prefix rule) that auto-label at least `share`: how often chance does as well as confidence."""
+    from tether.ai.eval_labeler import _score, routing
+
+    ps = [json.loads(x)["p_human"] for x in judgements.read_text().splitlines()]
+    ps = [p for p in ps if p is not None]
+    conf, correct = [max(p, 1 - p) for p in ps], [_score(p) for p in ps]
+    rng, hits = random.Random(seed), 0
+    for _ in range(reps):
+        rng.shuffle(conf)
+        got = routing(conf, correct, thresholds=(), targets=(target,))["savings"][0]["confidence_share_auto"]
+        hits += got >= share - 1e-12
+    return hits / reps
+
+
+def row(name: str, m: dict, target: float, routing_min: int, judgements: Path) -> list[str]:
     a = m["agreement"]
     flip = m["position_flip_rate"]
     cells = [name, str(m["judged"]), f"{100 * a['rate']:.1f} [{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}]",
              pct(flip), f"{m['ece']:.3f}", pct(m["baselines"]["length"]), pct(m["baselines"]["random"])]
     s = next((s for s in m["routing"]["savings"] if abs(s["target"] - target) < 1e-9), None)
     if s is None or m["judged"] < routing_min:
-        return cells + ["–", "–"]
-    return cells + [f"{100 * s['confidence_share_auto']:.0f}", f"{100 * s['random_share_auto']:.0f}"]
+        return cells + ["–", "–", "–"]
+    return cells + [f"{100 * s['confidence_share_auto']:.0f}", f"{100 * s['random_share_auto']:.0f}",
+                    f"{shuffled(judgements, target, s['confidence_share_auto']):.2f}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     key = {"model": str(Path(a.model).expanduser().resolve()), "n": a.n, "seed": a.seed, "principle": a.principle, "max_length": a.max_length}
     judge = None
     header = ["set", "pairs", "agreement % [95% CI]", "flip %", "ECE", "length-only %", "random %",
-              f"auto @{a.target:.0%}: confidence %", "random %"]
+              f"auto @{a.target:.0%}: confidence %", "random %", "p (shuffled)"]
     rows = []
     for name in names:
         saved = out / f"{name}.json"
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(out / f"{name}.judgements.jsonl", "".join(
                 json.dumps({"id": r.item.id, "p_human": r.p, "p_orders": r.per_principle, "flip": r.flip}) + "\n" for r in results))
             atomic_write_text(saved, json.dumps(done, indent=1))
-        rows.append(row(name, done["metrics"], a.target, a.routing_min))
+        rows.append(row(name, done["metrics"], a.target, a.routing_min, out / f"{name}.judgements.jsonl"))
         print(f"{name}: {done['seconds']:.0f} s, {done['truncated']} comparisons shortened to --max-length", file=sys.stderr, flush=True)
         print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)
     print("| " + " | ".join(header) + " |")
