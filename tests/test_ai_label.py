@@ -429,3 +429,24 @@ def test_llmbar_converts_and_the_report_splits_by_source(tmp_path):
     assert {r["source"] for r in recs} == {"llmbar/Natural", "llmbar/Adversarial/Neighbor"}
     m = evaluate(label(read_items(tmp_path / "llmbar.jsonl"), Fair(), load_constitution(), "honesty"))
     assert set(m["by_source"]) == {"llmbar/Natural", "llmbar/Adversarial/Neighbor"} and all(v["rate"] == 1.0 for v in m["by_source"].values())
+
+
+def test_mtbench_human_judgments_convert_from_llmbars_processed_file(tmp_path, capsys):
+    from tether.ai.convert import main as convert
+
+    src = ROOT.parent / "shared" / "data" / "llmbar" / "Dataset" / "Processed" / "MT-Bench" / "dataset.json"
+    if not src.exists():
+        pytest.skip("[data] ../shared/data is not beside this checkout")
+    rows = json.loads(src.read_text())
+    (tmp_path / "few.json").write_text(json.dumps(rows[:3]))
+    assert convert(["llmbar", str(tmp_path / "few.json"), str(tmp_path / "few.jsonl")]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "few.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in recs] == [
+        (w["input"], w[f"output_{w['label']}"], w[f"output_{3 - w['label']}"]) for w in rows[:3]]
+    assert convert(["llmbar", str(src), str(tmp_path / "all.jsonl")]) == 0
+    assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 200  # the README's count: no ties to skip
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text(json.dumps(rows[:3] + [{"input": "q", "output_1": "a", "label": 1}]))
+    assert convert(["llmbar", str(tmp_path / "bad.json"), str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.json: record 3:" in err and "output_2" in err and not (tmp_path / "bad.jsonl").exists()

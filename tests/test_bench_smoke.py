@@ -31,3 +31,26 @@ def test_bench_quick_trl_sft_same_step0_loss(tmp_path, capsys):
     runs = json.loads(out.read_text())["runs"]
     t, r = runs["tether|sft|fp32"][0], runs["trl|sft|fp32"][0]
     assert abs(t["losses"][0] - r["losses"][0]) < 1e-4  # same work, same maths
+
+
+def test_labeler_agreement_table_on_real_sets_and_its_resume(tiny_llama, tmp_path, capsys):
+    from pathlib import Path
+
+    from benchmarks.labeler_agreement import main
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not data.exists():
+        pytest.skip("[data] ../shared/data is not beside this checkout")
+    args = ["--model", str(tiny_llama), "--data", str(data), "--out", str(tmp_path), "--sets", "hhh,mtbench-human",
+            "--n", "3", "--max-length", "384", "--routing-min", "3"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    rows = [r.split(" | ") for r in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| hhh", "| mtbench-human"] and all(r[1] == "3" and r[-1] != "– |" for r in rows)
+    assert err.count("judging 3 pairs") == 2
+    assert main(args) == 0  # finished sets are read back, not judged again
+    again, err = capsys.readouterr()
+    assert again == out and "judging" not in err
+    assert main(args[:-6] + ["--n", "4", "--max-length", "384"]) == 0  # another sample size judges again
+    out4, err = capsys.readouterr()
+    assert err.count("judging 4 pairs") == 2 and "| hhh | 4 |" in out4
