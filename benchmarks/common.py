@@ -12,7 +12,7 @@ from pathlib import Path
 
 def runner_args(argv: list[str] | None, lib: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"benchmarks.run_{lib}")
-    p.add_argument("--stage", required=True, help="sft | rm | dpo | ppo | rloo | grpo")
+    p.add_argument("--stage", required=True, help="sft | rm | dpo | orpo | simpo | kto | ppo | rloo | grpo")
     p.add_argument("--dir", required=True, help="workload folder (benchmarks.workload.build)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--quick", action="store_true")
@@ -73,13 +73,13 @@ class Clock:
         return (self.t_end or 0.0) - (self.t0 or 0.0)
 
 
-def sft_tokens(d: Path, n: int) -> tuple[int, int]:
-    """(sequence tokens, target tokens) of the first n SFT examples, as both libraries tokenise them."""
+def sft_tokens(d: Path, n: int, file: str = "sft.jsonl") -> tuple[int, int]:
+    """(sequence tokens, target tokens) of the first n SFT (or KTO) examples, as both libraries tokenise them."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(d / "policy"))
     seq = tgt = 0
-    with open(d / "sft.jsonl") as f:
+    with open(d / file) as f:
         for i, line in enumerate(f):
             if i >= n:
                 break

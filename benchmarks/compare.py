@@ -3,6 +3,7 @@
     pip install -r benchmarks/requirements.txt          # TRL, pinned (benchmark-only)
     python -m benchmarks.compare                        # every stage, fp32 and bf16, 3 alternating repeats
     python -m benchmarks.compare --stages sft,rm --repeats 5 --precision fp32
+    python -m benchmarks.compare --stages kto,orpo,simpo   # the offline losses beside DPO
     python -m benchmarks.compare --quick                # smoke test: few steps, one repeat (~2 min)
 
 Each (library, stage, precision) run is a fresh subprocess (`benchmarks.run_tether` / `run_trl`), so peak
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from benchmarks.workload import Workload, build
 
-STAGES = ("sft", "rm", "dpo", "rl")
+STAGES = ("sft", "rm", "dpo", "orpo", "simpo", "kto", "rl")
 # RL: tether's PPO (GAE critic) and its group baselines against TRL's online trainers.
 RL_PAIRS = [("ppo", "rloo"), ("ppo", "grpo"), ("rloo", "rloo"), ("grpo", "grpo")]
 
@@ -46,8 +47,8 @@ def have_tether_stage(stage: str) -> bool:
 
     if stage in ("sft", "rm"):
         return True
-    if stage == "dpo":
-        return importlib.util.find_spec("tether.algo.dpo") is not None
+    if stage in ("dpo", "orpo", "simpo", "kto"):
+        return importlib.util.find_spec(f"tether.algo.{'kto' if stage == 'kto' else 'dpo'}") is not None
     return importlib.util.find_spec("tether.algo.ppo") is not None
 
 
@@ -87,6 +88,11 @@ def nominal_flops(r: dict, w: Workload) -> float:
         return 6 * body * tokens
     if stage == "dpo":
         return (6 + 2) * (body + head) * tokens  # policy fwd+bwd, reference fwd
+    if stage in ("orpo", "simpo"):
+        return 6 * (body + head) * tokens  # policy fwd+bwd, no reference
+    if stage == "kto":
+        # policy fwd+bwd, reference fwd, and both models' no-grad forward on the batch's mismatched pairs
+        return (6 + 2 + 2 + 2) * (body + head) * tokens
     # RL: sampling (1 forward per generated token), then reward, ref, old-policy passes and one update
     # over prompt+response tokens (prompt ~32 per sample).
     gen = r.get("gen_tokens", 0)
@@ -97,8 +103,9 @@ def nominal_flops(r: dict, w: Workload) -> float:
 
 def run_one(lib: str, stage: str, precision: str, d: Path, quick: bool, work: Path, log) -> dict | None:
     out = work / f"{lib}-{stage}-{precision}-{time.time_ns()}.json"
+    # a scratch folder per run: a repeat must not find the previous run's outputs (DPO's reference-logprob cache)
     cmd = [sys.executable, "-m", f"benchmarks.run_{lib}", "--stage", stage, "--dir", str(d), "--precision", precision,
-           "--out", str(out), "--work", str(work)]
+           "--out", str(out), "--work", str(work / out.stem)]
     if quick:
         cmd.append("--quick")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -190,7 +197,7 @@ def phases_text(runs: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,rm,dpo,rl")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,rm,dpo,orpo,simpo,kto,rl")
     p.add_argument("--repeats", type=int, default=None, help="alternating runs per library and stage (default 3; 1 with --quick)")
     p.add_argument("--precision", default="auto", help="comma-separated: fp32,bf16 (auto: fp32, and bf16 where the CPU has bf16 instructions)")
     p.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the harness")

@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.common import Clock, current_rss_mb, pair_tokens, runner_args, setup_threads, sft_tokens, write_result
 from benchmarks.workload import Workload
 
-LOSS_KEYS = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo", "ppo": "loss/policy", "rloo": "loss/policy", "grpo": "loss/policy"}
+LOSS_KEYS = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo", "orpo": "loss/dpo", "simpo": "loss/dpo", "kto": "loss/kto", "ppo": "loss/policy", "rloo": "loss/policy", "grpo": "loss/policy"}
 
 
 def _instrument(clock: Clock, record: dict) -> None:
@@ -55,7 +55,7 @@ def _instrument(clock: Clock, record: dict) -> None:
 
     @functools.wraps(fwd)
     def forward(self, *a, **k):
-        clock.start()  # DPO's reference pass runs before the loop: it is part of the work
+        clock.start()  # DPO's reference pass runs before the loop: it is part of the work (KTO's no-grad passes, every step)
         t = time.perf_counter()
         out = fwd(self, *a, **k)
         clock.add("forward (no grad)", time.perf_counter() - t)
@@ -121,6 +121,20 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
         cfg = dpo.DPOConfig(model=str(d / "policy"), beta=w.dpo_beta, **_common(w, d, out, precision, w.dpo_steps, w.dpo_batch, "prefs.jsonl"))
         dpo.train(cfg)
         record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
+    elif stage in ("orpo", "simpo"):  # `tether dpo`'s reference-free loss types, on the DPO stage's pairs
+        from tether.algo import dpo
+
+        extra = dict(loss="orpo", beta=w.orpo_lambda) if stage == "orpo" else dict(loss="simpo", beta=w.simpo_beta, gamma=w.simpo_gamma)
+        cfg = dpo.DPOConfig(model=str(d / "policy"), **extra, **_common(w, d, out, precision, w.dpo_steps, w.dpo_batch, "prefs.jsonl"))
+        dpo.train(cfg)
+        record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
+    elif stage == "kto":
+        from tether.algo import kto
+
+        cfg = kto.KTOConfig(model=str(d / "policy"), beta=w.kto_beta, **_common(w, d, out, precision, w.kto_steps, w.kto_batch, "kto.jsonl"))
+        kto.train(cfg)
+        seq, tgt = sft_tokens(d, w.kto_steps * w.kto_batch, "kto.jsonl")
+        record |= {"samples": w.kto_steps * w.kto_batch, "tokens": seq, "target_tokens": tgt}
     elif stage in ("ppo", "rloo", "grpo"):
         from benchmarks.rl_tether import run_rl
 

@@ -113,6 +113,19 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
         trainer = _sequential(DPOTrainer)(model=model, ref_model=ref, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
         trainer.train()
         record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
+    elif stage in ("orpo", "simpo"):
+        _run_reference_free(stage, w, d, out, precision, tok, cb)
+        record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
+    elif stage == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+        args = KTOConfig(**_args(w, out, precision, w.kto_steps, w.kto_batch), max_length=w.max_length, beta=w.kto_beta)
+        trainer = _sequential(KTOTrainer)(model=model, ref_model=ref, args=args, train_dataset=_dataset(d / "kto.jsonl"), processing_class=tok, callbacks=[cb])
+        trainer.train()
+        seq, tgt = sft_tokens(d, w.kto_steps * w.kto_batch, "kto.jsonl")
+        record |= {"samples": w.kto_steps * w.kto_batch, "tokens": seq, "target_tokens": tgt}
     elif stage in ("rloo", "grpo"):
         _run_online(stage, w, d, out, precision, tok, cb, record)
     else:
@@ -120,6 +133,26 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
     record |= {"wall_s": clock.wall, "cpu_s": clock.cpu, "steps": len(clock.step_ends), "phases": clock.phases}
     record["losses"] = [m.get("loss") for m in record["metrics"]]
     return record
+
+
+def _run_reference_free(stage: str, w: Workload, d: Path, out: Path, precision: str, tok, cb) -> None:
+    """ORPO (trl.experimental.orpo) and SimPO, which TRL 1.16 runs as CPOTrainer with loss_type="simpo" and
+    cpo_alpha=0 (no behaviour-cloning term: the SimPO loss alone, as tether's loss=simpo)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+    common = dict(**_args(w, out, precision, w.dpo_steps, w.dpo_batch), max_length=w.max_length)
+    if stage == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Cfg, ORPOTrainer as Tr
+
+        args = Cfg(**common, beta=w.orpo_lambda)
+    else:
+        from trl.experimental.cpo import CPOConfig as Cfg, CPOTrainer as Tr
+
+        args = Cfg(**common, loss_type="simpo", cpo_alpha=0.0, beta=w.simpo_beta, simpo_gamma=w.simpo_gamma)
+    trainer = _sequential(Tr)(model=model, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
+    trainer.train()
 
 
 def _run_online(stage: str, w: Workload, d: Path, out: Path, precision: str, tok, cb, record: dict) -> None:

@@ -11,6 +11,8 @@ both load:
     <dir>/sft.jsonl     2,000 {prompt, completion}
     <dir>/prefs.jsonl   2,000 {prompt, chosen, rejected}
     <dir>/prompts.jsonl 512 {prompt}
+    <dir>/kto.jsonl     2,000 {prompt, completion, label}: pair i's chosen (label true) for even i, its
+                        rejected (label false) for odd i, so no prompt appears twice (unpaired data)
 
 The tokenizer is a word-level vocabulary behind GPT-2's byte-level pre-tokenizer: every word is one token
 and a word never merges across a boundary, so tokenising prompt and completion separately (tether) or
@@ -29,7 +31,7 @@ from pathlib import Path
 
 VOCAB = 4096
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
-VERSION = 1  # bump when anything below changes, so cached workload folders are rebuilt
+VERSION = 2  # bump when anything below changes, so cached workload folders are rebuilt
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,13 @@ class Workload:
     dpo_steps: int = 50
     dpo_batch: int = 8
     dpo_beta: float = 0.1
+    # reference-free pair losses on the DPO stage's pairs, steps and batch; unpaired KTO on kto.jsonl
+    orpo_lambda: float = 0.1  # ORPO's lambda (tether's beta for loss=orpo, TRL ORPOConfig.beta)
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 0.5
+    kto_steps: int = 50
+    kto_batch: int = 8
+    kto_beta: float = 0.1
     rl_iterations: int = 10
     rl_prompts: int = 16
     rl_samples: int = 4
@@ -74,7 +83,7 @@ class Workload:
         """The smoke-test size (--quick): same shapes, fewer steps."""
         from dataclasses import replace
 
-        return replace(self, sft_steps=6, rm_steps=6, dpo_steps=6, rl_iterations=2)
+        return replace(self, sft_steps=6, rm_steps=6, dpo_steps=6, kto_steps=6, rl_iterations=2)
 
 
 def _words(n: int) -> list[str]:
@@ -123,7 +132,9 @@ def make_data(w: Workload, words: list[str]) -> dict[str, list[dict]]:
         rejected = " " + _text(rng, words, weights, *rl)
         prefs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     prompts = [{"prompt": _text(rng, words, weights, *pl)} for _ in range(w.n_prompts)]
-    return {"sft": sft, "prefs": prefs, "prompts": prompts}
+    kto = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
+           for i, r in enumerate(prefs)]
+    return {"sft": sft, "prefs": prefs, "prompts": prompts, "kto": kto}
 
 
 def build(out: str | Path, w: Workload | None = None) -> Path:
@@ -132,7 +143,7 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
     out = Path(out)
     stamp = out / "workload.json"
     want = {"version": VERSION, **asdict(w)}
-    for k in ("sft_steps", "rm_steps", "dpo_steps", "rl_iterations"):
+    for k in ("sft_steps", "rm_steps", "dpo_steps", "kto_steps", "rl_iterations"):
         want.pop(k)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they read back
     if stamp.exists() and json.loads(stamp.read_text()) == want:

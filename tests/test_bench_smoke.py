@@ -54,3 +54,37 @@ def test_labeler_agreement_table_on_real_sets_and_its_resume(tiny_llama, tmp_pat
     assert main(args[:-6] + ["--n", "4", "--max-length", "384"]) == 0  # another sample size judges again
     out4, err = capsys.readouterr()
     assert err.count("judging 4 pairs") == 2 and "| hhh | 4 |" in out4
+
+
+@pytest.mark.slow
+def test_bench_quick_tether_offline_losses(tmp_path, capsys):
+    """ORPO and SimPO (`tether dpo`'s reference-free loss types) and KTO run in the harness."""
+    from benchmarks.compare import main
+
+    out = tmp_path / "runs.json"
+    assert main(["--quick", "--stages", "orpo,simpo,kto", "--precision", "fp32", "--tether-only",
+                 "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert all(s in table for s in ("orpo", "simpo", "kto"))
+    runs = json.loads(out.read_text())["runs"]
+    for stage in ("orpo", "simpo", "kto"):
+        r = runs[f"tether|{stage}|fp32"][0]
+        assert r["steps"] == 6 and r["wall_s"] > 0 and len(r["losses"]) == 6 and all(x == x for x in r["losses"])
+    # step 0: policy = reference, so every implicit reward and z0 are 0 and each example's loss is 1 - sigmoid(0)
+    assert abs(runs["tether|kto|fp32"][0]["losses"][0] - 0.5) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="[optional] TRL is a benchmark-only dependency (pip install -e .[bench])")
+def test_bench_quick_trl_offline_losses_same_step0_loss(tmp_path, capsys):
+    from benchmarks.compare import main
+
+    out = tmp_path / "runs.json"
+    assert main(["--quick", "--stages", "simpo,kto,orpo", "--precision", "fp32", "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    for stage in ("simpo", "kto"):  # same maths on both sides
+        t, r = runs[f"tether|{stage}|fp32"][0], runs[f"trl|{stage}|fp32"][0]
+        assert abs(t["losses"][0] - r["losses"][0]) < 1e-4, stage
+    # ORPO's NLL term: TRL averages over all chosen tokens of the batch, tether per response and then over pairs
+    t, r = runs["tether|orpo|fp32"][0], runs["trl|orpo|fp32"][0]
+    assert abs(t["losses"][0] - r["losses"][0]) < 0.01 * abs(r["losses"][0])
