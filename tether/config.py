@@ -345,6 +345,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a config's to_dict) as {dotted key: value}, the names overrides use."""
+    return {k2: v2 for k, v in tree.items() for k2, v2 in (flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     from tether.atomic import atomic_write_text
 

@@ -98,21 +98,15 @@ def _libraries(is_verbose: bool):
 def changed_keys(cfg: Any, width: int = 60) -> str:
     """The config keys whose values differ from the defaults of its class, as `key=value` (dotted, in field
     order; a long list or table shortened). The whole resolved config is the run folder's config.json."""
-    from tether.config import to_dict
+    from tether.config import flat_keys, to_dict
 
     try:
-        default = _flat(to_dict(type(cfg)()))
+        default = flat_keys(to_dict(type(cfg)()))
     except TypeError:  # a config class with required fields: show every key
         default = {}
-    items = [f"{k}={_short(v, width)}" for k, v in _flat(to_dict(cfg)).items() if default.get(k, object()) != v]
+    items = [f"{k}={_short(v, width)}" for k, v in flat_keys(to_dict(cfg)).items() if default.get(k, object()) != v]
     return "  ".join(items) if items else "(all defaults)"
 
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
 
 
 def _short(v: Any, width: int) -> str:

@@ -82,7 +82,8 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
         _, baseline, m = scorer.score(greedy)
         baseline, metrics["rewards/greedy_raw_mean"] = (baseline + length_penalty(greedy)).repeat_interleave(G), m["rewards/raw_mean"]
     if buf:
-        scores, metrics["rewards/overlong_penalty"] = scores + length_penalty(ro), float(length_penalty(ro).mean())
+        penalty = length_penalty(ro)
+        scores, metrics["rewards/overlong_penalty"] = scores + penalty, float(penalty.mean())
     if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal; the batch shrinks
         uniform = uniform_groups(raw, G)
         keep = torch.arange(len(raw)) if uniform.all() else (~uniform).nonzero().view(-1)

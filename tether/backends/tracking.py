@@ -20,17 +20,17 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from tether.config import flat_keys
+
 
 def _cell(v: Any) -> Any:
     """A table cell the trackers take: numbers and strings as they are, anything else as JSON text."""
     return v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, ensure_ascii=False)
 
 
-def _flat(d: dict, p: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{p}{k}.") if isinstance(v, dict) else {f"{p}{k}": str(v)[:500]}
-    return out
+
+def _flat(d: dict) -> dict[str, str]:
+    return {k: str(v)[:500] for k, v in flat_keys(d).items()}  # MLflow params are strings of at most 500 characters
 
 
 class MLflowSink:

@@ -39,7 +39,7 @@ from typing import Any
 
 from tether.algo.pretrain import PretrainConfig
 from tether.data.corpora import is_held_out, read_reviews
-from tether.config import ConfigError, TrackConfig, check, doc, load_config, save_config, sub
+from tether.config import ConfigError, TrackConfig, check, doc, flat_keys, load_config, save_config, sub
 from tether.demo.io import read_jsonl, write_json, write_jsonl
 from tether.judges.annotators import AnnotatorConfig
 
@@ -61,12 +61,6 @@ STAGE_SETTINGS: dict[str, dict] = {
 }
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
 
 def _merge(base: dict, over: dict) -> dict:
     """`over`'s keys on top of `base`'s, section by section."""
@@ -77,7 +71,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _settings(stage: str) -> str:
-    return " ".join(f"{k}={v}" for k, v in _flat(STAGE_SETTINGS[stage]).items())
+    return " ".join(f"{k}={v}" for k, v in flat_keys(STAGE_SETTINGS[stage]).items())
 
 
 @dataclass(frozen=True)

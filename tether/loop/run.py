@@ -423,16 +423,13 @@ class Loop:
     def check_same_config(self) -> None:
         """A rerun reuses finished stages, so it must not change what they were computed with (more rounds,
         a longer wait for the app or another URL are fine)."""
-        from tether.config import ConfigError, to_dict
+        from tether.config import ConfigError, flat_keys, to_dict
 
         path = self.out / "config.json"
         if not path.exists():
             return
 
-        def flat(d: dict, p: str = "") -> dict:
-            return {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, f"{p}{k}.") if isinstance(v, dict) else {f"{p}{k}": v}).items()}
-
-        old, new = flat(json.loads(path.read_text())), flat(to_dict(self.cfg))
+        old, new = flat_keys(json.loads(path.read_text())), flat_keys(to_dict(self.cfg))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RERUN_MAY_CHANGE)
         if changed:
             shown = ", ".join(f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
