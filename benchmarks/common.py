@@ -12,7 +12,7 @@ from pathlib import Path
 
 def runner_args(argv: list[str] | None, lib: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"benchmarks.run_{lib}")
-    p.add_argument("--stage", required=True, help="sft | rm | dpo | orpo | simpo | kto | ppo | rloo | grpo")
+    p.add_argument("--stage", required=True, help="sft | rm | dpo | orpo | simpo | kto | ppo | rloo | grpo | algo_grpo | dr_grpo | dapo | gspo")
     p.add_argument("--dir", required=True, help="workload folder (benchmarks.workload.build)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--quick", action="store_true")

@@ -4,6 +4,7 @@
     python -m benchmarks.compare                        # every stage, fp32 and bf16, 3 alternating repeats
     python -m benchmarks.compare --stages sft,rm --repeats 5 --precision fp32
     python -m benchmarks.compare --stages kto,orpo,simpo   # the offline losses beside DPO
+    python -m benchmarks.compare --stages grpo_loss     # algo=grpo|dr_grpo|dapo|gspo vs GRPOTrainer's loss types
     python -m benchmarks.compare --quick                # smoke test: few steps, one repeat (~2 min)
 
 Each (library, stage, precision) run is a fresh subprocess (`benchmarks.run_tether` / `run_trl`), so peak
@@ -28,9 +29,11 @@ from pathlib import Path
 
 from benchmarks.workload import Workload, build
 
-STAGES = ("sft", "rm", "dpo", "orpo", "simpo", "kto", "rl")
+STAGES = ("sft", "rm", "dpo", "orpo", "simpo", "kto", "rl", "grpo_loss")
 # RL: tether's PPO (GAE critic) and its group baselines against TRL's online trainers.
 RL_PAIRS = [("ppo", "rloo"), ("ppo", "grpo"), ("rloo", "rloo"), ("grpo", "grpo")]
+# grpo_loss: `tether ppo algo=grpo|dr_grpo|dapo|gspo` against GRPOTrainer with the matching loss type
+GRPO_LOSS_STAGES = ("algo_grpo", "dr_grpo", "dapo", "gspo")
 
 
 def have_trl() -> bool:
@@ -98,6 +101,8 @@ def nominal_flops(r: dict, w: Workload) -> float:
     gen = r.get("gen_tokens", 0)
     seq = gen + r.get("samples", 0) * 32
     critic = 2 + 6 if stage == "ppo" else 0
+    if stage in ("dapo", "gspo"):  # no KL term: the reference pass is TRL-skipped work (tether still logs KL)
+        return 2 * (body + head) * gen + (2 + 6) * (body + head) * seq + 2 * body * seq
     return 2 * (body + head) * gen + (2 + 2 + 6) * (body + head) * seq + (2 + critic) * body * seq
 
 
@@ -186,7 +191,7 @@ def phases_text(runs: dict) -> str:
     lines = []
     for (lib, stage, prec), rs in sorted(runs.items()):
         ph = [r.get("phases") or {} for r in rs]
-        if lib != "tether" or stage not in ("ppo", "rloo", "grpo") or not ph or not ph[0]:
+        if lib != "tether" or stage not in ("ppo", "rloo", "grpo", *GRPO_LOSS_STAGES) or not ph or not ph[0]:
             continue
         keys = sorted({k for p in ph for k in p})
         wall = _med([r["wall_s"] for r in rs])
@@ -197,7 +202,7 @@ def phases_text(runs: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,rm,dpo,orpo,simpo,kto,rl")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: " + ",".join(STAGES))
     p.add_argument("--repeats", type=int, default=None, help="alternating runs per library and stage (default 3; 1 with --quick)")
     p.add_argument("--precision", default="auto", help="comma-separated: fp32,bf16 (auto: fp32, and bf16 where the CPU has bf16 instructions)")
     p.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the harness")
@@ -234,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     # (label, tether stage, trl stage)
     plan: list[tuple[str, str, str | None]] = []
     for s in stages:
-        if s != "rl":
-            plan.append((s, s, s))
-        else:
+        if s == "rl":
             plan += [(f"rl:{a}~{b}", a, b) for a, b in RL_PAIRS]
+        elif s == "grpo_loss":
+            plan += [(f"rl:{a}", a, a) for a in GRPO_LOSS_STAGES]
+        else:
+            plan.append((s, s, s))
     runs: dict[tuple[str, str, str], list[dict]] = {}
     pairs: dict[tuple[str, str], list[tuple[dict, dict | None]]] = {}
     done_tether: dict[tuple[str, str, int], dict] = {}

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Clock, current_rss_mb, pair_tokens, runner_args, setup_threads, sft_tokens, write_result
+from benchmarks.rl_tether import ALGO_STAGES
 from benchmarks.workload import Workload
 
-LOSS_KEYS = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo", "orpo": "loss/dpo", "simpo": "loss/dpo", "kto": "loss/kto", "ppo": "loss/policy", "rloo": "loss/policy", "grpo": "loss/policy"}
+LOSS_KEYS = {"sft": "loss/sft", "rm": "loss/rm", "dpo": "loss/dpo", "orpo": "loss/dpo", "simpo": "loss/dpo", "kto": "loss/kto", "ppo": "loss/policy", "rloo": "loss/policy", "grpo": "loss/policy", "algo_grpo": "loss/policy", "dr_grpo": "loss/policy", "dapo": "loss/policy", "gspo": "loss/policy"}
 
 
 def _instrument(clock: Clock, record: dict) -> None:
@@ -135,7 +136,7 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
         kto.train(cfg)
         seq, tgt = sft_tokens(d, w.kto_steps * w.kto_batch, "kto.jsonl")
         record |= {"samples": w.kto_steps * w.kto_batch, "tokens": seq, "target_tokens": tgt}
-    elif stage in ("ppo", "rloo", "grpo"):
+    elif stage in ("ppo", "rloo", "grpo", *ALGO_STAGES):
         from benchmarks.rl_tether import run_rl
 
         run_rl(stage, w, d, out, precision)

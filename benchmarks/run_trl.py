@@ -126,7 +126,7 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
         trainer.train()
         seq, tgt = sft_tokens(d, w.kto_steps * w.kto_batch, "kto.jsonl")
         record |= {"samples": w.kto_steps * w.kto_batch, "tokens": seq, "target_tokens": tgt}
-    elif stage in ("rloo", "grpo"):
+    elif stage in ("rloo", "grpo", *GRPO_LOSSES):
         _run_online(stage, w, d, out, precision, tok, cb, record)
     else:
         raise SystemExit(f"unknown stage {stage!r}")
@@ -155,6 +155,17 @@ def _run_reference_free(stage: str, w: Workload, d: Path, out: Path, precision: 
     trainer.train()
 
 
+# GRPOTrainer's loss types set as tether's `algo=` presets set them (rl_tether.ALGO_STAGES): GRPO's
+# per-sequence mean with k3 KL at beta 0.04; Dr. GRPO without std scaling, over max_completion_length;
+# DAPO's token mean and clip-higher without KL; GSPO's sequence ratio with its 3e-4/4e-4 clip.
+GRPO_LOSSES = {
+    "algo_grpo": dict(loss_type="grpo", beta=0.04),
+    "dr_grpo": dict(loss_type="dr_grpo", scale_rewards="none", beta=0.04),
+    "dapo": dict(loss_type="dapo", epsilon_high=0.28, beta=0.0),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0),
+}
+
+
 def _run_online(stage: str, w: Workload, d: Path, out: Path, precision: str, tok, cb, record: dict) -> None:
     """RLOO / GRPO: per iteration 16 prompts x 4 samples = one optimizer step of 64 completions."""
     import torch
@@ -173,7 +184,7 @@ def _run_online(stage: str, w: Workload, d: Path, out: Path, precision: str, tok
         from trl import RLOOConfig as Cfg, RLOOTrainer as Tr
     else:
         from trl import GRPOConfig as Cfg, GRPOTrainer as Tr
-    cfg = Cfg(**common)
+    cfg = Cfg(**(common | GRPO_LOSSES.get(stage, {})))
     trainer = _sequential(Tr)(model=model, reward_funcs=rm, args=cfg, train_dataset=prompts, processing_class=tok, callbacks=[cb])
     trainer.train()
     lens = [m.get("completions/mean_length", 0.0) for m in record["metrics"]]

@@ -34,6 +34,23 @@ def test_pack_layout_by_hand():
     # a row said to share a prompt it does not have is an error, not a wrong forward pass
     with pytest.raises(ValueError, match="row 1 does not begin with the 2 tokens it is said to share with row 0"):
         pack([[1, 2, 3], [1, 9, 3]], groups=([0, 0], [2, 2]))
+    # rounded up to a multiple: a filler segment of its own that no row maps to
+    pb = pack([[1, 2, 3, 4], [1, 2, 5]], groups=([0, 0], [2, 2]), multiple=4)
+    assert pb.input_ids.tolist() == [[1, 2, 3, 4, 5, 5, 5, 5]] and pb.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 2]]
+    assert pb.index.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1]] and pb.segments == [(0, 4, 0, 0), (4, 5, 0, 2), (5, 8, 5, 5)]
+
+
+def test_gemm_rows_round_up_only_where_onednn_compiles_per_shape(tiny_gpt2):
+    from tether.models import load_causal_lm
+    from tether.packing import GEMM_ROWS, gemm_multiple, pad_rows
+
+    lm = load_causal_lm(tiny_gpt2)
+    assert gemm_multiple(lm, "cpu") == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_multiple(lm, "cpu") == GEMM_ROWS
+    assert gemm_multiple(lm.to(torch.bfloat16), "cpu") == GEMM_ROWS and gemm_multiple(lm, "meta") == 1
+    x = torch.arange(6.0).view(3, 2)
+    assert pad_rows(x, 4).tolist() == [[0, 1], [2, 3], [4, 5], [0, 0]] and pad_rows(x, 3) is x
 
 
 def test_pack_padded_rejects_holes():
@@ -83,8 +100,21 @@ def _rollouts(V, pad, seed=1):
     return ids, mask, P, R
 
 
+@pytest.fixture(params=[1, 64], ids=["exact", "rows_rounded"])
+def rows_multiple(request, monkeypatch):
+    """Packed passes with the token count and the head's rows left exact, and rounded up to 64 as bf16 on a
+    CPU has them (forced here in float32, where the numbers must not move)."""
+    import tether.models
+    import tether.packing
+
+    if request.param > 1:
+        for mod in (tether.models, tether.packing):
+            monkeypatch.setattr(mod, "gemm_multiple", lambda model, device: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
-def test_packed_passes_equal_padded(arch, request):
+def test_packed_passes_equal_padded(arch, request, rows_multiple):
     from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, scalar_values, sequence_scores
     from tether.packing import enable_packing, packing_enabled
     from tether.types import RolloutBatch, prompt_groups
@@ -122,10 +152,11 @@ def test_packed_passes_equal_padded(arch, request):
     from tether.packing import pack_padded
 
     assert pack_padded(ids, mask, pair_groups).n < int(mask.sum()) < ids.numel()
+    assert pack_padded(ids, mask, pair_groups, rows_multiple).n % rows_multiple == 0
 
 
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
-def test_packed_gradients_equal_padded(arch, request):
+def test_packed_gradients_equal_padded(arch, request, rows_multiple):
     from tether.losses import bradley_terry_loss
     from tether.models import causal_logprobs, load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
     from tether.packing import enable_packing

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tether.losses import entropy_from_logits, token_logprobs
-from tether.packing import Groups, pack_padded, packed_hidden, packing_enabled
+from tether.packing import Groups, gemm_multiple, pack_padded, packed_hidden, packing_enabled, pad_rows
 
 RM_STATS_FILE = "tether_reward.json"
 
@@ -190,7 +190,7 @@ def scalar_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, p
 
     groups: (keys, prompt lengths): rows with equal keys share their prompt in a packed pass (tether.packing)."""
     if position_ids is None and packing_enabled(model):
-        pb = pack_padded(input_ids, attention_mask, groups)
+        pb = pack_padded(input_ids, attention_mask, groups, gemm_multiple(model, input_ids.device))
         v = score_head(model)(packed_hidden(backbone(model), pb)).squeeze(-1).float()  # [N]
         return torch.where(pb.index >= 0, v[pb.index.clamp(min=0)], torch.zeros((), dtype=v.dtype, device=v.device))
     hidden = backbone(model)(**_inputs(input_ids, attention_mask, position_ids), use_cache=False).last_hidden_state
@@ -208,7 +208,7 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     last = (T - 1) - attention_mask.flip(-1).long().argmax(-1)  # [B]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     if packing_enabled(model):
-        pb = pack_padded(input_ids, attention_mask, groups)
+        pb = pack_padded(input_ids, attention_mask, groups, gemm_multiple(model, input_ids.device))
         pooled = pb.index[rows, last]  # [B] packed positions of the scored tokens
         h = packed_hidden(backbone(model), pb, used=pooled)[pooled]  # [B, H]
     else:
@@ -273,7 +273,7 @@ def causal_logprobs(
 
 
 def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature, with_entropy, targets, groups):
-    pb = pack_padded(input_ids, attention_mask, groups)
+    pb = pack_padded(input_ids, attention_mask, groups, gemm_multiple(model, input_ids.device))
     K = num_response if num_response > 0 else input_ids.shape[1] - 1  # scored columns: the last K
     pred = pb.index[:, -K - 1 : -1]  # [B, K] packed position of the token that predicts each scored one
     sel = (pb.index[:, -K:] >= 0) & (pred >= 0)  # real token with a real predecessor
@@ -287,7 +287,7 @@ def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature
 def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, with_entropy: bool, full: bool) -> tuple[Tensor, Tensor | None]:
     """The LM head and log-softmax on the selected hidden states only: h [n, H] predicting labels [n] at
     the True places of sel [B, K]; other places are 0. full: a zero column 0 is added ([B, K+1] = [B, T])."""
-    logits = model.get_output_embeddings()(h)  # [n, V]
+    logits = model.get_output_embeddings()(pad_rows(h, gemm_multiple(model, h.device)))[: h.shape[0]]  # [n, V]
     lp_sel = token_logprobs(logits[None], labels[None], temperature)[0]  # [n]
     lp = torch.zeros(sel.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(sel, lp_sel)  # [B, K]
     ent = None

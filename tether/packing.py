@@ -154,7 +154,8 @@ class PackedBatch:
 Groups = tuple[list, list[int]]  # (a key per row, how many leading tokens each row shares with its group: its prompt)
 
 
-def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] | None = None, width: int | None = None) -> PackedBatch:
+def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] | None = None, width: int | None = None,
+         multiple: int = 1) -> PackedBatch:
     """Pack token rows (real tokens only) into one row.
 
     groups: (keys, prefix) from where the structure is known (a pair's prompt, one prompt's samples): rows
@@ -162,6 +163,8 @@ def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] 
     them that the two rows also have in common (None: no sharing).
     starts/width: where row b's tokens sit in the caller's padded [B, width] layout (default 0 and the
     longest row), so `index` maps the caller's columns to packed positions.
+    multiple: N is rounded up to a multiple of it by a last segment of filler tokens that no row maps to
+    (gemm_multiple says when that pays).
     """
     B = len(rows)
     width = width if width is not None else max((len(r) for r in rows), default=0)
@@ -202,6 +205,11 @@ def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] 
         segments.append((q0, q0 + L - share, p0, p0 + share))
         if g is not None and g not in roots:
             roots[g] = (b, q0)
+    extra = -len(ids) % multiple
+    if extra and ids:  # a segment of its own: it attends to nothing else and nothing attends to it
+        segments.append((len(ids), len(ids) + extra, len(ids), len(ids)))
+        ids.extend([ids[-1]] * extra)
+        pos.extend(range(extra))
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([pos], dtype=torch.long),
@@ -210,7 +218,7 @@ def pack(rows: list[list[int]], groups: Groups | None = None, starts: list[int] 
     )
 
 
-def pack_padded(input_ids: Tensor, attention_mask: Tensor, groups: Groups | None = None) -> PackedBatch:
+def pack_padded(input_ids: Tensor, attention_mask: Tensor, groups: Groups | None = None, multiple: int = 1) -> PackedBatch:
     """Pack a padded [B, T] batch whose real tokens are contiguous in each row (left, right or both sides
     padded, as rollouts are). Raises on a row with holes in its attention mask."""
     ids = input_ids.tolist()
@@ -222,7 +230,35 @@ def pack_padded(input_ids: Tensor, attention_mask: Tensor, groups: Groups | None
             raise ValueError(f"row {b}: attention mask has holes; cannot pack it")
         starts.append(cols[0] if cols else 0)
         rows.append([r[t] for t in cols])
-    return pack(rows, groups, starts, input_ids.shape[1]).to(input_ids.device)
+    return pack(rows, groups, starts, input_ids.shape[1], multiple).to(input_ids.device)
+
+
+GEMM_ROWS = 64
+
+
+def gemm_multiple(model: nn.Module, device) -> int:
+    """The multiple to round a matmul's row count up to: GEMM_ROWS where the model's matmuls run in bf16 or
+    fp16 on a CPU, else 1. There torch's matmuls go to oneDNN, which compiles a kernel for every new shape
+    and caches it; a packed batch has a new token count every step, so every product of every step paid
+    the compile (benchmarks/README, bf16). Rounded up, the shapes repeat. float32 goes to MKL, which
+    compiles nothing, so it is left exact."""
+    if torch.device(device).type != "cpu":
+        return 1
+    low = (torch.bfloat16, torch.float16)
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low:
+        return GEMM_ROWS
+    p = next(model.parameters(), None)
+    return GEMM_ROWS if p is not None and p.dtype in low else 1
+
+
+def pad_rows(x: Tensor, multiple: int, dim: int = 0) -> Tensor:
+    """x with zero rows appended along dim up to a multiple of `multiple` (the caller slices them off)."""
+    extra = -x.shape[dim] % multiple
+    if not extra:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,8 +423,9 @@ def packed_hidden(body: nn.Module, layout: PackedBatch, used: Tensor | None = No
             if attn is not None:
                 layout.queries = (attn, used)
                 stack.callback(setattr, layout, "queries", None)  # also when the forward raises
+            multiple = gemm_multiple(body, layout.input_ids.device)
             for m in _row_local(block, attn):
-                stack.enter_context(_on_rows(m, used))
+                stack.enter_context(_on_rows(m, used, multiple))
         token = _PACKED_FORWARD.set(True)
         stack.callback(_PACKED_FORWARD.reset, token)
         hidden = body(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).last_hidden_state
@@ -441,17 +478,18 @@ def _row_local(block: nn.Module | None, attn: nn.Module | None) -> list[nn.Modul
 
 
 @contextlib.contextmanager
-def _on_rows(module: nn.Module, rows: Tensor):
-    """module(x) for x [1, N, H] computed on x[:, rows] only (zeros elsewhere), for the duration of the block."""
+def _on_rows(module: nn.Module, rows: Tensor, multiple: int = 1):
+    """module(x) for x [1, N, H] computed on x[:, rows] only (zeros elsewhere), for the duration of the block;
+    the selected rows padded with zeros to a multiple of `multiple` (gemm_multiple)."""
     full = module.forward
 
     def forward(x, *args, **kwargs):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[0] != 1:
             return full(x, *args, **kwargs)
-        y = full(x.index_select(1, rows), *args, **kwargs)
+        y = full(pad_rows(x.index_select(1, rows), multiple, 1), *args, **kwargs)
         if not isinstance(y, Tensor):  # e.g. a mixture-of-experts block that also returns router logits
             return full(x, *args, **kwargs)
-        return y.new_zeros(1, x.shape[1], y.shape[-1]).index_copy(1, rows, y)
+        return y.new_zeros(1, x.shape[1], y.shape[-1]).index_copy(1, rows, y[:, : rows.numel()])
 
     module.forward = forward
     try:

@@ -46,6 +46,7 @@ from tether.engine import make_engine, make_reference
 from tether.losses import KLEstimator, LossAgg, entropy_bonus, kl_estimate, kl_loss, loss_normaliser, masked_mean, ppo_policy_loss, value_loss
 from tether.models import causal_logprobs, disable_dropout, eos_ids, load_causal_lm, load_scalar_model, load_tokenizer, save_reward_stats, scalar_values
 from tether.rollout import make_rollout
+from tether.rollout.base import cat_rollouts
 from tether.track import Tracker, peak_memory_mb
 from tether.types import Experience, PromptBatch, RolloutBatch, prompt_groups
 
@@ -61,17 +62,12 @@ def _logprobs(R: int, temp: float, with_entropy: bool = False):
     return lambda m, b: causal_logprobs(m, b.sequences, b.attention_mask, num_response=R, temperature=temp, with_entropy=with_entropy, groups=prompt_groups(b))
 
 
-def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Rewards, cfg: PPOConfig, kl_coef: float,
-                    fuse_values: bool = False, cost: tuple | None = None) -> tuple[Experience, RolloutBatch, dict[str, float], dict[str, float] | None]:
-    """Rollout, score, forward passes, KL-shaped rewards, values and advantages. -> (experience, the rollout,
-    metrics, and with fuse_values the metrics of the critic's first update step, whose forward gave the
-    old values: `fused_value_step`). cost = (the cost's Scorer, the cost critic or None): the experience
-    also carries the costs and their own advantages (combined with lambda by the caller)."""
-    timing: dict[str, float] = {}
+def _sample_scored(prompts: PromptBatch, rollout, scorer: Rewards, cfg: PPOConfig, cost, timing: dict) -> tuple:
+    """Rollout and scores of one prompt batch -> (rollout, raw rewards, scores with DAPO's overlong
+    penalty, costs or None, ReMax's greedy baseline or None, metrics)."""
     t = time.perf_counter()
     ro = rollout.generate(prompts, cfg.rollout).to("cpu")
-    timing["timing/rollout"] = time.perf_counter() - t
-
+    timing["timing/rollout"] = timing.get("timing/rollout", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     raw, scores, metrics = scorer.score(ro)
     costs = cost[0].raw(ro) if cost is not None else None
@@ -84,13 +80,41 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     if buf:
         penalty = length_penalty(ro)
         scores, metrics["rewards/overlong_penalty"] = scores + penalty, float(penalty.mean())
-    if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal; the batch shrinks
-        uniform = uniform_groups(raw, G)
-        keep = torch.arange(len(raw)) if uniform.all() else (~uniform).nonzero().view(-1)
-        metrics |= {"rollout/groups_uniform": float(uniform.sum()) / G, "rollout/groups_dropped": (len(raw) - len(keep)) / G}
-        ro, raw, scores = ro.select(keep), raw[keep], scores[keep]
-        costs, baseline = (x[keep] if x is not None else None for x in (costs, baseline))
-    timing["timing/score"] = time.perf_counter() - t
+    timing["timing/score"] = timing.get("timing/score", 0.0) + time.perf_counter() - t
+    return ro, raw, scores, costs, baseline, metrics
+
+
+def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Rewards, cfg: PPOConfig, kl_coef: float,
+                    fuse_values: bool = False, cost: tuple | None = None, more=None, pad_id: int = 0) -> tuple[Experience, RolloutBatch, dict[str, float], dict[str, float] | None]:
+    """Rollout, score, forward passes, KL-shaped rewards, values and advantages. -> (experience, the rollout,
+    metrics, and with fuse_values the metrics of the critic's first update step, whose forward gave the
+    old values: `fused_value_step`). cost = (the cost's Scorer, the cost critic or None): the experience
+    also carries the costs and their own advantages (combined with lambda by the caller). more: returns
+    the next prompt batch, for dynamic sampling's refill (pad_id pads the joined rollouts)."""
+    timing: dict[str, float] = {}
+    ro, raw, scores, costs, baseline, metrics = _sample_scored(prompts, rollout, scorer, cfg, cost, timing)
+    G = cfg.samples_per_prompt
+    if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal: drop it, and refill
+        # from further batches (up to dynamic_sampling_batches in all) until the batch's groups are full again
+        want, parts, n_uniform, batches = len(raw), [], 0, 0
+        part = (ro, raw, scores, costs, baseline)
+        while True:
+            uniform, batches = uniform_groups(part[1], G), batches + 1
+            keep = (~uniform).nonzero().view(-1)
+            n_uniform += int(uniform.sum()) // G
+            parts.append(tuple(x if x is None else x[keep] if isinstance(x, Tensor) else x.select(keep) for x in part))
+            if sum(len(p[1]) for p in parts) >= want or batches >= cfg.dynamic_sampling_batches or more is None:
+                break
+            part = _sample_scored(more(), rollout, scorer, cfg, cost, timing)[:5]
+        kept = sum(len(p[1]) for p in parts)
+        if kept == 0:  # every group uniform: train on the first batch whole (its advantages are all 0)
+            parts = [(ro, raw, scores, costs, baseline)]
+        cat = lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts])[:want]  # noqa: E731
+        ro = cat_rollouts([p[0] for p in parts], pad_id)
+        ro = ro.select(list(range(min(len(ro), want))))
+        raw, scores, costs, baseline = cat(1), cat(2), cat(3), cat(4)
+        metrics |= {"rollout/groups_uniform": float(n_uniform), "rollout/groups_dropped": float(n_uniform if kept else 0),
+                    "rollout/sample_batches": float(batches), "rollout/groups_kept": len(raw) / G}
 
     t = time.perf_counter()
     mask = ro.response_mask  # [B, R]
@@ -334,9 +358,10 @@ def train(cfg: PPOConfig) -> dict:
         snap = {name: e.snapshot() for name, e in engines.items()} if cfg.ppo.rollback else None  # 6. the guard's copy
         # 1-4. rollout, score, forward passes, advantages (G copies of each prompt, contiguous)
         idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]
-        exp, ro, metrics, value_step = make_experience(collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], [fields[i] for i in idx]),
-                                                   rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
-                                                   (coster, cost_critic) if coster is not None else None)
+        batch = lambda idx: collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], [fields[i] for i in idx])  # noqa: E731
+        more = lambda: batch([i for i in sampler.next() for _ in range(cfg.samples_per_prompt)])  # noqa: E731 (dynamic sampling's refill)
+        exp, ro, metrics, value_step = make_experience(batch(idx), rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
+                                                   (coster, cost_critic) if coster is not None else None, more, pad)
         if exp.costs is not None:  # lambda follows this batch's cost, then weighs the cost advantage (Safe RLHF)
             lagrange.update(float(exp.costs.mean()))
             exp = dataclasses.replace(exp, advantages=lagrangian_advantages(exp.advantages, exp.cost_advantages, lagrange.value))

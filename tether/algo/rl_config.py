@@ -123,7 +123,7 @@ ALGOS = {
     "ppo": [],
     "grpo": ["advantage=grpo", *_GROUP, "kl.in_loss=true", "kl.estimator=k3", "kl.coef=0.04", "ppo.loss_agg=sequence"],
     "dr_grpo": ["advantage=dr_grpo", *_GROUP, "kl.in_loss=true", "kl.estimator=k3", "kl.coef=0.04", "ppo.loss_agg=constant"],
-    "dapo": ["advantage=grpo", *_GROUP, "kl.coef=0", "ppo.clip_high=0.28", "ppo.loss_agg=token", "dynamic_sampling=true"],
+    "dapo": ["advantage=grpo", *_GROUP, "kl.coef=0", "ppo.clip_high=0.28", "ppo.loss_agg=token", "dynamic_sampling=true", "dynamic_sampling_batches=10"],
     "gspo": ["advantage=grpo", *_GROUP, "kl.coef=0", "ppo.ratio=sequence", "ppo.loss_agg=sequence", "ppo.clip=3e-4", "ppo.clip_high=4e-4"],
     "rloo": ["advantage=rloo", *_GROUP, "ppo.epochs=1", "ppo.minibatch_size=0"],
     "reinforce_pp": ["advantage=reinforce", "ppo.whiten_advantages=true"],
@@ -149,7 +149,8 @@ class PPOConfig(RunConfig):
     samples_per_prompt: int = doc(1, "responses sampled per prompt (>= 2 for the group baselines)")
     algo: Literal[tuple(ALGOS)] = doc("ppo", "method: sets the keys of ALGOS (tether/algo/rl_config.py, README) to the paper's choices; a key you set wins")
     advantage: Literal[tuple(a.value for a in Advantage)] = doc("gae", "gae (critic); group baselines without a critic: rloo, grpo, dr_grpo (no std); returns-to-go: reinforce (REINFORCE++), reinforce_baseline (minus the group mean), remax (minus the greedy response's reward)")
-    dynamic_sampling: bool = doc(False, "drop each prompt's group whose rewards are all equal before the forward passes (DAPO): the batch shrinks, it is not refilled (rollout/groups_dropped); kept whole when every group is uniform")
+    dynamic_sampling: bool = doc(False, "drop each prompt's group whose rewards are all equal before the forward passes (DAPO; rollout/groups_dropped), refilled from further prompt batches up to dynamic_sampling_batches; kept whole when every group is uniform")
+    dynamic_sampling_batches: int = doc(1, "dynamic sampling: prompt batches sampled at most per iteration to fill batch_size groups with unequal rewards (1 = no refill: the batch shrinks; algo=dapo sets 10, verl's DAPO recipe)")
     overlong_buffer: int = doc(0, "DAPO's soft overlong penalty: over the last N of rollout.max_new_tokens tokens the score falls linearly by up to overlong_penalty (0 = off)")
     overlong_penalty: float = doc(1.0, "the penalty at rollout.max_new_tokens tokens")
     sample_every: int = doc(10, "print and save a few sample completions every N iterations (0 = off)")
@@ -164,6 +165,7 @@ class PPOConfig(RunConfig):
             check(bool(self.reward.model), f"{p}critic.init", "reward_model needs reward.model; use critic.init=policy with reward.fn")
         check(self.sample_every >= 0, f"{p}sample_every", "must be >= 0")
         check(not self.dynamic_sampling or self.samples_per_prompt >= 2, f"{p}dynamic_sampling", "needs samples_per_prompt >= 2")
+        check(self.dynamic_sampling_batches >= 1, f"{p}dynamic_sampling_batches", "must be >= 1")
         check(0 <= self.overlong_buffer <= self.rollout.max_new_tokens, f"{p}overlong_buffer", "must be in [0, rollout.max_new_tokens]")
         if self.reward.sources and self.reward.combine == "gdpo":
             check(self.samples_per_prompt >= 2, f"{p}reward.combine", "gdpo normalises each reward within a prompt's samples: set samples_per_prompt >= 2")

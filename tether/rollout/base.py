@@ -58,3 +58,29 @@ def assemble_rollout(prompts: PromptBatch, resp: Tensor, logprobs: Tensor, entro
     return RolloutBatch(sequences=torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask.long()], 1), response_mask=resp_mask,
                         logprobs=logprobs, prompt_length=ids.shape[1], prompts=list(prompts.prompts), responses=texts, finished=finished,
                         entropy=entropy, group_ids=list(prompts.group_ids), fields=list(prompts.fields))
+
+
+def cat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Several rollouts as one: each re-padded to the widest prompt (on the left) and response (on the
+    right), group ids kept apart. For DAPO's refill, which samples more batches than one."""
+    if len(parts) == 1:
+        return parts[0]
+    P, R = max(p.prompt_length for p in parts), max(p.response_mask.shape[1] for p in parts)
+    pad = torch.nn.functional.pad
+
+    def two_sided(x: Tensor, p: RolloutBatch, value: int) -> Tensor:
+        q = p.prompt_length
+        return torch.cat([pad(x[:, :q], (P - q, 0), value=value), pad(x[:, q:], (0, R - (x.shape[1] - q)), value=value)], 1)
+
+    right = lambda x: None if x is None else pad(x, (0, R - x.shape[1]))  # noqa: E731
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + (max(p.group_ids) + 1 if p.group_ids else 0))
+    entropy = None if any(p.entropy is None for p in parts) else torch.cat([right(p.entropy) for p in parts])
+    finished = None if any(p.finished is None for p in parts) else torch.cat([p.finished for p in parts])
+    return RolloutBatch(
+        sequences=torch.cat([two_sided(p.sequences, p, pad_id) for p in parts]), attention_mask=torch.cat([two_sided(p.attention_mask, p, 0) for p in parts]),
+        response_mask=torch.cat([right(p.response_mask) for p in parts]), logprobs=torch.cat([right(p.logprobs) for p in parts]), prompt_length=P,
+        prompts=[x for p in parts for x in p.prompts], responses=[x for p in parts for x in p.responses], finished=finished, entropy=entropy,
+        group_ids=[g + o for p, o in zip(parts, offsets) for g in p.group_ids] if all(p.group_ids for p in parts) else [],
+        fields=[x for p in parts for x in p.fields] if all(len(p.fields) == len(p) for p in parts) else [])
