@@ -11,7 +11,8 @@ Each (library, stage, precision) run is a fresh subprocess (`benchmarks.run_teth
 RSS is per run and model load is outside the in-process wall clock. The two libraries' runs of a pair
 alternate (tether first on even repeats, TRL first on odd ones) so that load from other processes falls on
 both. Ratios are tether throughput / TRL throughput per adjacent pair; the table shows their median and
-[min, max]. MFU is nominal model FLOPs (6N per trained token, 2N per forward-only token, N = matmul
+[min, max]; the process columns time each whole subprocess as a user waits for it (start-up, imports,
+loading, training, the post-training passes and saving). MFU is nominal model FLOPs (6N per trained token, 2N per forward-only token, N = matmul
 parameters incl. the LM head) over the matmul rate measured at the start of this run with the same threads.
 """
 
@@ -121,7 +122,8 @@ def run_one(lib: str, stage: str, precision: str, d: Path, quick: bool, work: Pa
         log(f"  {lib} {stage} {precision}: FAILED (rc {proc.returncode})\n" + proc.stderr[-3000:])
         return None
     r = json.loads(out.read_text())
-    log(f"  {lib:6s} {stage:5s} {precision}: {r['wall_s']:7.1f}s loop, {time.perf_counter() - t:6.1f}s process, "
+    r["whole_s"] = time.perf_counter() - t  # as the user waits: interpreter, imports, loading, training, saving
+    log(f"  {lib:6s} {stage:5s} {precision}: {r['wall_s']:7.1f}s loop, {r['whole_s']:6.1f}s process, "
         f"peak {r['peak_rss_mb']:.0f} MB, loss {_fmt(_first(r))} -> {_fmt(_last(r))}")
     return r
 
@@ -146,7 +148,7 @@ def _med(xs: list[float]) -> float:
 
 def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workload, rates: dict[str, float]) -> str:
     """rows: (label, tether_stage, precision, tether runs, trl runs) -> the table as text."""
-    head = ("stage", "prec", "tether s", "TRL s", "speed-up t/TRL med [min-max]", "CPU-s speed-up", "samples/s t|TRL", "tok/s t|TRL",
+    head = ("stage", "prec", "tether s", "TRL s", "speed-up t/TRL med [min-max]", "process s t|TRL", "process speed-up", "CPU-s speed-up", "samples/s t|TRL", "tok/s t|TRL",
             "gen tok/s t|TRL", "peak MB t|TRL", "MFU t|TRL", "loss0 t|TRL", "loss_end t|TRL")
     lines = [head]
     for label, _stage, prec, ts, rs in rows:
@@ -169,10 +171,13 @@ def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workl
         sp = f"{_med(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]" if ratios else "-"
         cpu_ratios = [b["cpu_s"] / a["cpu_s"] * (a["samples"] / b["samples"]) for a, b in zip(ts, rs) if a.get("cpu_s") and b.get("cpu_s")]
         cpu_sp = f"{_med(cpu_ratios):.2f}x [{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}]" if cpu_ratios else "-"
+        whole = [b["whole_s"] / a["whole_s"] for a, b in zip(ts, rs) if a.get("whole_s") and b.get("whole_s")]
+        whole_sp = f"{_med(whole):.2f}x [{min(whole):.2f}-{max(whole):.2f}]" if whole else "-"
         gen_t = rate(ts, "gen_tokens") if ts and ts[0].get("gen_tokens") else None
         gen_r = rate(rs, "gen_tokens") if rs and rs[0].get("gen_tokens") else None
         lines.append((
-            label, prec, f"{_med(tw):.1f}", f"{_med(rw):.1f}" if rw else "-", sp, cpu_sp,
+            label, prec, f"{_med(tw):.1f}", f"{_med(rw):.1f}" if rw else "-", sp,
+            pair(_med([r.get("whole_s", 0.0) for r in ts]), _med([r.get("whole_s", 0.0) for r in rs]) if rs else None, 3), whole_sp, cpu_sp,
             pair(rate(ts, "samples"), rate(rs, "samples") if rs else None, 3),
             pair(rate(ts, "tokens"), rate(rs, "tokens") if rs else None, 4),
             pair(gen_t, gen_r, 4) if (gen_t or gen_r) else "-",

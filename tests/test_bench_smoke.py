@@ -22,6 +22,24 @@ def test_bench_quick_tether_sft_rm(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_bench_quick_tether_grpo_loss_presets(tmp_path, capsys):
+    """The grpo_loss rows run `tether ppo algo=...`'s presets (their KL and clip), with DAPO's dynamic
+    sampling off as TRL has none, and print each row with its process time."""
+    from benchmarks.compare import main
+
+    out = tmp_path / "runs.json"
+    assert main(["--quick", "--stages", "grpo_loss", "--precision", "fp32", "--tether-only",
+                 "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert all(f"rl:{s}" in table for s in ("algo_grpo", "dr_grpo", "dapo", "gspo")) and "process s" in table
+    runs = json.loads(out.read_text())["runs"]
+    for stage, kl_in_loss in (("algo_grpo", True), ("dr_grpo", True), ("dapo", False), ("gspo", False)):
+        r = runs[f"tether|{stage}|fp32"][0]
+        assert r["steps"] == 2 and r["whole_s"] > r["wall_s"] > 0, stage
+        assert ("loss/kl" in r["metrics"][-1]) == kl_in_loss, stage  # GRPO's k3 term at beta 0.04; none for DAPO and GSPO
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="[optional] TRL is a benchmark-only dependency (pip install -e .[bench])")
 def test_bench_quick_trl_sft_same_step0_loss(tmp_path, capsys):
     from benchmarks.compare import main

@@ -45,6 +45,21 @@ def test_rdpo_hand():
     assert plain.item() == pytest.approx(-math.log(sig(beta * h)), rel=1e-6)  # alpha = 0 is DPO
 
 
+def test_rpo_nll_term_hand():
+    # two pairs; chosen sums -6 over 3 tokens and -2 over 4: DPO plus 0.5 x the mean per-token NLL (2 and 0.5)
+    pc, pr, rc, rr = torch.tensor([-6.0, -2.0]), torch.tensor([-7.0, -1.0]), torch.tensor([-5.0, -2.0]), torch.tensor([-5.0, -2.0])
+    beta = 0.1
+    plain = (-math.log(sig(beta * (-1 + 2))) - math.log(sig(beta * (0 - 1)))) / 2
+    loss, m = L.dpo_loss(pc, pr, rc, rr, 2, beta, nll_coef=0.5, chosen_tokens=torch.tensor([3.0, 4.0]))
+    assert loss.item() == pytest.approx(plain + 0.5 * (2.0 + 0.5) / 2, rel=1e-6)
+    assert m["loss/rpo_nll"].item() == pytest.approx(1.25)
+    # already averaged per token (SimPO): the term is -log pi itself
+    loss_s, _ = L.dpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), None, None, 1, 2.0, L.DPOLoss.SIMPO, gamma=0.5, nll_coef=1.0)
+    assert loss_s.item() == pytest.approx(-math.log(sig(2.0 * 0.5 - 0.5)) + 0.5, rel=1e-6)
+    with pytest.raises(ConfigError, match="config key 'nll_coef': loss=orpo has its own NLL term"):
+        load_config(dpo.DPOConfig, None, ["loss=orpo", "nll_coef=1"])
+
+
 def test_simpo_hand():
     # average per-token logprobs; no reference
     pc, pr = torch.tensor([-0.5, -2.0]), torch.tensor([-1.25, -1.0])

@@ -205,6 +205,8 @@ def dpo_loss(
     gamma: float = 0.0,
     alpha: float = 0.0,
     length_diff: Tensor | None = None,
+    nll_coef: float = 0.0,
+    chosen_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """Preference loss on sequence log-probabilities (all [B]); returns the sum / num_pairs.
 
@@ -216,6 +218,8 @@ def dpo_loss(
     simpo:   -log sigma(beta h - gamma), log pi averaged per token     (SimPO eq. 6)
     orpo:    -log pi(y_c) - beta log sigma(log odds(y_c) - log odds(y_r)), odds(y) = pi(y) / (1 - pi(y)),
              log pi averaged per token; the first term is the SFT loss, beta is ORPO's lambda (ORPO eq. 6-7)
+    nll_coef > 0 adds RPO's term to any of them: nll_coef * -log pi(y_c) / |y_c| (Pang et al. 2024, eq. 3;
+    chosen_tokens = |y_c|, not needed where log pi is already averaged per token).
     Implicit rewards are beta * (log pi - log ref) (DPO section 5; SimPO's eq. 4 and ORPO's without ref).
     """
     chosen_ratio, rejected_ratio = policy_chosen_logps, policy_rejected_logps
@@ -241,6 +245,10 @@ def dpo_loss(
         extra = {"loss/nll": nll.sum().detach() / num_pairs, "orpo/log_odds_ratio": log_odds.detach().mean()}
     else:  # pragma: no cover - exhaustive enum
         raise ValueError(kind)
+    if nll_coef:
+        nll_c = -policy_chosen_logps if kind.length_normalised else -policy_chosen_logps / chosen_tokens.clamp(min=1)
+        losses = losses + nll_coef * nll_c
+        extra["loss/rpo_nll"] = nll_c.sum().detach() / num_pairs
     loss = losses.sum() / num_pairs
     rc, rr = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
     return loss, {

@@ -45,6 +45,8 @@ class DPOConfig(RunConfig):
     label_smoothing: float = doc(0.0, "conservative DPO: assumed probability that a label is flipped (sigmoid loss only)")
     gamma: float = doc(0.5, "SimPO's target reward margin gamma (loss=simpo)")
     alpha: float = doc(0.0, "R-DPO's length penalty alpha, times (chosen - rejected) response tokens inside the sigmoid (loss=rdpo)")
+    nll_coef: float = doc(0.0, "RPO (Pang et al. 2024): add nll_coef x the chosen response's per-token NLL to the loss, so the model also learns to write "
+                          "the chosen replies (TRL's rpo_alpha; the paper uses 1.0; not with loss=orpo, which has its own SFT term)")
 
     def validate(self, p: str = "") -> None:
         super().validate(p)
@@ -52,6 +54,8 @@ class DPOConfig(RunConfig):
         check(0 <= self.label_smoothing < 0.5, f"{p}label_smoothing", "must be in [0, 0.5)")
         check(self.label_smoothing == 0 or self.loss == "sigmoid", f"{p}label_smoothing", "only applies to loss=sigmoid")
         check(self.alpha == 0 or self.loss == "rdpo", f"{p}alpha", "only applies to loss=rdpo")
+        check(self.nll_coef >= 0, f"{p}nll_coef", "must be >= 0")
+        check(self.nll_coef == 0 or self.loss != "orpo", f"{p}nll_coef", "loss=orpo has its own NLL term (beta weighs the other one)")
         check(self.kind.needs_reference or not self.ref_model, f"{p}ref_model", f"loss={self.loss} uses no reference model")
 
     @property
@@ -88,7 +92,7 @@ def pair_loss(cfg: DPOConfig, logps: tuple[torch.Tensor, torch.Tensor], mb, num_
     """dpo_loss with this config's options; ref logprobs are None for a loss that needs no reference."""
     length_diff = mb.chosen_loss_mask.sum(-1) - mb.rejected_loss_mask.sum(-1)  # [B] response tokens (R-DPO)
     return dpo_loss(*logps, mb.ref_chosen_logps, mb.ref_rejected_logps, num_pairs, cfg.beta, cfg.kind, cfg.label_smoothing,
-                    cfg.gamma, cfg.alpha, length_diff.to(logps[0].device))
+                    cfg.gamma, cfg.alpha, length_diff.to(logps[0].device), cfg.nll_coef, mb.chosen_loss_mask.sum(-1).to(logps[0].device))
 
 
 def reference_logps(engine, items, pad: int, batch_size: int, length_normalised: bool, only: list[int] | None = None) -> torch.Tensor:

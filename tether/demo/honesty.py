@@ -59,6 +59,7 @@ class HonestyConfig:
     dpo_batch: int = 8
     dpo_lr: float = 5e-4
     dpo_beta: float = 0.1
+    dpo_nll: float = 0.0  # RPO's NLL term on the chosen reply (DPOConfig.nll_coef)
     ppo_steps: int = 16
     ppo_batch: int = 8
     ppo_lr: float = 1e-4
@@ -362,7 +363,7 @@ class Honesty:
         c = self.cfg
         cfg = load_config(dpo.DPOConfig, None, [f"model={self.model}", f"data.train={self.out / 'data' / 'dpo_train.jsonl'}",
                                                 f"out={self.out / 'dpo'}", f"max_steps={c.dpo_steps}", f"batch_size={c.dpo_batch}",
-                                                f"optim.lr={c.dpo_lr}", f"beta={c.dpo_beta}", *self._common()])
+                                                f"optim.lr={c.dpo_lr}", f"beta={c.dpo_beta}", f"nll_coef={c.dpo_nll}", *self._common()])
         dpo.train(cfg)
 
     def ppo(self) -> None:
