@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tether.track import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -61,16 +63,17 @@ def test_readme_quick_start_runs_as_written(tmp_path):
 
 
 def test_readme_offline_preference_commands_run_as_written(tmp_path):
-    """README's R-DPO / SimPO / ORPO / KTO lines on the tiny assets, as written."""
+    """README's R-DPO / SimPO / ORPO / RPO / KTO lines on the tiny assets, as written."""
     if not (REPO / ".venv" / "bin" / "tether").exists():
         pytest.skip("[setup] no .venv/bin/tether (bash scripts/setup.sh makes it)")
     for name in (".venv", "scripts"):
         (tmp_path / name).symlink_to(REPO / name)
     cmds = readme_commands("## Offline preference optimisation", "The reference-free losses")
-    assert sum(" dpo " in c for c in cmds) == 3 and any(" kto " in c for c in cmds)
+    assert sum(" dpo " in c for c in cmds) == 4 and any(" kto " in c for c in cmds)
     for cmd in cmds:
         p = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README command failed ({p.returncode}): {cmd}\n{p.stderr[-3000:]}"
-    for run in ("rdpo", "simpo", "orpo", "kto"):
+    for run in ("rdpo", "simpo", "orpo", "rpo", "kto"):
         assert json.loads((tmp_path / "runs" / run / "summary.json").read_text())["eval/rewards_accuracy"] > 0.9, run
     assert not (tmp_path / "runs" / "simpo" / "ref_logps.pt").exists() and (tmp_path / "runs" / "rdpo" / "ref_logps.pt").exists()
+    assert read_metrics(tmp_path / "runs" / "rpo")[-1]["loss/rpo_nll"] > 0  # the NLL term is on
