@@ -114,7 +114,7 @@ def test_config_errors():
 
 
 def test_help_lists_the_new_keys(capsys):
-    for stage, keys in (("dpo", ("loss (sigmoid|ipo|hinge|rdpo|simpo|orpo", "gamma (float", "alpha (float", "ORPO's lambda")),
+    for stage, keys in (("dpo", ("loss (sigmoid|ipo|hinge|rdpo|simpo|orpo", "gamma (float", "alpha (float", "nll_coef (float", "ORPO's lambda")),
                         ("kto", ("beta (float", "desirable_weight (float", "undesirable_weight (float", "ref_model (str"))):
         with pytest.raises(SystemExit):
             cli([stage, "--help"])
