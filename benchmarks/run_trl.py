@@ -82,7 +82,7 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
     clock = Clock()
     record: dict = {"lib": "trl", "stage": stage, "precision": precision, "metrics": []}
     out = work / f"trl-{stage}-{precision}"
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(d / "policy"))
     cb = _callback(clock, record)
@@ -90,10 +90,8 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
         args = SFTConfig(**_args(w, out, precision, w.sft_steps, w.sft_batch), max_length=w.max_length)
-        trainer = _sequential(SFTTrainer)(model=model, args=args, train_dataset=_dataset(d / "sft.jsonl"), processing_class=tok, callbacks=[cb])
-        trainer.train()
+        _train_policy(SFTTrainer, args, d / "sft.jsonl", d, tok, cb)
         seq, tgt = sft_tokens(d, w.sft_steps * w.sft_batch)
         record |= {"samples": w.sft_steps * w.sft_batch, "tokens": seq, "target_tokens": tgt}
     elif stage == "rm":
@@ -107,23 +105,17 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
     elif stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
-        ref = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
         args = DPOConfig(**_args(w, out, precision, w.dpo_steps, w.dpo_batch), max_length=w.max_length, beta=w.dpo_beta)
-        trainer = _sequential(DPOTrainer)(model=model, ref_model=ref, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
-        trainer.train()
+        _train_policy(DPOTrainer, args, d / "prefs.jsonl", d, tok, cb, reference=True)
         record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
     elif stage in ("orpo", "simpo"):
-        _run_reference_free(stage, w, d, out, precision, tok, cb)
+        _train_policy(*_reference_free(stage, w, out, precision), d / "prefs.jsonl", d, tok, cb)
         record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
     elif stage == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
-        ref = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
         args = KTOConfig(**_args(w, out, precision, w.kto_steps, w.kto_batch), max_length=w.max_length, beta=w.kto_beta)
-        trainer = _sequential(KTOTrainer)(model=model, ref_model=ref, args=args, train_dataset=_dataset(d / "kto.jsonl"), processing_class=tok, callbacks=[cb])
-        trainer.train()
+        _train_policy(KTOTrainer, args, d / "kto.jsonl", d, tok, cb, reference=True)
         seq, tgt = sft_tokens(d, w.kto_steps * w.kto_batch, "kto.jsonl")
         record |= {"samples": w.kto_steps * w.kto_batch, "tokens": seq, "target_tokens": tgt}
     elif stage in ("rloo", "grpo", *GRPO_LOSSES):
@@ -135,13 +127,24 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
     return record
 
 
-def _run_reference_free(stage: str, w: Workload, d: Path, out: Path, precision: str, tok, cb) -> None:
-    """ORPO (trl.experimental.orpo) and SimPO, which TRL 1.16 runs as CPOTrainer with loss_type="simpo" and
-    cpo_alpha=0 (no behaviour-cloning term: the SimPO loss alone, as tether's loss=simpo)."""
+def _train_policy(trainer_cls, args, data: Path, d: Path, tok, cb, reference: bool = False) -> None:
+    """One TRL trainer on the workload's policy (float32) and `data`, with a second copy of it as the frozen
+    reference where the method has one (DPO, KTO: TRL's default precompute_ref_log_probs=False keeps it loaded)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+    def load():
+        return AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
+
+    model = load()
+    extra = {"ref_model": load()} if reference else {}
+    trainer = _sequential(trainer_cls)(model=model, args=args, train_dataset=_dataset(data), processing_class=tok, callbacks=[cb], **extra)
+    trainer.train()
+
+
+def _reference_free(stage: str, w: Workload, out: Path, precision: str) -> tuple:
+    """(trainer class, args) for ORPO (trl.experimental.orpo) and SimPO, which TRL 1.16 runs as CPOTrainer
+    with loss_type="simpo" and cpo_alpha=0 (no behaviour-cloning term: the SimPO loss alone, as tether's loss=simpo)."""
     common = dict(**_args(w, out, precision, w.dpo_steps, w.dpo_batch), max_length=w.max_length)
     if stage == "orpo":
         from trl.experimental.orpo import ORPOConfig as Cfg, ORPOTrainer as Tr
@@ -151,8 +154,7 @@ def _run_reference_free(stage: str, w: Workload, d: Path, out: Path, precision: 
         from trl.experimental.cpo import CPOConfig as Cfg, CPOTrainer as Tr
 
         args = Cfg(**common, loss_type="simpo", cpo_alpha=0.0, beta=w.simpo_beta, simpo_gamma=w.simpo_gamma)
-    trainer = _sequential(Tr)(model=model, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
-    trainer.train()
+    return Tr, args
 
 
 # GRPOTrainer's loss types set as tether's `algo=` presets set them (rl_tether.ALGO_STAGES): GRPO's

@@ -6,16 +6,20 @@ import json
 import pytest
 
 
-@pytest.mark.slow
-def test_bench_quick_tether_sft_rm(tmp_path, capsys):
+def _quick(tmp_path, capsys, stages: str, tether_only: bool = True) -> tuple[str, dict]:
+    """`benchmarks.compare --quick` on `stages` in fp32 -> (the printed table, the runs by "lib|stage|precision")."""
     from benchmarks.compare import main
 
     out = tmp_path / "runs.json"
-    assert main(["--quick", "--stages", "sft,rm", "--precision", "fp32", "--tether-only",
-                 "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    argv = ["--quick", "--stages", stages, "--precision", "fp32", "--dir", str(tmp_path / "workload"), "--json", str(out)]
+    assert main(argv + (["--tether-only"] if tether_only else [])) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())["runs"]
+
+
+@pytest.mark.slow
+def test_bench_quick_tether_sft_rm(tmp_path, capsys):
+    table, runs = _quick(tmp_path, capsys, "sft,rm")
     assert "sft" in table and "rm" in table
-    runs = json.loads(out.read_text())["runs"]
     for key in ("tether|sft|fp32", "tether|rm|fp32"):
         r = runs[key][0]
         assert r["steps"] == 6 and r["wall_s"] > 0 and all(x == x for x in r["losses"])
@@ -25,14 +29,8 @@ def test_bench_quick_tether_sft_rm(tmp_path, capsys):
 def test_bench_quick_tether_grpo_loss_presets(tmp_path, capsys):
     """The grpo_loss rows run `tether ppo algo=...`'s presets (their KL and clip), with DAPO's dynamic
     sampling off as TRL has none, and print each row with its process time."""
-    from benchmarks.compare import main
-
-    out = tmp_path / "runs.json"
-    assert main(["--quick", "--stages", "grpo_loss", "--precision", "fp32", "--tether-only",
-                 "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    table, runs = _quick(tmp_path, capsys, "grpo_loss")
     assert all(f"rl:{s}" in table for s in ("algo_grpo", "dr_grpo", "dapo", "gspo")) and "process s" in table
-    runs = json.loads(out.read_text())["runs"]
     for stage, kl_in_loss in (("algo_grpo", True), ("dr_grpo", True), ("dapo", False), ("gspo", False)):
         r = runs[f"tether|{stage}|fp32"][0]
         assert r["steps"] == 2 and r["whole_s"] > r["wall_s"] > 0, stage
@@ -42,11 +40,7 @@ def test_bench_quick_tether_grpo_loss_presets(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="[optional] TRL is a benchmark-only dependency (pip install -e .[bench])")
 def test_bench_quick_trl_sft_same_step0_loss(tmp_path, capsys):
-    from benchmarks.compare import main
-
-    out = tmp_path / "runs.json"
-    assert main(["--quick", "--stages", "sft", "--precision", "fp32", "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
-    runs = json.loads(out.read_text())["runs"]
+    _, runs = _quick(tmp_path, capsys, "sft", tether_only=False)
     t, r = runs["tether|sft|fp32"][0], runs["trl|sft|fp32"][0]
     assert abs(t["losses"][0] - r["losses"][0]) < 1e-4  # same work, same maths
 
@@ -77,14 +71,8 @@ def test_labeler_agreement_table_on_real_sets_and_its_resume(tiny_llama, tmp_pat
 @pytest.mark.slow
 def test_bench_quick_tether_offline_losses(tmp_path, capsys):
     """ORPO and SimPO (`tether dpo`'s reference-free loss types) and KTO run in the harness."""
-    from benchmarks.compare import main
-
-    out = tmp_path / "runs.json"
-    assert main(["--quick", "--stages", "orpo,simpo,kto", "--precision", "fp32", "--tether-only",
-                 "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    table, runs = _quick(tmp_path, capsys, "orpo,simpo,kto")
     assert all(s in table for s in ("orpo", "simpo", "kto"))
-    runs = json.loads(out.read_text())["runs"]
     for stage in ("orpo", "simpo", "kto"):
         r = runs[f"tether|{stage}|fp32"][0]
         assert r["steps"] == 6 and r["wall_s"] > 0 and len(r["losses"]) == 6 and all(x == x for x in r["losses"])
@@ -95,11 +83,7 @@ def test_bench_quick_tether_offline_losses(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="[optional] TRL is a benchmark-only dependency (pip install -e .[bench])")
 def test_bench_quick_trl_offline_losses_same_step0_loss(tmp_path, capsys):
-    from benchmarks.compare import main
-
-    out = tmp_path / "runs.json"
-    assert main(["--quick", "--stages", "simpo,kto,orpo", "--precision", "fp32", "--dir", str(tmp_path / "workload"), "--json", str(out)]) == 0
-    runs = json.loads(out.read_text())["runs"]
+    _, runs = _quick(tmp_path, capsys, "simpo,kto,orpo", tether_only=False)
     for stage in ("simpo", "kto"):  # same maths on both sides
         t, r = runs[f"tether|{stage}|fp32"][0], runs[f"trl|{stage}|fp32"][0]
         assert abs(t["losses"][0] - r["losses"][0]) < 1e-4, stage

@@ -96,25 +96,22 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     G = cfg.samples_per_prompt
     if cfg.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal: drop it, and refill
         # from further batches (up to dynamic_sampling_batches in all) until the batch's groups are full again
-        want, parts, n_uniform, batches = len(raw), [], 0, 0
-        part = (ro, raw, scores, costs, baseline)
-        while True:
-            uniform, batches = uniform_groups(part[1], G), batches + 1
-            keep = (~uniform).nonzero().view(-1)
-            n_uniform += int(uniform.sum()) // G
-            parts.append(tuple(x if x is None else x[keep] if isinstance(x, Tensor) else x.select(keep) for x in part))
-            if sum(len(p[1]) for p in parts) >= want or batches >= cfg.dynamic_sampling_batches or more is None:
-                break
-            part = _sample_scored(more(), rollout, scorer, cfg, cost, timing)[:5]
-        kept = sum(len(p[1]) for p in parts)
-        if kept == 0:  # every group uniform: train on the first batch whole (its advantages are all 0)
-            parts = [(ro, raw, scores, costs, baseline)]
-        cat = lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts])[:want]  # noqa: E731
-        ro = cat_rollouts([p[0] for p in parts], pad_id)
-        ro = ro.select(list(range(min(len(ro), want))))
-        raw, scores, costs, baseline = cat(1), cat(2), cat(3), cat(4)
-        metrics |= {"rollout/groups_uniform": float(n_uniform), "rollout/groups_dropped": float(n_uniform if kept else 0),
-                    "rollout/sample_batches": float(batches), "rollout/groups_kept": len(raw) / G}
+        want, parts = len(raw), [(ro, raw, scores, costs, baseline)]
+        signal = lambda r: int((~uniform_groups(r, G)).sum())  # noqa: E731 (rows of groups whose rewards differ)
+        n = signal(raw)
+        while n < want and len(parts) < cfg.dynamic_sampling_batches and more is not None:
+            parts.append(_sample_scored(more(), rollout, scorer, cfg, cost, timing)[:5])
+            n += signal(parts[-1][1])
+        joined = [None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(1, 5)]
+        uniform = uniform_groups(joined[0], G)
+        if n:  # those rows, in the order they were sampled, up to the batch's size
+            keep = (~uniform).nonzero().view(-1)[:want]
+            ro = cat_rollouts([p[0] for p in parts], pad_id).select(keep)
+            raw, scores, costs, baseline = (x if x is None else x[keep] for x in joined)
+        # else every group is uniform: the first batch is kept whole (its advantages are all 0)
+        n_uniform = float(uniform.sum()) / G
+        metrics |= {"rollout/groups_uniform": n_uniform, "rollout/groups_dropped": n_uniform if n else 0.0,
+                    "rollout/sample_batches": float(len(parts)), "rollout/groups_kept": len(raw) / G}
 
     t = time.perf_counter()
     mask = ro.response_mask  # [B, R]
@@ -351,17 +348,18 @@ def train(cfg: PPOConfig) -> dict:
     tracker = Tracker(out, cfg.track, to_dict(cfg), steps, "ppo", resume=cfg.resume, start_step=step)
     tracker.event(f"ppo: {len(prompt_ids)} prompts, {steps} iterations of {cfg.batch_size} x {cfg.samples_per_prompt} responses, algo={cfg.algo}, advantage={cfg.advantage}")
 
+    def next_prompts() -> PromptBatch:  # the sampler's next batch_size prompts, each samples_per_prompt times
+        idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]
+        return collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], [fields[i] for i in idx])
+
     metrics: dict[str, float] = {}
     recent: list[float] = []
     while step < steps:
         t_iter = time.perf_counter()
         snap = {name: e.snapshot() for name, e in engines.items()} if cfg.ppo.rollback else None  # 6. the guard's copy
         # 1-4. rollout, score, forward passes, advantages (G copies of each prompt, contiguous)
-        idx = [i for i in sampler.next() for _ in range(cfg.samples_per_prompt)]
-        batch = lambda idx: collate_prompts([prompt_ids[i] for i in idx], pad, [texts[i] for i in idx], [fields[i] for i in idx])  # noqa: E731
-        more = lambda: batch([i for i in sampler.next() for _ in range(cfg.samples_per_prompt)])  # noqa: E731 (dynamic sampling's refill)
-        exp, ro, metrics, value_step = make_experience(batch(idx), rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
-                                                   (coster, cost_critic) if coster is not None else None, more, pad)
+        exp, ro, metrics, value_step = make_experience(next_prompts(), rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
+                                                   (coster, cost_critic) if coster is not None else None, next_prompts, pad)
         if exp.costs is not None:  # lambda follows this batch's cost, then weighs the cost advantage (Safe RLHF)
             lagrange.update(float(exp.costs.mean()))
             exp = dataclasses.replace(exp, advantages=lagrangian_advantages(exp.advantages, exp.cost_advantages, lagrange.value))

@@ -28,7 +28,6 @@ def _cell(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, ensure_ascii=False)
 
 
-
 def _flat(d: dict) -> dict[str, str]:
     return {k: str(v)[:500] for k, v in flat_keys(d).items()}  # MLflow params are strings of at most 500 characters
 

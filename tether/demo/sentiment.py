@@ -61,7 +61,6 @@ STAGE_SETTINGS: dict[str, dict] = {
 }
 
 
-
 def _merge(base: dict, over: dict) -> dict:
     """`over`'s keys on top of `base`'s, section by section."""
     out = dict(base)
