@@ -3,9 +3,14 @@
 stops the run with a clear message, and `--resume` finishes it from the last checkpoint with
 nothing lost (the resumed run still matches the uninterrupted local run step for step).
 
-Why the numbers match exactly (not just within a tolerance): the controller owns the random state
-and ships it with every `generate` call, so the rollout worker draws the same samples the local run
-draws; each actor runs the same float operations the local engine runs.
+Why the numbers match: the controller owns the random state and ships it with every `generate` call,
+so the rollout worker draws the same samples the local run draws; each actor runs the same float
+operations the local engine runs. The final weights must be bitwise equal. The logged metrics are
+bitwise equal on the Xeon this was written on, but one CI machine logged a policy entropy 26 float32
+ulps (2e-6 relative) away from the local run's with the weights still bitwise equal (not reproduced
+here with MKL/oneDNN/ATen forced to AVX2 or with misaligned matmul inputs), so metrics are compared
+within a relative 1e-5: a float32 reduction-order difference, far below any real divergence (a wrong
+sample or a lost step moves these metrics by 1e-2 or more).
 """
 
 import os
@@ -76,11 +81,14 @@ def test_ray_ppo_matches_local_and_resumes_after_a_killed_worker(tmp_path):
     run_stage("ppo", _args(d, out, "ray") + ["resume=true"], timeout=300)
     ray_rows, local_rows = _last_per_step(metrics(out)), _last_per_step(metrics(d / "local"))
     assert sorted(ray_rows) == list(range(1, STEPS + 1))
-    diff = max(abs(ray_rows[s][k] - local_rows[s][k]) for s in local_rows for k in KEYS if k in local_rows[s])
+    diff, where = max((abs(ray_rows[s][k] - local_rows[s][k]) / max(1.0, abs(local_rows[s][k])),
+                       f"step {s} {k}: ray {ray_rows[s][k]!r} local {local_rows[s][k]!r}")
+                      for s in local_rows for k in KEYS if k in local_rows[s])
     wl, wr = weights(d / "local" / "final"), weights(out / "final")
     dw = max(float((wl[k] - wr[k]).abs().max()) for k in wl)
-    print(f"ray vs local: max |dmetric| {diff:.2e}, max |dweight| {dw:.2e}")
-    assert diff < 1e-5 and dw < 1e-5
+    print(f"ray vs local: max relative |dmetric| {diff:.2e} ({where}), max |dweight| {dw:.2e}")
+    assert dw == 0, f"final weights differ by up to {dw:.2e}"
+    assert diff < 1e-5, f"metrics differ: {where}"
 
 
 def test_ray_rm_keep_best_keeps_the_best_weights(tmp_path):
