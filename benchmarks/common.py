@@ -16,9 +16,14 @@ def runner_args(argv: list[str] | None, lib: str) -> argparse.Namespace:
     p.add_argument("--dir", required=True, help="workload folder (benchmarks.workload.build)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--workload", default="", help="the Workload as JSON (benchmarks.compare passes it); default: Workload()")
     p.add_argument("--out", required=True, help="result JSON file")
     p.add_argument("--work", default="", help="scratch folder for run outputs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from benchmarks.workload import Workload
+
+    args.w = Workload.from_json(args.workload) if args.workload else Workload().quick() if args.quick else Workload()
+    return args
 
 
 def setup_threads(n: int) -> None:

@@ -77,13 +77,21 @@ def matmul_rate(threads: int, dtype_name: str, seconds: float = 1.5) -> float:
     return best
 
 
-def model_params(w: Workload) -> tuple[int, int]:
-    """(matmul params of the backbone, of the LM head)."""
-    return w.layers * 12 * w.hidden * w.hidden, 4096 * w.hidden
+def model_params(d: Path) -> tuple[int, int]:
+    """(matmul params of the backbone, of the LM head) of the workload's policy, counted on a meta-device copy."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d / "policy")))
+    head = m.get_output_embeddings()
+    body = sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, Conv1D)) and x is not head)
+    return body, head.weight.numel()
 
 
-def nominal_flops(r: dict, w: Workload) -> float:
-    body, head = model_params(w)
+def nominal_flops(r: dict, w: Workload, params: tuple[int, int]) -> float:
+    body, head = params
     tokens = r.get("tokens", 0)
     stage = r["stage"]
     if stage == "sft":
@@ -100,20 +108,18 @@ def nominal_flops(r: dict, w: Workload) -> float:
     # RL: sampling (1 forward per generated token), then reward, ref, old-policy passes and one update
     # over prompt+response tokens (prompt ~32 per sample).
     gen = r.get("gen_tokens", 0)
-    seq = gen + r.get("samples", 0) * 32
+    seq = gen + r.get("samples", 0) * sum(w.prompt_len) // 2
     critic = 2 + 6 if stage == "ppo" else 0
     if stage in ("dapo", "gspo"):  # no KL term: the reference pass is TRL-skipped work (tether still logs KL)
         return 2 * (body + head) * gen + (2 + 6) * (body + head) * seq + 2 * body * seq
     return 2 * (body + head) * gen + (2 + 2 + 6) * (body + head) * seq + (2 + critic) * body * seq
 
 
-def run_one(lib: str, stage: str, precision: str, d: Path, quick: bool, work: Path, log) -> dict | None:
+def run_one(lib: str, stage: str, precision: str, d: Path, w: Workload, work: Path, log) -> dict | None:
     out = work / f"{lib}-{stage}-{precision}-{time.time_ns()}.json"
     # a scratch folder per run: a repeat must not find the previous run's outputs (DPO's reference-logprob cache)
     cmd = [sys.executable, "-m", f"benchmarks.run_{lib}", "--stage", stage, "--dir", str(d), "--precision", precision,
-           "--out", str(out), "--work", str(work / out.stem)]
-    if quick:
-        cmd.append("--quick")
+           "--out", str(out), "--work", str(work / out.stem), "--workload", w.to_json()]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(Workload().threads), CI="1")
     t = time.perf_counter()
@@ -146,7 +152,7 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workload, rates: dict[str, float]) -> str:
+def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workload, rates: dict[str, float], params: tuple[int, int]) -> str:
     """rows: (label, tether_stage, precision, tether runs, trl runs) -> the table as text."""
     head = ("stage", "prec", "tether s", "TRL s", "speed-up t/TRL med [min-max]", "process s t|TRL", "process speed-up", "CPU-s speed-up", "samples/s t|TRL", "tok/s t|TRL",
             "gen tok/s t|TRL", "peak MB t|TRL", "MFU t|TRL", "loss0 t|TRL", "loss_end t|TRL")
@@ -161,7 +167,7 @@ def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workl
             return _med(vals) if vals else None
 
         def mfu(runs):
-            vals = [nominal_flops(r, w) / r["wall_s"] / rates[prec] for r in runs if r["wall_s"] > 0]
+            vals = [nominal_flops(r, w, params) / r["wall_s"] / rates[prec] for r in runs if r["wall_s"] > 0]
             return _med(vals) if vals else None
 
         def pair(a, b, p=3, pct=False):
@@ -214,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tether-only", action="store_true", help="do not run TRL even if it is installed")
     p.add_argument("--dir", default="", help="workload folder (default: a cached folder in the temp dir)")
     p.add_argument("--json", default="", help="also write every run's record to this file")
+    p.add_argument("--model", default="gpt2", choices=["gpt2", "smollm2"],
+                   help="gpt2: the random 4x256 GPT-2 (or --shape); smollm2: the real SmolLM2-135M-Instruct (chat template)")
+    p.add_argument("--shape", default="", help="GPT-2 layers x width, e.g. 12x768 (heads: width / 64)")
+    p.add_argument("--seq", type=int, default=0, help="longest sequence in tokens (default 128; prompt ~5/16, response ~1/2 of it)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank in both libraries (0: full fine-tuning)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (RL: iterations); default the workload's 50 (RL 10)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     precs = [s.strip() for s in args.precision.split(",") if s.strip()]
@@ -231,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
     repeats = args.repeats or (1 if args.quick else 3)
-    w = Workload().quick() if args.quick else Workload()
+    w = workload_of(args)
     with_trl = have_trl() and not args.tether_only
     if not with_trl:
         log("TRL is not installed (pip install -r benchmarks/requirements.txt): tether only")
-    d = Path(args.dir or Path(tempfile.gettempdir()) / "tether-bench-workload")
-    build(d, Workload())
+    d = Path(args.dir or Path(tempfile.gettempdir()) / w.label())
+    build(d, w)
+    params = model_params(d)
     work = Path(tempfile.mkdtemp(prefix="tether-bench-runs-"))
     rates = {pr: matmul_rate(w.threads, pr) for pr in precs}
     log("matmul rate (2048x256 @ 256x1024, %d threads): " % w.threads + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     cache = done_tether if lib == "tether" else done_trl
                     if (stage, prec, rep) in cache:  # an RL run shared by two pairs
                         continue
-                    r = run_one(lib, stage, prec, d, args.quick, work, log)
+                    r = run_one(lib, stage, prec, d, w, work, log)
                     cache[(stage, prec, rep)] = r
                     if r is not None:
                         runs.setdefault((lib, stage, prec), []).append(r)
@@ -289,15 +302,35 @@ def main(argv: list[str] | None = None) -> int:
                 tl = [a for a, b in ps if b is not None]
             rows.append((label, ts, prec, tl, rl))
     print(f"\ntether vs TRL {_trl_version() if with_trl else '(not installed)'}, torch {_torch_version()}, "
-          f"{w.threads} threads, {repeats} repeat(s){' (quick)' if args.quick else ''}; "
+          f"{w.threads} threads, {repeats} repeat(s){' (quick)' if args.quick else ''}; {describe(w, params)}; "
           "matmul " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
-    print(summarise(rows, w, rates))
+    print(summarise(rows, w, rates, params))
     ph = phases_text(runs)
     if ph:
         print("\nRL phase split (median seconds, share of the loop):\n" + ph)
     if args.json:
         Path(args.json).write_text(json.dumps({"rates": rates, "runs": {"|".join(k): v for k, v in runs.items()}}, indent=1))
     return 0
+
+
+def workload_of(args) -> Workload:
+    w = Workload(model=args.model, lora_r=args.lora)
+    if args.shape:
+        layers, hidden = (int(x) for x in args.shape.lower().split("x"))
+        w = w.sized(layers=layers, hidden=hidden, heads=max(1, hidden // 64))
+    if args.seq:
+        w = w.sized(seq=args.seq)
+    if args.quick:
+        w = w.quick()
+    if args.steps:
+        w = w.steps(args.steps)
+    return w
+
+
+def describe(w: Workload, params: tuple[int, int]) -> str:
+    model = "SmolLM2-135M-Instruct" if w.model == "smollm2" else f"GPT-2 {w.layers}x{w.hidden}"
+    lora = f", LoRA r={w.lora_r}" if w.lora_r else ", full fine-tuning"
+    return f"{model} ({(params[0] + params[1]) / 1e6:.1f}M matmul params), sequences <= {w.max_length} tokens{lora}"
 
 
 def _trl_version() -> str:

@@ -27,7 +27,7 @@ def run_rl(stage: str, w: Workload, d: Path, out: Path, precision: str, padding_
         "samples_per_prompt": w.rl_samples, "sample_every": 0,
         "data": {"train": str(d / "prompts.jsonl"), "max_length": w.max_length, "max_prompt_length": w.max_prompt_length, "shuffle": False},
         "optim": {"lr": w.rl_lr, "weight_decay": 0.0, "betas": list(w.betas), "eps": w.eps, "warmup_steps": 0, "schedule": "constant", "grad_clip": w.grad_clip},
-        "engine": {"device": "cpu", "precision": precision, "threads": w.threads, "padding_free": padding_free},
+        "engine": {"device": "cpu", "precision": precision, "threads": w.threads, "padding_free": padding_free, "lora": {"r": w.lora_r}},
         "track": {"progress": False},
         "reward": {"model": str(d / "reward"), "missing_eos_penalty": 0.0},
         "rollout": {"max_new_tokens": w.rl_new_tokens, "temperature": w.rl_temperature, "top_p": 1.0, "top_k": 0, "reuse_logprobs": reuse_logprobs},

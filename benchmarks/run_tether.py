@@ -84,19 +84,18 @@ def _instrument(clock: Clock, record: dict) -> None:
 
 
 def _common(w: Workload, d: Path, out: Path, precision: str, steps: int, batch: int, train: str) -> dict:
-    from tether.config import DataConfig, EngineConfig, OptimConfig, TrackConfig
+    from tether.config import DataConfig, EngineConfig, LoRAConfig, OptimConfig, TrackConfig
 
     return dict(
         out=str(out), seed=w.seed, max_steps=steps, batch_size=batch,
         data=DataConfig(train=str(d / train), max_length=w.max_length, max_prompt_length=w.max_prompt_length, shuffle=False),
         optim=OptimConfig(lr=w.lr, weight_decay=0.0, betas=w.betas, eps=w.eps, warmup_steps=0, schedule="constant", grad_clip=w.grad_clip),
-        engine=EngineConfig(device="cpu", precision=precision, threads=w.threads),
+        engine=EngineConfig(device="cpu", precision=precision, threads=w.threads, lora=LoRAConfig(r=w.lora_r)),
         track=TrackConfig(progress=False),
     )
 
 
-def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
-    w = Workload().quick() if quick else Workload()
+def run(stage: str, d: Path, precision: str, w: Workload, work: Path) -> dict:
     setup_threads(w.threads)
     clock = Clock()
     record: dict = {"lib": "tether", "stage": stage, "precision": precision, "metrics": []}
@@ -153,7 +152,7 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = runner_args(argv, "tether")
     work = Path(args.work or tempfile.mkdtemp(prefix="tether-bench-"))
-    result = run(args.stage, Path(args.dir), args.precision, args.quick, work)
+    result = run(args.stage, Path(args.dir), args.precision, args.w, work)
     write_result(args.out, result)
     return 0
 

@@ -65,18 +65,27 @@ def _args(w: Workload, out: Path, precision: str, steps: int, batch: int, lr: fl
     )
 
 
+def _peft(w: Workload, task: str) -> dict:
+    """TRL's peft_config for a LoRA workload, as tether's engine.lora sets it: rank lora_r, alpha 16, no
+    dropout, PEFT's default target modules; a reward model's score head trained in full (SEQ_CLS)."""
+    if not w.lora_r:
+        return {}
+    from peft import LoraConfig
+
+    return {"peft_config": LoraConfig(r=w.lora_r, lora_alpha=16, lora_dropout=0.0, bias="none", task_type=task)}
+
+
 def _dataset(file: Path):
     from datasets import Dataset
 
     return Dataset.from_list([json.loads(line) for line in open(file)])
 
 
-def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
+def run(stage: str, d: Path, precision: str, w: Workload, work: Path) -> dict:
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
-    w = Workload().quick() if quick else Workload()
     setup_threads(w.threads)
     torch.manual_seed(w.seed)
     clock = Clock()
@@ -91,7 +100,7 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**_args(w, out, precision, w.sft_steps, w.sft_batch), max_length=w.max_length)
-        _train_policy(SFTTrainer, args, d / "sft.jsonl", d, tok, cb)
+        _train_policy(SFTTrainer, args, d / "sft.jsonl", d, tok, cb, w)
         seq, tgt = sft_tokens(d, w.sft_steps * w.sft_batch)
         record |= {"samples": w.sft_steps * w.sft_batch, "tokens": seq, "target_tokens": tgt}
     elif stage == "rm":
@@ -99,23 +108,24 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
 
         model = AutoModelForSequenceClassification.from_pretrained(str(d / "reward"), num_labels=1, dtype=torch.float32)
         args = RewardConfig(**_args(w, out, precision, w.rm_steps, w.rm_batch), max_length=w.max_length)
-        trainer = _sequential(RewardTrainer)(model=model, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok, callbacks=[cb])
+        trainer = _sequential(RewardTrainer)(model=model, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok,
+                                             callbacks=[cb], **_peft(w, "SEQ_CLS"))
         trainer.train()
         record |= {"samples": w.rm_steps * w.rm_batch, "tokens": pair_tokens(d, w.rm_steps * w.rm_batch)}
     elif stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(**_args(w, out, precision, w.dpo_steps, w.dpo_batch), max_length=w.max_length, beta=w.dpo_beta)
-        _train_policy(DPOTrainer, args, d / "prefs.jsonl", d, tok, cb, reference=True)
+        _train_policy(DPOTrainer, args, d / "prefs.jsonl", d, tok, cb, w, reference=True)
         record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
     elif stage in ("orpo", "simpo"):
-        _train_policy(*_reference_free(stage, w, out, precision), d / "prefs.jsonl", d, tok, cb)
+        _train_policy(*_reference_free(stage, w, out, precision), d / "prefs.jsonl", d, tok, cb, w)
         record |= {"samples": w.dpo_steps * w.dpo_batch, "tokens": pair_tokens(d, w.dpo_steps * w.dpo_batch)}
     elif stage == "kto":
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(**_args(w, out, precision, w.kto_steps, w.kto_batch), max_length=w.max_length, beta=w.kto_beta)
-        _train_policy(KTOTrainer, args, d / "kto.jsonl", d, tok, cb, reference=True)
+        _train_policy(KTOTrainer, args, d / "kto.jsonl", d, tok, cb, w, reference=True)
         seq, tgt = sft_tokens(d, w.kto_steps * w.kto_batch, "kto.jsonl")
         record |= {"samples": w.kto_steps * w.kto_batch, "tokens": seq, "target_tokens": tgt}
     elif stage in ("rloo", "grpo", *GRPO_LOSSES):
@@ -127,9 +137,10 @@ def run(stage: str, d: Path, precision: str, quick: bool, work: Path) -> dict:
     return record
 
 
-def _train_policy(trainer_cls, args, data: Path, d: Path, tok, cb, reference: bool = False) -> None:
+def _train_policy(trainer_cls, args, data: Path, d: Path, tok, cb, w: Workload, reference: bool = False) -> None:
     """One TRL trainer on the workload's policy (float32) and `data`, with a second copy of it as the frozen
-    reference where the method has one (DPO, KTO: TRL's default precompute_ref_log_probs=False keeps it loaded)."""
+    reference where the method has one (DPO, KTO: TRL's default precompute_ref_log_probs=False keeps it loaded);
+    under LoRA the reference is the policy with its adapters off, in TRL as in tether."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -137,7 +148,7 @@ def _train_policy(trainer_cls, args, data: Path, d: Path, tok, cb, reference: bo
         return AutoModelForCausalLM.from_pretrained(str(d / "policy"), dtype=torch.float32)
 
     model = load()
-    extra = {"ref_model": load()} if reference else {}
+    extra = _peft(w, "CAUSAL_LM") or ({"ref_model": load()} if reference else {})
     trainer = _sequential(trainer_cls)(model=model, args=args, train_dataset=_dataset(data), processing_class=tok, callbacks=[cb], **extra)
     trainer.train()
 
@@ -187,7 +198,8 @@ def _run_online(stage: str, w: Workload, d: Path, out: Path, precision: str, tok
     else:
         from trl import GRPOConfig as Cfg, GRPOTrainer as Tr
     cfg = Cfg(**(common | GRPO_LOSSES.get(stage, {})))
-    trainer = _sequential(Tr)(model=model, reward_funcs=rm, args=cfg, train_dataset=prompts, processing_class=tok, callbacks=[cb])
+    trainer = _sequential(Tr)(model=model, reward_funcs=rm, args=cfg, train_dataset=prompts, processing_class=tok, callbacks=[cb],
+                              **_peft(w, "CAUSAL_LM"))
     trainer.train()
     lens = [m.get("completions/mean_length", 0.0) for m in record["metrics"]]
     record["gen_tokens"] = int(round(sum(lens) * n))
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = runner_args(argv, "trl")
     work = Path(args.work or tempfile.mkdtemp(prefix="trl-bench-"))
     t = time.perf_counter()
-    result = run(args.stage, Path(args.dir), args.precision, args.quick, work)
+    result = run(args.stage, Path(args.dir), args.precision, args.w, work)
     result["process_s"] = time.perf_counter() - t
     write_result(args.out, result)
     return 0

