@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.dir) if args.dir else Path(tmp) / "workload"
         rows = [r for m in models for prec in precisions for r in measure(m, prec, workdir, 1 if args.quick else 3)]
-    print("\nTRL 1.16 without vLLM calls transformers' model.generate with the same sampling settings: its column is "
-          "that call through TRL's own padding, unwrapping and GenerationConfig.")
+    if any(r["decoder"] == "trl" for r in rows):
+        print("\nTRL 1.16 without vLLM calls transformers' model.generate with the same sampling settings: its column is "
+              "that call through TRL's own padding, unwrapping and GenerationConfig.")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
