@@ -90,3 +90,30 @@ def test_bench_quick_trl_offline_losses_same_step0_loss(tmp_path, capsys):
     # ORPO's NLL term: TRL averages over all chosen tokens of the batch, tether per response and then over pairs
     t, r = runs["tether|orpo|fp32"][0], runs["trl|orpo|fp32"][0]
     assert abs(t["losses"][0] - r["losses"][0]) < 0.01 * abs(r["losses"][0])
+
+
+def test_bench_generation_quick_tiny(tmp_path, capsys):
+    """`benchmarks.generation --quick` on the workload's GPT-2: every decoder returns the whole batch with
+    counted tokens, and greedy decoding gives tether's tokens, model.generate's and (when installed) TRL's alike."""
+    import torch
+
+    from benchmarks import generation as g
+
+    d = tmp_path / "workload"
+    out = tmp_path / "gen.json"
+    assert g.main(["--model", "tiny", "--precision", "fp32", "--quick", "--dir", str(d), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    decoders = ["tether", "generate"] + (["trl"] if g.have_trl() else [])
+    assert [r["decoder"] for r in rows] == decoders and "| tiny | fp32 | generate |" in capsys.readouterr().out
+    for r in rows:  # 16 prompts x 4 samples, at most 32 counted tokens each
+        assert r["sequences"] == 64 and 0 < r["tokens"] <= 64 * 32 and r["seconds"] > 0 and 0 < r["mfu"], r["decoder"]
+
+    path, tok, texts, new_tokens, chat = g.model_setup("tiny", d)
+    batch = g.prompt_batch(tok, texts[:4], 2, chat)
+    eos = g.stop_ids(path, tok)
+    ours = g.tether_decoder(path, tok, "fp32", 2)[0](batch, new_tokens, greedy=True)
+    theirs = [g.generate_decoder(path, tok, "fp32", eos)[0]]
+    if g.have_trl():
+        theirs.append(g.trl_decoder(path, tok, "fp32", eos, new_tokens, tmp_path)[0])
+    for gen in theirs:
+        assert torch.equal(ours, gen(batch, new_tokens, greedy=True))
