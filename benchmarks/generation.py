@@ -49,10 +49,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import setup_threads
-from benchmarks.workload import Workload, build
+from benchmarks.workload import Workload, build, smollm2_path
 
 DECODERS = ("tether", "generate", "trl")
-SMOLLM2 = Path.home() / ".cache" / "tether" / "models" / "smollm2-135m-instruct"
 
 
 def have_trl() -> bool:
@@ -72,11 +71,8 @@ def model_setup(name: str, workdir: Path) -> tuple[Path, object, list[str], int,
     texts = [json.loads(line)["prompt"] for line in (d / "prompts.jsonl").read_text().splitlines()[: w.rl_prompts]]
     if name == "tiny":
         return d / "policy", load_tokenizer(d / "policy"), texts, w.rl_new_tokens, False
-    if not (SMOLLM2 / "config.json").exists():
-        import subprocess
-
-        subprocess.run([sys.executable, "-m", "tether.cli", "model", "import-gguf", "--out", str(SMOLLM2)], check=True)
-    return SMOLLM2, load_tokenizer(SMOLLM2), texts, 2 * w.rl_new_tokens, True
+    src = smollm2_path()
+    return src, load_tokenizer(src), texts, 2 * w.rl_new_tokens, True
 
 
 def prompt_batch(tok, texts: list[str], samples: int, chat: bool):
