@@ -2,7 +2,7 @@
 doubles (128 -> 1024 tokens on the 4x256 GPT-2) and as the model grows (4x256 -> 12x768, GPT-2-small's
 shape, at 128 tokens); a table, and a log-log PNG.
 
-    python -m benchmarks.growth                                  # sft, rm, dpo, rl; fp32; ~25 min
+    python -m benchmarks.growth                                  # sft, rm, dpo, rl; fp32; 19 min; table + runs/growth.png
     python -m benchmarks.growth --stages sft --seqs 128,256 --shapes 4x256 --steps 2   # a smoke run
 
 Each point is one fresh subprocess per library and stage (benchmarks.compare.run_one, the same runners
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps (RL: iterations) per run")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--tether-only", action="store_true")
-    p.add_argument("--png", default="benchmarks/growth.png")
+    p.add_argument("--png", default="runs/growth.png")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         for lib in ("tether", "trl") if with_trl else ("tether",):
             n = fit_largest(rows, lib, stage)
             if n:
-                fits.append(f"  {lib} {stage}: ~{n / 1e6:.0f}M matmul params (full fine-tuning, {args.precision}, batch 8 x 128 tokens)")
+                fits.append(f"  {lib} {stage}: ~{n / 1e6:.0f}M matmul params")
     if fits:
-        print(f"\nlargest trainable model in {LIMIT_MB // 1024} GiB, extrapolated from the model sweep's peak memory:\n" + "\n".join(fits))
+        print(f"\nlargest trainable model in {LIMIT_MB // 1024} GiB (full fine-tuning, {args.precision}, the model sweep's batches at 128 "
+              "tokens), a line through the model sweep's peak memory extrapolated, not a run:\n" + "\n".join(fits))
     plot(rows, Path(args.png))
     print(f"\nplot: {args.png}")
     if args.json:

@@ -110,7 +110,7 @@ def run(stage: str, d: Path, precision: str, w: Workload, work: Path) -> dict:
         args = RewardConfig(**_args(w, out, precision, w.rm_steps, w.rm_batch), max_length=w.max_length)
         trainer = _sequential(RewardTrainer)(model=model, args=args, train_dataset=_dataset(d / "prefs.jsonl"), processing_class=tok,
                                              callbacks=[cb], **_peft(w, "SEQ_CLS"))
-        trainer.train()
+        _train_and_save(trainer)
         record |= {"samples": w.rm_steps * w.rm_batch, "tokens": pair_tokens(d, w.rm_steps * w.rm_batch)}
     elif stage == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -137,6 +137,13 @@ def run(stage: str, d: Path, precision: str, w: Workload, work: Path) -> dict:
     return record
 
 
+def _train_and_save(trainer) -> None:
+    """Train, then save the model as a user would (tether saves its final weights too; the loop clock has
+    stopped by then, the process time includes it)."""
+    trainer.train()
+    trainer.save_model()
+
+
 def _train_policy(trainer_cls, args, data: Path, d: Path, tok, cb, w: Workload, reference: bool = False) -> None:
     """One TRL trainer on the workload's policy (float32) and `data`, with a second copy of it as the frozen
     reference where the method has one (DPO, KTO: TRL's default precompute_ref_log_probs=False keeps it loaded);
@@ -150,7 +157,7 @@ def _train_policy(trainer_cls, args, data: Path, d: Path, tok, cb, w: Workload, 
     model = load()
     extra = _peft(w, "CAUSAL_LM") or ({"ref_model": load()} if reference else {})
     trainer = _sequential(trainer_cls)(model=model, args=args, train_dataset=_dataset(data), processing_class=tok, callbacks=[cb], **extra)
-    trainer.train()
+    _train_and_save(trainer)
 
 
 def _reference_free(stage: str, w: Workload, out: Path, precision: str) -> tuple:
@@ -200,7 +207,7 @@ def _run_online(stage: str, w: Workload, d: Path, out: Path, precision: str, tok
     cfg = Cfg(**(common | GRPO_LOSSES.get(stage, {})))
     trainer = _sequential(Tr)(model=model, reward_funcs=rm, args=cfg, train_dataset=prompts, processing_class=tok, callbacks=[cb],
                               **_peft(w, "CAUSAL_LM"))
-    trainer.train()
+    _train_and_save(trainer)
     lens = [m.get("completions/mean_length", 0.0) for m in record["metrics"]]
     record["gen_tokens"] = int(round(sum(lens) * n))
     record["samples"] = w.rl_iterations * n

@@ -117,3 +117,18 @@ def test_bench_generation_quick_tiny(tmp_path, capsys):
         theirs.append(g.trl_decoder(path, tok, "fp32", eos, new_tokens, tmp_path)[0])
     for gen in theirs:
         assert torch.equal(ours, gen(batch, new_tokens, greedy=True))
+
+
+@pytest.mark.slow
+def test_growth_sweeps_both_axes_and_plots(tmp_path, capsys):
+    """benchmarks.growth at its smallest: two sequence lengths and two model shapes, one SFT step each, a
+    table row per point with its parameter count, and the PNG."""
+    from benchmarks.growth import main
+
+    png, out = tmp_path / "growth.png", tmp_path / "growth.json"
+    assert main(["--stages", "sft", "--seqs", "64,128", "--shapes", "2x128,4x256", "--steps", "1", "--tether-only",
+                 "--png", str(png), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["axis"], r["seq"]) for r in rows] == [("seq", 64), ("seq", 128), ("model", 128), ("model", 128)]
+    assert rows[2]["params"] < rows[3]["params"] and all(r["tether_s"] > 0 and r["tether_mb"] > 0 for r in rows)
+    assert rows[0]["tether_s"] and png.stat().st_size > 10_000 and "cost growth" in capsys.readouterr().out

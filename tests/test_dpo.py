@@ -140,3 +140,24 @@ def test_one_step_on_smollm2(request, tmp_path):
     r = read_metrics(tmp_path / "run")[-1]
     assert summary["steps"] == 1
     assert r["loss/dpo"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step: -log sigma(0)
+
+
+@pytest.mark.slow
+def test_bf16_policy_equal_to_its_reference_has_zero_margin_on_smollm2(smollm2_dir, tmp_path):
+    # The reference pass scored the pairs in eval_batch_size batches (16), the training pass in batch_size
+    # ones (4). Under bf16 a product's rounding depends on its shape (oneDNN picks kernels by shape), so
+    # at step 1, with the policy equal to its reference, the implicit rewards were bf16 noise instead of
+    # 0 (the benchmark's SmolLM2 run: loss 0.7062 where log 2 = 0.6931; here a chosen reward of 0.0197). Scored in the
+    # training batches, the two passes are the same computation. (float32, and the tiny test models even
+    # in bf16, give exactly 0 either way: the bug needs the real model.)
+    rng = random.Random(3)
+    words = (POSITIVE + NEGATIVE + TOPICS) * 2
+    text = lambda lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": text(6, 12), "chosen": " " + text(8, 24), "rejected": " " + text(8, 24)} for _ in range(8)])
+    cfg = load_config(dpo.DPOConfig, None, [
+        f"model={smollm2_dir}", f"data.train={data}", f"out={tmp_path / 'run'}", "max_steps=2", "batch_size=4", "eval_batch_size=16",
+        "data.shuffle=false", "engine.precision=bf16", "optim.lr=1e-6", "track.progress=false",
+    ])
+    dpo.train(cfg)
+    r = read_metrics(tmp_path / "run")[0]
+    assert r["rewards/chosen"] == 0.0 and r["rewards/rejected"] == 0.0 and r["rewards/margin"] == 0.0, r

@@ -95,30 +95,30 @@ def pair_loss(cfg: DPOConfig, logps: tuple[torch.Tensor, torch.Tensor], mb, num_
                     cfg.gamma, cfg.alpha, length_diff.to(logps[0].device), cfg.nll_coef, mb.chosen_loss_mask.sum(-1).to(logps[0].device))
 
 
-def reference_logps(engine, items, pad: int, batch_size: int, length_normalised: bool, only: list[int] | None = None) -> torch.Tensor:
-    """[N, 2] reference logprobs (chosen, rejected), in batches; with `only`, just those items (others NaN)."""
+def reference_logps(engine, items, pad: int, batches: list[list[int]], length_normalised: bool) -> torch.Tensor:
+    """[N, 2] reference logprobs (chosen, rejected) of the items in `batches`, each at its first batch (others
+    NaN). Given the training batches, this pass has the training pass's shapes, so that below float32 (where
+    a product's rounding depends on its shape) an unmoved policy's margin is exactly 0, as in float32."""
     from tether.data import collate_pairs
 
-    idx = list(range(len(items))) if only is None else sorted(set(only))
     ref = torch.full((len(items), 2), float("nan"))
-    for s in range(0, len(idx), batch_size):
-        chunk = idx[s : s + batch_size]
-        c, r = engine.forward(collate_pairs([items[i] for i in chunk], pad), lambda m, b: pair_logps(m, b, length_normalised))
-        ref[chunk] = torch.stack([c.float().cpu(), r.float().cpu()], 1)
+    for chunk in batches:
+        new = torch.isnan(ref[chunk, 0])
+        if new.any():
+            c, r = engine.forward(collate_pairs([items[i] for i in chunk], pad), lambda m, b: pair_logps(m, b, length_normalised))
+            ref[torch.tensor(chunk)[new]] = torch.stack([c.float().cpu(), r.float().cpu()], 1)[new]
     return ref
 
 
-def items_to_visit(n: int, batch_size: int, seed: int, shuffle: bool, steps: int) -> list[int]:
-    """Indices of the training items that `steps` batches of the (deterministic) sampler will draw."""
+def batches_to_visit(n: int, batch_size: int, seed: int, shuffle: bool, steps: int) -> list[list[int]]:
+    """The batches `steps` draws of the (deterministic) sampler give, up to the one that completes the set."""
     from tether.data.loader import BatchSampler
 
-    s = BatchSampler(n, batch_size, seed, shuffle)
-    seen: set[int] = set()
-    for _ in range(steps):
-        seen.update(s.next())
-        if len(seen) == n:
-            break
-    return sorted(seen)
+    s, out, seen = BatchSampler(n, batch_size, seed, shuffle), [], set()
+    while len(out) < steps and len(seen) < n:
+        out.append(s.next())
+        seen.update(out[-1])
+    return out
 
 
 def make_batch(items, ref: torch.Tensor | None, idx: list[int], pad: int):
@@ -151,21 +151,22 @@ def reference_cache(cfg: DPOConfig, engine, out, train_items, eval_items, pad: i
     cache = out / REF_CACHE
     key = {"ref": cfg.ref_model or cfg.model, "loss": cfg.loss, "n": (len(train_items), len(eval_items)), "max_length": cfg.data.max_length}
     # Only the pairs this run will train on: a 50-step run of batch 8 needs 400 of them, not the whole set.
-    visit = items_to_visit(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle, steps)
+    visit = batches_to_visit(len(train_items), cfg.batch_size, cfg.seed, cfg.data.shuffle, steps)
+    chunks = lambda idx: [idx[s : s + cfg.eval_batch_size] for s in range(0, len(idx), cfg.eval_batch_size)]  # noqa: E731
     # every rank looks before rank 0 may write it below: a late rank that found the new file would skip the write's barrier
     cached = torch.load(cache, weights_only=False) if barrier(cache.exists()) else None
     if cached is not None and cached["key"] == key:
         ref_train, ref_eval = cached["train"], cached["eval"]
-        missing = [i for i in visit if bool(torch.isnan(ref_train[i]).any())]
+        missing = sorted({i for b in visit for i in b if bool(torch.isnan(ref_train[i]).any())})
         if missing:  # resumed with more steps: the policy has moved, so top up from the reference on disk
             fresh = make_reference(engine, cfg.engine, cfg.ref_model or cfg.model, cfg.model)
-            ref_train[missing] = reference_logps(fresh, train_items, pad, cfg.eval_batch_size, cfg.kind.length_normalised, missing)[missing]
+            ref_train[missing] = reference_logps(fresh, train_items, pad, chunks(missing), cfg.kind.length_normalised)[missing]
             del fresh  # the cache file keeps what the first run computed (a resume never rewrites it)
     else:
         ref_engine = engine if not cfg.ref_model or cfg.ref_model == cfg.model else make_reference(engine, cfg.engine, cfg.ref_model, cfg.model)
         norm = cfg.kind.length_normalised
-        ref_train = reference_logps(ref_engine, train_items, pad, cfg.eval_batch_size, norm, visit)
-        ref_eval = reference_logps(ref_engine, eval_items, pad, cfg.eval_batch_size, norm)
+        ref_train = reference_logps(ref_engine, train_items, pad, visit, norm)
+        ref_eval = reference_logps(ref_engine, eval_items, pad, chunks(list(range(len(eval_items)))), norm)
         del ref_engine
         atomic_torch_save({"key": key, "train": ref_train, "eval": ref_eval}, cache)
     return ref_train, ref_eval, time.perf_counter() - t

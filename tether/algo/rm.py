@@ -44,7 +44,7 @@ class RMConfig(RunConfig):
     loss: Literal["bradley_terry", "cost"] = doc("bradley_terry", "bradley_terry: a reward model; cost: a Safe RLHF cost model (chosen = the safer response; chosen_safe / rejected_safe labels add the sign term)")
     use_margin: bool = doc(False, "subtract each pair's `margin` field inside the sigmoid (Llama 2's margin term)")
     center_coef: float = doc(0.0, "auxiliary coef * (r_c + r_r)^2 that keeps scores centred at 0 (0 = off)")
-    stats_pairs: int = doc(256, "training pairs scored after training for the reward mean/std (and train/* metrics); 0 = all")
+    stats_pairs: int = doc(256, "training pairs scored after training for the reward mean/std (and train/* metrics), at most as many as were trained on; 0 = all")
     keep_best: bool = doc(False, "keep the weights of the evaluation (every eval_every steps) with the best held-out accuracy (early stopping)")
     heads: list[str] = doc([], "one head per named objective, trained on each pair's `labels` (e.g. [helpful, harmless]); [] = one head from the chosen/rejected order")
 
@@ -193,12 +193,12 @@ def train(cfg: RMConfig) -> dict:
     best_step = best[2] if best is not None else step
     best = None
     # Normalisation statistics over the training responses (chosen and rejected); a seeded sample of
-    # stats_pairs pairs is enough for a mean and a std (256 pairs: 512 scores, the mean within ~4% of a std)
-    # and keeps this pass, which TRL's reward trainer does not have, a few training steps' worth.
-    stats_items = train_items
-    if 0 < cfg.stats_pairs < len(train_items):
+    # stats_pairs pairs give a mean and a std (256: the mean within ~4% of a std); capped at the pairs trained
+    # on, this forward-only pass (TRL's reward trainer has none) costs at most about a third of the training.
+    stats_items, n = train_items, min(cfg.stats_pairs, max(1, step) * cfg.batch_size)
+    if 0 < n < len(train_items):
         g = torch.Generator().manual_seed(cfg.seed)
-        stats_items = [train_items[i] for i in torch.randperm(len(train_items), generator=g)[: cfg.stats_pairs].tolist()]
+        stats_items = [train_items[i] for i in torch.randperm(len(train_items), generator=g)[:n].tolist()]
     rc, rr = score_pairs(engine, stats_items, pad, cfg.eval_batch_size, cost)
     all_scores = torch.cat([rc, rr])  # [2N] or [2N, K]
     train_m = head_metrics(rc, rr, stats_items, cfg.heads, "train") if heads else pair_metrics(rc, rr, "train", stats_items)
