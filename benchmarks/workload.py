@@ -202,12 +202,7 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
     rcfg = GPT2Config.from_dict({**cfg.to_dict(), "num_labels": 1})
     rm = GPT2ForSequenceClassification(rcfg)
     rm.transformer.load_state_dict(policy.transformer.state_dict())
-    g = torch.Generator().manual_seed(w.seed + 1)
-    with torch.no_grad():
-        rm.score.weight.normal_(0.0, 1.0 / (w.hidden + 1) ** 0.5, generator=g)
-    rm.save_pretrained(str(out / "reward"))
-    tok.save_pretrained(str(out / "reward"))
-    (out / "reward" / "tether_reward.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    _save_reward(rm, tok, out, w.seed, w.hidden)
 
     data = make_data(w, words)
     for name, recs in data.items():
@@ -220,6 +215,19 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
         assert tok.unk_token_id not in apart
     stamp.write_text(json.dumps(want))  # written last: a folder without it is incomplete
     return out
+
+
+def _save_reward(rm, tok, out: Path, seed: int, hidden: int) -> None:
+    """The reward model with a seeded score head, its tokenizer and tether_reward.json (mean 0, std 1), so
+    that neither library re-initialises or re-normalises it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        rm.score.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5, generator=g)
+    rm.save_pretrained(str(out / "reward"))
+    tok.save_pretrained(str(out / "reward"))
+    (out / "reward" / "tether_reward.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
 
 
 def smollm2_path() -> Path:
@@ -254,12 +262,7 @@ def _build_smollm2(out: Path, w: Workload) -> None:
     cfg.pad_token_id = tok.pad_token_id
     rm = AutoModelForSequenceClassification.from_config(cfg)
     rm.model.load_state_dict(policy.model.state_dict())
-    g = torch.Generator().manual_seed(w.seed + 1)
-    with torch.no_grad():
-        rm.score.weight.normal_(0.0, 1.0 / (cfg.hidden_size + 1) ** 0.5, generator=g)
-    rm.save_pretrained(str(out / "reward"))
-    tok.save_pretrained(str(out / "reward"))
-    (out / "reward" / "tether_reward.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    _save_reward(rm, tok, out, w.seed, cfg.hidden_size)
 
     scale = lambda lo_hi: (int(lo_hi[0] / 1.5), int(lo_hi[1] / 1.5))  # noqa: E731
     t = len(tok(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True))["input_ids"])
