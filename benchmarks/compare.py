@@ -81,10 +81,17 @@ def model_params(d: Path) -> tuple[int, int]:
     """(matmul params of the backbone, of the LM head) of the workload's policy, counted on a meta-device copy."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d / "policy")))
+    return linear_params(m)
+
+
+def linear_params(m) -> tuple[int, int]:
+    """(weights of every Linear and transformers Conv1D (GPT-2's) but the LM head, the LM head's, tied or not)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
     head = m.get_output_embeddings()
     body = sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, Conv1D)) and x is not head)
     return body, head.weight.numel()

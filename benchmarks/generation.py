@@ -49,17 +49,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import setup_threads
+from benchmarks.compare import have_trl, linear_params
 from benchmarks.workload import Workload, build, smollm2_path
 
 DECODERS = ("tether", "generate", "trl")
-
-
-def have_trl() -> bool:
-    try:
-        import trl  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 def model_setup(name: str, workdir: Path) -> tuple[Path, object, list[str], int, bool]:
@@ -90,10 +83,7 @@ def prompt_batch(tok, texts: list[str], samples: int, chat: bool):
 
 def matmul_params(model) -> int:
     """Weights of every Linear and transformers Conv1D (GPT-2's), the LM head included even when tied."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    return sum(linear_params(model))
 
 
 def stop_ids(path: Path, tok) -> list[int]:
