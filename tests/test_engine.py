@@ -96,3 +96,23 @@ def test_train_step_hands_back_per_row_outputs_in_order(tiny_gpt2):
         assert "loss/sft" in metrics and not outs[micro].requires_grad and outs[micro].shape == (8, 10)
         torch.testing.assert_close(outs[micro], before, atol=1e-5, rtol=1e-4)  # the forward before the step
     assert isinstance(LocalEngine(load_causal_lm(tiny_gpt2), EngineConfig(), OptimConfig()).train_step(b, lambda m, mb: loss_fn(m, mb)[:2]), dict)
+
+
+def test_cpu_engine_keeps_freed_memory_in_the_process(tiny_gpt2):
+    """glibc gives a freed 256 MB block back to the kernel (it had its own mmap), so the next large tensor is
+    new pages that fault and are zero-filled on first touch; after a CPU engine starts, the freed block is
+    reused (a training step frees and reallocates blocks of this kind every step)."""
+    import resource
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc settings: Linux only")
+    LocalEngine(load_causal_lm(tiny_gpt2), EngineConfig(device="cpu"), OptimConfig())
+    torch.ones(64 << 20)  # 256 MB, allocated and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(48 << 20)  # 192 MB
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2000, f"{faults} page faults writing 192 MB into freed memory (49,152 pages if none is reused)"
+    del x

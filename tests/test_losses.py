@@ -119,9 +119,20 @@ def test_token_logprobs_match_naive():
     ref = logits.clone().requires_grad_()
     (torch.log_softmax(ref / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1) * w).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    # bf16 logits (autocast's LM head): value and gradient as float32 maths on the same bf16 numbers, the
+    # gradient rounded once to bf16; chunks of 3 rows over 7 x 3 rows
+    xb = logits.bfloat16().requires_grad_()
+    lb = L.token_logprobs(xb, labels, temperature=0.7, chunk=3)
+    ref = logits.bfloat16().float().requires_grad_()
+    lr_ = torch.log_softmax(ref / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (lr_ * w).sum().backward()
+    (lb * w).sum().backward()
+    assert lb.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lb, lr_.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xb.grad, ref.grad.bfloat16(), atol=0, rtol=0)
     bad = labels.clone()
     bad[1, 2] = -100
-    with pytest.raises(IndexError, match="out of bounds"):
+    with pytest.raises(RuntimeError, match="out of bounds"):  # gather's bounds check
         L.token_logprobs(logits, bad)
     p = torch.softmax(logits, -1)
     ent = -(p * p.log()).sum(-1)

@@ -287,12 +287,13 @@ def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature
 def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, with_entropy: bool, full: bool) -> tuple[Tensor, Tensor | None]:
     """The LM head and log-softmax on the selected hidden states only: h [n, H] predicting labels [n] at
     the True places of sel [B, K]; other places are 0. full: a zero column 0 is added ([B, K+1] = [B, T])."""
-    logits = model.get_output_embeddings()(pad_rows(h, gemm_multiple(model, h.device)))[: h.shape[0]]  # [n, V]
-    lp_sel = token_logprobs(logits[None], labels[None], temperature)[0]  # [n]
+    m, n = gemm_multiple(model, h.device), h.shape[0]
+    logits = model.get_output_embeddings()(pad_rows(h, m))  # [n + pad, V]: no slice, whose backward zero-fills [n + pad, V]
+    lp_sel = token_logprobs(logits[None], pad_rows(labels, m)[None], temperature)[0][:n]  # [n]
     lp = torch.zeros(sel.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(sel, lp_sel)  # [B, K]
     ent = None
     if with_entropy:
-        e = entropy_from_logits((logits / temperature if temperature != 1.0 else logits)[None])[0]
+        e = entropy_from_logits((logits / temperature if temperature != 1.0 else logits)[None])[0][:n]
         ent = torch.zeros(sel.shape, dtype=e.dtype, device=e.device).masked_scatter(sel, e)
     if full:
         lp = torch.nn.functional.pad(lp, (1, 0))

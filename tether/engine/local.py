@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import math
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -13,6 +15,14 @@ from torch import nn
 from tether.models import resolve_autocast, resolve_device
 from tether.packing import enable_packing
 from tether.types import Batch
+
+
+def keep_freed_memory() -> None:
+    """glibc serves blocks over 32 MB with their own mmap and trims its heap, so each step's large tensors
+    would be new pages that the kernel zero-fills on first touch; keep freed memory in the process instead,
+    as the jemalloc / tcmalloc that PyTorch's CPU tuning guide recommends do (benchmarks/README)."""
+    if sys.platform.startswith("linux") and hasattr(libc := ctypes.CDLL(None), "mallopt"):
+        libc.mallopt(-4, 0), libc.mallopt(-1, 2**31 - 1), libc.mallopt(-2, 64 << 20)  # M_MMAP_MAX 0, M_TRIM_THRESHOLD, M_TOP_PAD
 
 
 def make_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -63,6 +73,8 @@ class LocalEngine:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.model = model.to(self.device)
         if (cfg.padding_free == "on" or (cfg.padding_free == "auto" and self.device.type == "cpu")) and not (trainable and cfg.gradient_checkpointing):
             # padding-free, prefix-shared passes; the recomputation of gradient checkpointing runs outside them
