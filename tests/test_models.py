@@ -82,6 +82,34 @@ def test_greedy_generation_matches_hf(tiny_llama):
     assert torch.allclose(lp, out.logprobs, atol=1e-4)
 
 
+def test_frozen_weights_are_cast_once_per_generate_under_autocast(tiny_llama):
+    """A frozen model (a LoRA policy's base) decoding under bf16 autocast: each weight is cast to bf16 once
+    for the whole generate call, not at every step (autocast caches only weights that require grad), and
+    the weights are frozen again afterwards. The tokens equal the same decoding of a trainable copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tok = load_tokenizer(tiny_llama)
+    model = load_causal_lm(tiny_llama).eval().requires_grad_(False)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() == weight.data_ptr():
+                casts.append(1)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    with CountCasts():
+        out = HFRollout(model, tok, autocast_dtype=torch.bfloat16).generate(PromptBatch(ids, torch.ones_like(ids)), sampling)
+    assert out.response_mask.shape[1] == 6 and len(casts) == 1, f"{len(casts)} casts of one weight over 6 decoding steps"
+    assert not any(p.requires_grad for p in model.parameters())
+    trainable = load_causal_lm(tiny_llama).eval()
+    ref = HFRollout(trainable, tok, autocast_dtype=torch.bfloat16).generate(PromptBatch(ids, torch.ones_like(ids)), sampling)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
 def test_sampler_logprobs_match_trainer_with_temperature(tiny_gpt2):
     tok = load_tokenizer(tiny_gpt2)
     model = load_causal_lm(tiny_gpt2).eval()

@@ -38,10 +38,23 @@ class HFRollout:
         self.eos = eos_ids(tokenizer, model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
+    @contextlib.contextmanager
     def _autocast(self):
+        """autocast keeps a weight's low-precision copy for the whole context only if the weight requires
+        grad; a frozen one (a LoRA policy's base) would be cast again at every decoding step. So frozen
+        float weights are marked for grad while decoding (under no_grad: nothing is recorded)."""
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            yield
+            return
+        frozen = [p for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()]
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig) -> RolloutBatch:
