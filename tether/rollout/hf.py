@@ -38,11 +38,6 @@ class HFRollout:
         self.eos = eos_ids(tokenizer, model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig) -> RolloutBatch:
         was_training = self.model.training
@@ -50,7 +45,7 @@ class HFRollout:
         ids = prompts.input_ids.to(self.device)
         mask = prompts.attention_mask.to(self.device)
         try:
-            with self._autocast():
+            with contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 decode = self._decode if self._own_loop() else self._hf_generate
                 run = self.lockstep.run if self.lockstep is not None else (lambda fn: fn())
                 groups = prompts.group_ids or list(range(len(ids)))
@@ -125,10 +120,7 @@ class HFRollout:
             scores = procs(seq[:, : P + t], logits.float())  # [B, V], the distribution sampled from
             logp = torch.log_softmax(scores, -1)
             probs = logp.exp()
-            if sampling.temperature > 0:
-                tok = _inverse_cdf_sample(probs)
-            else:
-                tok = scores.argmax(-1)
+            tok = _inverse_cdf_sample(probs) if sampling.temperature > 0 else scores.argmax(-1)
             logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
             entropy[:, t] = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
             tok = torch.where(done, torch.full_like(tok, self.pad), tok)  # finished rows are padded, as generate does
