@@ -148,7 +148,17 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     return 1 - var_d / var_g.clamp(min=1e-8)
 
 
-class AdaptiveKLController:
+class _Value:
+    """A coefficient `value` that a checkpoint saves and restores (the loop state of PPO's controllers)."""
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(_Value):
     """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2):
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + K_beta e), K_beta = n_steps / horizon.
     """
@@ -160,25 +170,13 @@ class AdaptiveKLController:
         err = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + err * n_steps / self.horizon
 
-    def state_dict(self) -> dict:
-        return {"value": self.value}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
-
-class FixedKLController:
+class FixedKLController(_Value):
     def __init__(self, coef: float):
         self.value = coef
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
 
 
 def lagrangian_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: float) -> Tensor:
@@ -187,7 +185,7 @@ def lagrangian_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: float) -> T
     return (reward_adv - lam * cost_adv) / (1 + lam)
 
 
-class LagrangeMultiplier:
+class LagrangeMultiplier(_Value):
     """lambda >= 0 for the constraint E[cost] <= threshold, by projected gradient ascent on the Lagrangian
     (Ray et al. 2019; Dai et al. 2023): lambda <- clip(lambda + lr (mean cost - threshold), 0, max).
     It rises while the constraint is violated and falls to 0 once it is kept with room to spare."""
@@ -198,9 +196,3 @@ class LagrangeMultiplier:
     def update(self, mean_cost: float) -> None:
         v = max(0.0, self.value + self.lr * (mean_cost - self.threshold))
         self.value = min(v, self.max_value) if self.max_value > 0 else v
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])

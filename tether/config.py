@@ -329,12 +329,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
+        if not isinstance(tree, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping of keys")
-        tree = loaded
     for item in overrides or []:
         k, v = _parse_override(item)
         _set(tree, k, v)
@@ -365,9 +364,7 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
         tp = hints[f.name]
         text = f.metadata.get("doc", "")
         if _is_config(tp):
-            lines.append("")
-            lines.append(f"{prefix}{f.name}.*  {text}")
-            lines += config_help(tp, f"{prefix}{f.name}.")
+            lines += ["", f"{prefix}{f.name}.*  {text}", *config_help(tp, f"{prefix}{f.name}.")]
         else:
             default = getattr(inst, f.name)
             d = json.dumps(default) if not isinstance(default, str) else (repr(default) if default == "" else default)

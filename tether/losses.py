@@ -108,8 +108,7 @@ def sft_loss(token_logps: Tensor, loss_mask: Tensor, num_tokens: float) -> tuple
 
     token_logps [B, T] (log p of each target token), loss_mask [B, T].
     """
-    nll_sum = -(token_logps * loss_mask).sum()
-    loss = nll_sum / num_tokens
+    loss = -(token_logps * loss_mask).sum() / num_tokens
     return loss, {"loss/sft": loss.detach()}
 
 
@@ -173,10 +172,8 @@ def multi_objective_loss(r_chosen: Tensor, r_rejected: Tensor, labels: Tensor, n
     loss = torch.where(judged, -F.logsigmoid(labels.float() * diff), torch.zeros_like(diff)).sum() / num_judgments
     right = ((labels * diff.detach()) > 0) & judged
     per_head = right.float().sum(0) / judged.sum(0).clamp(min=1)  # [K], 0 for a head with no judgment here
-    m: Metrics = {"loss/rm": loss.detach(), "rm/accuracy": right.float().sum() / judged.sum().clamp(min=1)}
-    for k in range(labels.shape[1]):
-        m[f"rm/head{k}_accuracy"] = per_head[k]
-    return loss, m
+    return loss, {"loss/rm": loss.detach(), "rm/accuracy": right.float().sum() / judged.sum().clamp(min=1),
+                  **{f"rm/head{k}_accuracy": per_head[k] for k in range(labels.shape[1])}}
 
 
 # -- DPO family ------------------------------------------------------------------------------------

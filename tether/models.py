@@ -58,9 +58,7 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
                           "torch emulates bf16 matmuls, about 100x slower than float32 here; use precision=fp32", stacklevel=2)
         return torch.bfloat16
     # auto: bf16 on GPUs that support it; fp32 on CPU (bf16 on CPU is opt-in: precision=bf16)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
 def _check_dir(path: str | Path) -> Path:
@@ -160,8 +158,7 @@ def backbone(model: nn.Module) -> nn.Module:
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as HF generate computes them: [B, T] -> [B, T]."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def is_right_padded(attention_mask: Tensor) -> bool:
@@ -172,16 +169,13 @@ def is_right_padded(attention_mask: Tensor) -> bool:
 
 
 def _inputs(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> dict:
-    if position_ids is None and attention_mask is not None and is_right_padded(attention_mask):
-        # Right padding under a causal mask: no real token attends to a pad (pads come after it), and
-        # positions are 0..T-1 either way. Without a padding mask, attention takes SDPA's causal fast
-        # path instead of a materialised [B, 1, T, T] mask. Outputs at pad positions are unused.
-        return {"input_ids": input_ids, "attention_mask": None, "position_ids": None}
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask) if attention_mask is not None else None
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    # Packed rows: positions restart per example, and transformers builds the block-diagonal causal
-    # mask from them when no 2D mask is given (masking_utils.find_packed_sequence_indices).
+    if position_ids is None and attention_mask is not None and not is_right_padded(attention_mask):
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
+    # Right padding under a causal mask: no real token attends to a pad (pads come after it), and
+    # positions are 0..T-1 either way. Without a padding mask, attention takes SDPA's causal fast
+    # path instead of a materialised [B, 1, T, T] mask. Outputs at pad positions are unused.
+    # Packed rows (position_ids given): positions restart per example, and transformers builds the
+    # block-diagonal causal mask from them when no 2D mask is given (masking_utils.find_packed_sequence_indices).
     return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
 
 
@@ -258,9 +252,7 @@ def causal_logprobs(
         logits = model(**kwargs, use_cache=False).logits[:, :-1]  # [B, T-1, V]
         labels = input_ids[:, 1:]
     lp = token_logprobs(logits, labels, temperature)
-    ent = None
-    if with_entropy:
-        ent = entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
+    ent = entropy_from_logits(logits / temperature if temperature != 1.0 else logits) if with_entropy else None
     if attention_mask is not None:  # 0 where the token or its predecessor is padding, as the packed path
         K = lp.shape[1]
         real = (attention_mask[:, -K:] != 0) & (attention_mask[:, -K - 1 : -1] != 0)
@@ -325,9 +317,7 @@ def reward_heads(path: str | Path) -> list[str]:
 
 def load_reward_stats(path: str | Path) -> dict:
     f = Path(path) / RM_STATS_FILE
-    if not f.exists():
-        return {"mean": 0.0, "std": 1.0}
-    return json.loads(f.read_text())
+    return json.loads(f.read_text()) if f.exists() else {"mean": 0.0, "std": 1.0}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -76,11 +76,7 @@ class Tracker:
             console.print(f"{self.desc} {step}/{self.total}  {info}{eta}", highlight=False, markup=False)
 
     def event(self, message: str) -> None:
-        if not self.main:
-            return
-        if self.progress is not None:
-            self.progress.console.print(message, highlight=False, markup=False)
-        else:
+        if self.main:  # the progress bar prints through this console too: the line goes above the bar
             console.print(message, highlight=False, markup=False)
 
     def samples(self, step: int, rows: list[dict]) -> None:

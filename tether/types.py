@@ -31,16 +31,10 @@ class Batch:
         raise TypeError(f"{type(self).__name__} has no tensor field")
 
     def _map(self: B_, fn_tensor, fn_list) -> B_:
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                kw[f.name] = fn_tensor(v)
-            elif isinstance(v, list) and len(v) == len(self):
-                kw[f.name] = fn_list(v)
-            else:
-                kw[f.name] = v
-        return type(self)(**kw)
+        def one(v):
+            return fn_tensor(v) if isinstance(v, Tensor) else fn_list(v) if isinstance(v, list) and len(v) == len(self) else v
+
+        return type(self)(**{f.name: one(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def to(self: B_, device: torch.device | str) -> B_:
         return self._map(lambda t: t.to(device, non_blocking=True), lambda x: x)

@@ -200,9 +200,7 @@ def xstest_records(files: list[Path], counts: Counter | None = None) -> list[Rec
 
 
 def _hhh_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.glob("*/task.json"))
+    return [path] if path.is_file() else sorted(path.glob("*/task.json"))
 
 
 def write_jsonl(records: list[Record], out: str | Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from tether.config import ConfigError
 
 CORPORA = {
-    # name -> (zip file under nltk_data/corpora, reader)
+    # name -> zip file under nltk_data/corpora
     "movie_reviews": "movie_reviews.zip",
     "sentence_polarity": "sentence_polarity.zip",
     "subjectivity": "subjectivity.zip",
@@ -75,20 +75,12 @@ def read_reviews(name: str) -> list[Review]:
                 lines = tuple(line.strip() for line in z.read(n).decode("utf-8").splitlines() if line.strip())
                 if lines:
                     out.append(Review(n[: -len(".txt")], n.split("/")[1], lines))
-    elif name == "sentence_polarity":
-        for label in ("pos", "neg"):
-            text = z.read(f"sentence_polarity/rt-polarity.{label}").decode("utf-8", errors="replace")
-            for i, line in enumerate(text.splitlines()):
-                if line.strip():
-                    out.append(Review(f"sentence_polarity/{label}/{i}", label, (line.strip(),)))
-    elif name == "subjectivity":
-        for n in sorted(z.namelist()):
-            if n.endswith(".5000"):
-                label = "subj" if "quote" in n else "obj"
-                text = z.read(n).decode("latin-1")
-                for i, line in enumerate(text.splitlines()):
-                    if line.strip():
-                        out.append(Review(f"subjectivity/{label}/{i}", label, (line.strip(),)))
+    elif name in ("sentence_polarity", "subjectivity"):  # a sentence per line; (member, label, encoding) per file
+        files = ([(f"sentence_polarity/rt-polarity.{label}", label, "utf-8") for label in ("pos", "neg")] if name == "sentence_polarity" else
+                 [(n, "subj" if "quote" in n else "obj", "latin-1") for n in sorted(z.namelist()) if n.endswith(".5000")])
+        for member, label, encoding in files:
+            text = z.read(member).decode(encoding, errors="replace")
+            out += [Review(f"{name}/{label}/{i}", label, (line.strip(),)) for i, line in enumerate(text.splitlines()) if line.strip()]
     return out
 
 

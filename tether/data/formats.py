@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 from typing import Any
 
@@ -160,11 +161,7 @@ def _same(a, b) -> bool:
 
 def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     """HH-RLHF style: (prompt ending in '\\n\\nAssistant:', chosen response, rejected response)."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
+    n = len(os.path.commonprefix([chosen, rejected]))  # character by character
     cut = chosen.rfind(ASSISTANT_MARK, 0, n)  # the marker must lie inside the common prefix
     if cut < 0:
         raise BadRecord("'chosen' and 'rejected' share no prompt ending in '\\n\\nAssistant:' (give a 'prompt' field)",

@@ -103,8 +103,7 @@ def _read_txt(path: str) -> Iterator[Item]:
 
 
 def _read_json(path: str) -> Iterator[Item]:
-    chunks = [raw for _, raw in _lines(path)]
-    data = b"".join(chunks)
+    data = b"".join(raw for _, raw in _lines(path))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -194,45 +194,46 @@ def _check_prompt(n: int, cfg) -> None:
                         "no room for a response")
 
 
-def _start(examples, cfg, report: DataReport | None, items: str) -> tuple[Sink, DataReport]:
+def _each(items: list, cfg, report: DataReport | None, kept: list[int] | None, unit: str, what: str, encode) -> list:
+    """encode(item, report) for each item; a bad one (BadRecord) goes to data.on_bad_record and is taken
+    out of report.n_used. `kept`, if given, receives the indices of the items kept."""
     if report is None:
-        report = DataReport(n_read=len(examples), n_used=len(examples), items=items)
-    return Sink(cfg.on_bad_record, report), report
-
-
-def _skip(sink: Sink, report: DataReport, loc: str, e: BadRecord) -> None:
-    sink.bad(loc, e)  # raises in error mode
-    report.n_used -= 1
+        report = DataReport(n_read=len(items), n_used=len(items), items=unit)
+    sink, out = Sink(cfg.on_bad_record, report), []
+    for idx, item in enumerate(items):
+        try:
+            out.append(encode(item, report))
+        except BadRecord as e:
+            sink.bad(item.loc, e)  # raises in error mode
+            report.n_used -= 1
+            continue
+        if kept is not None:
+            kept.append(idx)
+    sink.announce(what)
+    return out
 
 
 def tokenize_sft(examples: list[SFTExample], tokenizer, cfg, report: DataReport | None = None,
                  kept: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
     """(input_ids, loss_mask) per example. `kept`, if given, receives the indices of the examples kept."""
-    sink, report = _start(examples, cfg, report, "examples")
     eos = _eos(tokenizer)
-    out = []
-    for idx, ex in enumerate(examples):
-        try:
-            if ex.messages is not None:
-                ids, mask, n_prompt = encode_conversation(tokenizer, ex.messages, cfg.chat_template)
-            else:
-                p = _special_prefix(tokenizer) + _enc(tokenizer, ex.prompt or "")
-                c = _enc(tokenizer, ex.completion or "")
-                if not c or c[-1] != eos:
-                    c.append(eos)
-                ids, mask, n_prompt = p + c, [0] * len(p) + [1] * len(c), len(p)
-            _check_prompt(n_prompt, cfg)
-        except BadRecord as e:
-            _skip(sink, report, ex.loc, e)
-            continue
+
+    def encode(ex: SFTExample, report: DataReport) -> tuple[list[int], list[int]]:
+        if ex.messages is not None:
+            ids, mask, n_prompt = encode_conversation(tokenizer, ex.messages, cfg.chat_template)
+        else:
+            p = _special_prefix(tokenizer) + _enc(tokenizer, ex.prompt or "")
+            c = _enc(tokenizer, ex.completion or "")
+            if not c or c[-1] != eos:
+                c.append(eos)
+            ids, mask, n_prompt = p + c, [0] * len(p) + [1] * len(c), len(p)
+        _check_prompt(n_prompt, cfg)
         if len(ids) > cfg.max_length:
             ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
             report.truncated += 1
-        out.append((ids, mask))
-        if kept is not None:
-            kept.append(idx)
-    sink.announce("tokenize_sft")
-    return out
+        return ids, mask
+
+    return _each(examples, cfg, report, kept, "examples", "tokenize_sft", encode)
 
 
 def _pair_ids(tokenizer, pair: PreferencePair, chat_template: str) -> tuple[list[int], list[int], list[int]]:
@@ -256,42 +257,26 @@ def _pair_ids(tokenizer, pair: PreferencePair, chat_template: str) -> tuple[list
 
 def tokenize_pairs(pairs: list[PreferencePair], tokenizer, cfg, report: DataReport | None = None,
                    kept: list[int] | None = None) -> list[TokenizedPair]:
-    sink, report = _start(pairs, cfg, report, "pairs")
-    out = []
-    for idx, pair in enumerate(pairs):
-        try:
-            p, c, r = _pair_ids(tokenizer, pair, cfg.chat_template)
-            _check_prompt(len(p), cfg)
-        except BadRecord as e:
-            _skip(sink, report, pair.loc, e)
-            continue
+    def encode(pair: PreferencePair, report: DataReport) -> TokenizedPair:
+        p, c, r = _pair_ids(tokenizer, pair, cfg.chat_template)
+        _check_prompt(len(p), cfg)
         room = cfg.max_length - len(p)
         if len(c) > room or len(r) > room:
             c, r = c[:room], r[:room]
             report.truncated += 1
-        out.append(TokenizedPair(p, c, r, pair.margin, pair.safety, pair.labels))
-        if kept is not None:
-            kept.append(idx)
-    sink.announce("tokenize_pairs")
-    return out
+        return TokenizedPair(p, c, r, pair.margin, pair.safety, pair.labels)
+
+    return _each(pairs, cfg, report, kept, "pairs", "tokenize_pairs", encode)
 
 
 def tokenize_prompts(prompts: list[PromptExample], tokenizer, cfg, report: DataReport | None = None,
                      kept: list[int] | None = None) -> list[list[int]]:
-    sink, report = _start(prompts, cfg, report, "prompts")
-    out = []
-    for idx, ex in enumerate(prompts):
-        try:
-            ids = encode_prompt(tokenizer, ex.prompt, cfg.chat_template)
-            _check_prompt(len(ids), cfg)
-        except BadRecord as e:
-            _skip(sink, report, ex.loc, e)
-            continue
-        out.append(ids)
-        if kept is not None:
-            kept.append(idx)
-    sink.announce("tokenize_prompts")
-    return out
+    def encode(ex: PromptExample, report: DataReport) -> list[int]:
+        ids = encode_prompt(tokenizer, ex.prompt, cfg.chat_template)
+        _check_prompt(len(ids), cfg)
+        return ids
+
+    return _each(prompts, cfg, report, kept, "prompts", "tokenize_prompts", encode)
 
 
 # -- Collate ---------------------------------------------------------------------------------------

@@ -38,38 +38,27 @@ class HFRollout:
         self.eos = eos_ids(tokenizer, model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
-    @contextlib.contextmanager
-    def _autocast(self):
-        """autocast keeps a weight's low-precision copy for the whole context only if the weight requires
-        grad; a frozen one (a LoRA policy's base) would be cast again at every decoding step. So frozen
-        float weights are marked for grad while decoding (under no_grad: nothing is recorded)."""
-        if self.autocast_dtype is None:
-            yield
-            return
-        frozen = [p for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()]
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
-
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig) -> RolloutBatch:
         was_training = self.model.training
         self.model.eval()
         ids = prompts.input_ids.to(self.device)
         mask = prompts.attention_mask.to(self.device)
+        # autocast keeps a weight's cast copy for its whole context only if the weight requires grad: a frozen one (a
+        # LoRA policy's base) would be cast again at every decoding step. Under no_grad, marking it records nothing.
+        frozen = [p for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()] if self.autocast_dtype else []
         try:
-            with self._autocast():
+            for p in frozen:
+                p.requires_grad_(True)
+            with contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 decode = self._decode if self._own_loop() else self._hf_generate
                 run = self.lockstep.run if self.lockstep is not None else (lambda fn: fn())
                 groups = prompts.group_ids or list(range(len(ids)))
                 resp, logprobs, entropy = run(lambda: decode(ids, mask, sampling, groups))
         finally:
             self.model.train(was_training)
+            for p in frozen:
+                p.requires_grad_(False)
         return assemble_rollout(prompts, resp, logprobs, entropy, self.eos, self.tokenizer, sampling.stop_at_eos)
 
     def _own_loop(self) -> bool:
@@ -138,10 +127,7 @@ class HFRollout:
             scores = procs(seq[:, : P + t], logits.float())  # [B, V], the distribution sampled from
             logp = torch.log_softmax(scores, -1)
             probs = logp.exp()
-            if sampling.temperature > 0:
-                tok = _inverse_cdf_sample(probs)
-            else:
-                tok = scores.argmax(-1)
+            tok = _inverse_cdf_sample(probs) if sampling.temperature > 0 else scores.argmax(-1)
             logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
             entropy[:, t] = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
             tok = torch.where(done, torch.full_like(tok, self.pad), tok)  # finished rows are padded, as generate does
