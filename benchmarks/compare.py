@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def run_one(lib: str, stage: str, precision: str, d: Path, w: Workload, work: Pa
         return None
     r = json.loads(out.read_text())
     r["whole_s"] = time.perf_counter() - t  # as the user waits: interpreter, imports, loading, training, saving
+    shutil.rmtree(work / out.stem, ignore_errors=True)  # the run's saved model: 2 GB a run at 135M (a failed run's stays)
     log(f"  {lib:6s} {stage:5s} {precision}: {r['wall_s']:7.1f}s loop, {r['whole_s']:6.1f}s process, "
         f"peak {r['peak_rss_mb']:.0f} MB, loss {_fmt(_first(r))} -> {_fmt(_last(r))}")
     return r
