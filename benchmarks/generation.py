@@ -117,14 +117,12 @@ def _autocast(precision: str):
 
 def tether_decoder(path: Path, tok, precision: str, threads: int):
     """-> (generate(batch, max_new_tokens, greedy) -> response ids [B, R], model)."""
-    from tether.config import EngineConfig, OptimConfig
+    from tether.config import EngineConfig
     from tether.engine import make_engine
     from tether.models import load_causal_lm
     from tether.rollout import SamplingConfig, make_rollout
 
-    # a trainable engine, as `tether ppo`'s policy is: autocast keeps one bf16 copy of a trainable weight for
-    # the whole generate call, where a frozen one is cast again at every decoding step
-    engine = make_engine(load_causal_lm(path), EngineConfig(device="cpu", precision=precision, threads=threads), OptimConfig(), total_steps=1)
+    engine = make_engine(load_causal_lm(path), EngineConfig(device="cpu", precision=precision, threads=threads), trainable=False)
     rollout = make_rollout("hf", engine, tok)
 
     def generate(batch, max_new_tokens: int, greedy: bool = False):
