@@ -1,11 +1,13 @@
 """A crash in the middle of a save (SIGKILL, not an exception) leaves the previous checkpoint loadable."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tether.checkpoint import Checkpointer
@@ -88,3 +90,34 @@ def test_kill_during_final_model_save_keeps_previous(tiny_gpt2, tmp_path):
     ref = load_causal_lm(tiny_gpt2)
     for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("limit_kb", [64, 256])  # 64: the weights' safetensors fails; 256: the optimizer's torch.save
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_debris(tiny_gpt2, tmp_path, limit_kb):
+    """A real failed write: RLIMIT_FSIZE makes the kernel refuse writes past the limit (EFBIG), the way a
+    full disk refuses them. The save fails with the checkpoint's path and the disk's free space in one
+    line, its half-written folder is gone (on a full disk it would hold the space), and the previous
+    checkpoint still loads."""
+    from tether.losses import sft_loss
+    from tether.models import causal_logprobs
+    from tether.types import SFTBatch
+
+    eng = LocalEngine(load_causal_lm(tiny_gpt2), EngineConfig(), OptimConfig())
+    ids = torch.randint(5, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    eng.train_step(SFTBatch(ids, torch.ones_like(ids), torch.ones(2, 8)), lambda m, b: sft_loss(causal_logprobs(m, b.input_ids, b.attention_mask)[0], b.loss_mask, 16.0))
+    ck = Checkpointer(tmp_path)
+    ck.save(1, {"policy": eng}, {"marker": 1}, {})
+    assert (tmp_path / "checkpoints" / "step_1" / "model_policy" / "model.safetensors").stat().st_size < 256 << 10 < (tmp_path / "checkpoints" / "step_1" / "optim_policy.pt").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb << 10, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            ck.save(2, {"policy": eng}, {"marker": 2}, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "checkpoints" / "step_2") in message and "MB free" in message, message
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+    assert ck.latest().name == "step_1" and ck.load({"policy": eng})["marker"] == 1

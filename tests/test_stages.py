@@ -230,6 +230,28 @@ def test_the_terminal_shows_no_per_model_progress_bars(tiny_gpt2, tmp_path):
     assert "Loading weights" not in p.stderr and "Writing model shards" not in p.stderr, p.stderr[-2000:]
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_line_with_a_hint(tiny_gpt2, tmp_path):
+    # CI's disk filled during a SmolLM2 checkpoint and the run ended in torch's "[enforce fail at
+    # inline_container.cc:672] . unexpected pos": nothing said which file, or that the disk was the cause
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_writes():  # the kernel refuses writes past 256 KB, as a full disk does: the optimizer state's
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(8))
+    out = tmp_path / "o"
+    p = subprocess.run([sys.executable, "-m", "tether.cli", "sft", f"model={tiny_gpt2}", f"data.train={data}", f"out={out}", "max_steps=2",
+                        "save_every=1", "batch_size=4"], capture_output=True, text=True, timeout=120, preexec_fn=limit_writes)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and err[-2].startswith(f"tether sft: OSError: checkpoint {out / 'checkpoints' / 'step_1'} could not be written ("), p.stderr[-2000:]
+    assert "MB free on its disk" in err[-2] and "keep_checkpoints=1" in err[-1]
+    assert not list((out / "checkpoints").glob("*.tmp-*"))
+
+
 def test_rm_writes_its_held_out_split_for_eval(tiny_gpt2, tmp_path, capsys):
     # README evaluated the reward model on its own training file (90% of it trained on)
     from tether.data import load_preferences

@@ -47,11 +47,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
         _fsync_dir(Path(root))
 
 
@@ -129,21 +126,27 @@ class Checkpointer:
             for stale in self.root.glob("*.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-        for name, engine in engines.items():
-            engine.save_model(tmp / f"model_{name}", merged=False)
-            opt = engine.optimizer_state()
-            if opt is not None and is_main():
-                torch.save(opt, tmp / f"optim_{name}.pt")
-        if not is_main():
-            barrier()
-            return final
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        # state.json last: its presence marks the folder complete.
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        _fsync_tree(tmp)
+        try:  # a failed write (a full disk) leaves no half folder holding the space, and says so in one line
+            for name, engine in engines.items():
+                engine.save_model(tmp / f"model_{name}", merged=False)
+                opt = engine.optimizer_state()
+                if opt is not None and is_main():
+                    torch.save(opt, tmp / f"optim_{name}.pt")
+            if not is_main():
+                barrier()
+                return final
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            # state.json last: its presence marks the folder complete.
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            _fsync_tree(tmp)
+        except Exception as e:
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise OSError(f"checkpoint {final} could not be written ({shutil.disk_usage(self.root).free >> 20} MB free on its disk): {why}") from e
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -154,10 +157,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        steps = sorted(
-            (p for p in self.root.glob("step_*") if p.is_dir() and "." not in p.name),
-            key=lambda p: int(p.name.split("_")[1]),
-        )
+        steps = sorted((p for p in self.root.glob("step_*") if p.is_dir() and "." not in p.name), key=lambda p: int(p.name.split("_")[1]))
         latest = self.latest()
         for p in steps[: -self.keep]:
             if p != latest:

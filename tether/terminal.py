@@ -144,6 +144,8 @@ def hint(e: BaseException) -> str:
         return f"the package {e.name!r} is not installed (scripts/setup.sh installs every extra); --verbose shows the traceback"
     if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
         return "lower batch_size or engine.micro_batch_size (or use a smaller model); --verbose shows the traceback"
+    if isinstance(e, OSError) and "MB free on its disk" in str(e):
+        return "free space on that disk, or keep fewer checkpoints (keep_checkpoints=1, save_every=0); --verbose shows the traceback"
     if isinstance(e, OSError):
         return "check the path and its permissions; --verbose shows the traceback"
     return "run again with --verbose for the traceback (and include it when you report a bug)"
