@@ -90,7 +90,8 @@ def _common(w: Workload, d: Path, out: Path, precision: str, steps: int, batch: 
         out=str(out), seed=w.seed, max_steps=steps, batch_size=batch,
         data=DataConfig(train=str(d / train), max_length=w.max_length, max_prompt_length=w.max_prompt_length, shuffle=False),
         optim=OptimConfig(lr=w.lr, weight_decay=0.0, betas=w.betas, eps=w.eps, warmup_steps=0, schedule="constant", grad_clip=w.grad_clip),
-        engine=EngineConfig(device="cpu", precision=precision, threads=w.threads, lora=LoRAConfig(r=w.lora_r)),
+        engine=EngineConfig(device="cpu", precision=precision, threads=w.threads, lora=LoRAConfig(r=w.lora_r),
+                            gradient_checkpointing=w.grad_ckpt),
         track=TrackConfig(progress=False),
     )
 

@@ -60,8 +60,8 @@ def _args(w: Workload, out: Path, precision: str, steps: int, batch: int, lr: fl
         seed=w.seed, data_seed=w.seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True,
         # TRL's default is activation checkpointing (a forward recomputed in every backward); tether's is
-        # off. Off on both sides, so the compute is the same and peak memory is compared like for like.
-        gradient_checkpointing=False,
+        # off. The workload sets it for both sides, so the compute is the same and memory compares like for like.
+        gradient_checkpointing=w.grad_ckpt,
     )
 
 

@@ -82,6 +82,7 @@ class Workload:
     # its prompts rendered through its chat template (layers/hidden/heads then come from its config)
     model: str = "gpt2"
     lora_r: int = 0  # LoRA rank in both libraries (PEFT's default target modules, alpha 16); 0 = full fine-tuning
+    grad_ckpt: bool = False  # activation checkpointing in both libraries (each recomputes a layer's forward in its backward)
 
     def quick(self) -> "Workload":
         """The smoke-test size (--quick): same shapes, fewer steps."""
@@ -173,7 +174,7 @@ def build(out: str | Path, w: Workload | None = None) -> Path:
     out = Path(out)
     stamp = out / "workload.json"
     want = {"version": VERSION, **asdict(w)}
-    for k in ("sft_steps", "rm_steps", "dpo_steps", "kto_steps", "rl_iterations", "lora_r"):
+    for k in ("sft_steps", "rm_steps", "dpo_steps", "kto_steps", "rl_iterations", "lora_r", "grad_ckpt"):
         want.pop(k)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they read back
     if stamp.exists() and json.loads(stamp.read_text()) == want:

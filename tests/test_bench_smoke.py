@@ -126,9 +126,11 @@ def test_growth_sweeps_both_axes_and_plots(tmp_path, capsys):
     from benchmarks.growth import main
 
     png, out = tmp_path / "growth.png", tmp_path / "growth.json"
-    assert main(["--stages", "sft", "--seqs", "64,128", "--shapes", "2x128,4x256", "--steps", "1", "--tether-only",
+    assert main(["--stages", "sft", "--seqs", "64,128", "--shapes", "2x128,4x256", "--modes", "full,lora", "--steps", "1", "--tether-only",
                  "--png", str(png), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["axis"], r["seq"]) for r in rows] == [("seq", 64), ("seq", 128), ("model", 128), ("model", 128)]
+    assert [(r["axis"], r["mode"], r["seq"]) for r in rows] == [("seq", "full", 64), ("seq", "full", 128), ("model", "full", 128), ("model", "full", 128),
+                                                                ("model", "lora", 128), ("model", "lora", 128)]
     assert rows[2]["params"] < rows[3]["params"] and all(r["tether_s"] > 0 and r["tether_mb"] > 0 for r in rows)
-    assert rows[0]["tether_s"] and png.stat().st_size > 10_000 and "cost growth" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert png.stat().st_size > 10_000 and "cost growth" in printed and "lora" in printed.split("largest trainable model")[1], printed

@@ -260,6 +260,26 @@ def test_fused_value_pass_equals_a_separate_pass(tiny_gpt2, tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
 
 
+def test_fused_logprob_pass_equals_a_separate_pass(tiny_gpt2, tmp_path):
+    """GRPO (KL in the loss) with top-k sampling, so the sampler's logprobs are not the policy's: the
+    policy's first whole-batch step gives the old-policy logprobs (no separate no-grad pass) and every loss,
+    KL, entropy, drift and reward over 3 iterations x 2 epochs equals the separate pass's run. The KL in the
+    reward (PPO's default), importance weights or minibatches keep the pass."""
+    common = ["algo=grpo", "max_steps=3", "ppo.epochs=2", "batch_size=4", "ppo.minibatch_size=0", "rollout.top_k=20"]
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "fused", *common))
+    ppo.train(_cfg(tiny_gpt2, tmp_path / "pass", *common, "rollout.reuse_logprobs=off"))
+    a, b = read_metrics(tmp_path / "fused" / "run"), read_metrics(tmp_path / "pass" / "run")
+    assert [r["rollout/logprobs_fused"] for r in a] == [1.0] * 3 and [r["rollout/logprobs_fused"] for r in b] == [0.0] * 3
+    for key in ("loss/policy", "policy/approx_kl", "policy/clipfrac", "policy/ratio", "objective/kl", "objective/kl_k3_token", "loss/kl", "policy/entropy",
+                "rollout/logprob_drift", "rollout/logprob_drift_max", "rewards/raw_mean"):
+        for ra, rb in zip(a, b):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+    assert a[-1]["rewards/raw_mean"] != a[0]["rewards/raw_mean"]  # it trained
+    for i, extra in enumerate((["kl.in_loss=false", "kl.coef=0.05"], ["rollout.tis_cap=2"], ["ppo.minibatch_size=2"])):
+        ppo.train(_cfg(tiny_gpt2, tmp_path / f"x{i}", *common, "max_steps=1", *extra))
+        assert read_metrics(tmp_path / f"x{i}" / "run")[0]["rollout/logprobs_fused"] == 0.0, extra
+
+
 # ----------------------------------------------------------------------------------------------
 # Group baselines, reward models, config errors
 

@@ -148,7 +148,7 @@ class Experience(Batch):
     sequences: Tensor  # [B, P+R] long
     attention_mask: Tensor  # [B, P+R] long
     response_mask: Tensor  # [B, R] float
-    logprobs: Tensor  # [B, R] old-policy logprobs (trainer's forward at rollout time)
+    logprobs: Tensor | None  # [B, R] old-policy logprobs (trainer's forward at rollout time); None: the first update step's
     ref_logprobs: Tensor  # [B, R]
     values: Tensor | None  # [B, R] old value estimates (zeros without a critic); None only inside make_experience
     advantages: Tensor | None  # [B, R]
@@ -163,3 +163,4 @@ class Experience(Batch):
     cost_values: Tensor | None = None
     cost_returns: Tensor | None = None
     cost_advantages: Tensor | None = None
+    sampler_logprobs: Tensor | None = None  # [B, R] the sampler's, for the drift metrics, unless they are `logprobs`

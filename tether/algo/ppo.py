@@ -85,10 +85,13 @@ def _sample_scored(prompts: PromptBatch, rollout, scorer: Rewards, cfg: PPOConfi
 
 
 def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: Rewards, cfg: PPOConfig, kl_coef: float,
-                    fuse_values: bool = False, cost: tuple | None = None, more=None, pad_id: int = 0) -> tuple[Experience, RolloutBatch, dict[str, float], dict[str, float] | None]:
+                    fuse_values: bool = False, cost: tuple | None = None, more=None, pad_id: int = 0,
+                    fuse_logprobs: bool = False) -> tuple[Experience, RolloutBatch, dict[str, float], dict[str, float] | None]:
     """Rollout, score, forward passes, KL-shaped rewards, values and advantages. -> (experience, the rollout,
     metrics, and with fuse_values the metrics of the critic's first update step, whose forward gave the
-    old values: `fused_value_step`). cost = (the cost's Scorer, the cost critic or None): the experience
+    old values: `fused_value_step`). fuse_logprobs: the rewards do not depend on the old-policy logprobs
+    (KL in the loss, or none), so unless the sampler's are exact they are left (None) to the policy's first
+    update step, whose forward gives them before any update (`ppo_update`). cost = (the cost's Scorer, the cost critic or None): the experience
     also carries the costs and their own advantages (combined with lambda by the caller). more: returns
     the next prompt batch, for dynamic sampling's refill (pad_id pads the joined rollouts)."""
     timing: dict[str, float] = {}
@@ -118,26 +121,28 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
     R, temp = mask.shape[1], cfg.rollout.temperature or 1.0
     # Logprobs at the sampling temperature: the policy being optimised is the one that sampled. When the
     # sampler's own logprobs are exactly that (same module, float32, untruncated distribution) the pass
-    # is skipped, as TRL does with num_iterations=1; otherwise the trainer recomputes them.
+    # is skipped, as TRL does with num_iterations=1; otherwise the trainer recomputes them (or its first step does).
     reuse = cfg.rollout.reuse_logprobs == "auto" and ro.entropy is not None and getattr(rollout, "exact_logprobs", lambda s: False)(cfg.rollout)
-    logprobs, entropy = (ro.logprobs, ro.entropy) if reuse else policy.forward(ro, _logprobs(R, temp, with_entropy=True))
-    ref_logprobs, _ = ref.forward(ro, _logprobs(R, temp))
-    logprobs, entropy, ref_logprobs = logprobs.cpu() * mask, entropy.cpu(), ref_logprobs.cpu() * mask
+    fused = fuse_logprobs and not reuse
+    ref_logprobs = ref.forward(ro, _logprobs(R, temp))[0].cpu() * mask
+    logprobs, entropy = (ro.logprobs, ro.entropy) if reuse or fused else policy.forward(ro, _logprobs(R, temp, with_entropy=True))
+    logprobs, entropy = (None, None) if fused else (logprobs.cpu() * mask, entropy.cpu())
 
     # Per-token KL penalty in the reward (Ziegler et al. 2019, eq. 2), score on the last token.
-    kl = kl_estimate(logprobs, ref_logprobs, cfg.kl.kind) * mask  # [B, R]
+    kl = torch.zeros_like(ref_logprobs) if fused else kl_estimate(logprobs, ref_logprobs, cfg.kl.kind) * mask  # [B, R]
     rewards, non_score = kl_shaped_rewards(scores, kl, mask, 0.0 if cfg.kl.in_loss else kl_coef)
     exp = Experience(sequences=ro.sequences, attention_mask=ro.attention_mask, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                     values=None, advantages=None, returns=None, prompt_length=ro.prompt_length, rewards=rewards, scores=raw, group_ids=ro.group_ids)
+                     values=None, advantages=None, returns=None, prompt_length=ro.prompt_length, rewards=rewards, scores=raw, group_ids=ro.group_ids,
+                     sampler_logprobs=None if reuse else ro.logprobs.cpu() * mask)
     value_step = None
     if critic is None:
-        values = torch.zeros_like(logprobs)
+        values = torch.zeros_like(ref_logprobs)
     elif fuse_values:
         values, value_step = fused_value_step(exp, critic, cfg)
     else:
         values = critic.forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask
     if costs is not None:  # the cost's own critic and returns: the cost on the last token, no KL term
-        c_values = cost[1].forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask if cost[1] is not None else torch.zeros_like(logprobs)
+        c_values = cost[1].forward(ro, lambda m, b: _values(m, b, R)).float().cpu() * mask if cost[1] is not None else torch.zeros_like(ref_logprobs)
         c_adv, c_returns = estimate_advantages(kl_shaped_rewards(costs, torch.zeros_like(kl), mask, 0.0)[0], c_values, mask, cfg)
         exp = dataclasses.replace(exp, costs=costs, cost_values=c_values, cost_returns=c_returns, cost_advantages=c_adv)
         metrics |= {"cost/mean": float(costs.mean()), "cost/std": float(costs.std()) if len(costs) > 1 else 0.0,
@@ -153,26 +158,33 @@ def make_experience(prompts: PromptBatch, rollout, policy, ref, critic, scorer: 
 
     lengths = mask.sum(-1)
     finished = ro.finished if ro.finished is not None else torch.zeros(len(lengths), dtype=torch.bool)
-    metrics |= {
-        "objective/kl": float(kl_estimate(logprobs, ref_logprobs, KLEstimator.K1).mul(mask).sum(-1).mean()),  # per sequence
-        **{f"objective/kl{n}_token": float(masked_mean(kl_estimate(logprobs, ref_logprobs, k), mask)) for n, k in (("", KLEstimator.K1), ("_k2", KLEstimator.K2), ("_k3", KLEstimator.K3))},
+    metrics |= ({} if fused else logprob_metrics(exp, entropy, cfg)) | {
         "objective/kl_coef": kl_coef,
         "objective/non_score_reward": float(non_score.sum(-1).mean()),
         "objective/total_reward": float(rewards.sum(-1).mean()),
-        "policy/entropy": float(masked_mean(entropy, mask)),
-        "rollout/logprobs_reused": float(reuse),
+        "rollout/logprobs_reused": float(reuse), "rollout/logprobs_fused": float(fused),
         "response/length_mean": float(lengths.mean()),
         "response/hit_max_fraction": float(((lengths >= cfg.rollout.max_new_tokens) & ~finished).float().mean()),
         "response/eos_fraction": float(finished.float().mean()),
         "speed/gen_tokens_per_s": float(lengths.sum()) / max(timing["timing/rollout"], 1e-9),
     } | timing
-    if not reuse:  # sampler vs trainer logprobs of the same tokens (0 up to rounding for the hf sampler)
-        drift = (ro.logprobs.cpu() - logprobs).abs() * mask
-        metrics |= {"rollout/logprob_drift": float(masked_mean(drift, mask)), "rollout/logprob_drift_max": float(drift.max()),
-                    "rollout/logprob_drift_share": float(masked_mean((drift > cfg.rollout.drift_tolerance).float(), mask))}
     if critic is not None:
         metrics |= {"value/explained_variance": float(explained_variance(values, returns, mask)), "value/mean": float(masked_mean(values, mask))}
     return exp, ro, metrics, value_step
+
+
+def logprob_metrics(exp: Experience, entropy: Tensor, cfg: PPOConfig) -> dict[str, float]:
+    """The old policy's KL to the reference per sequence and per token (k1, k2, k3), its entropy, and, when
+    its logprobs are not the sampler's, the sampler's drift from them (0 up to rounding for the hf sampler)."""
+    lp, ref, mask = exp.logprobs, exp.ref_logprobs, exp.response_mask
+    m = {"objective/kl": float(kl_estimate(lp, ref, KLEstimator.K1).mul(mask).sum(-1).mean()),  # per sequence
+         **{f"objective/kl{n}_token": float(masked_mean(kl_estimate(lp, ref, k), mask)) for n, k in (("", KLEstimator.K1), ("_k2", KLEstimator.K2), ("_k3", KLEstimator.K3))},
+         "policy/entropy": float(masked_mean(entropy, mask))}
+    if exp.sampler_logprobs is not None:
+        drift = (exp.sampler_logprobs - lp).abs() * mask
+        m |= {"rollout/logprob_drift": float(masked_mean(drift, mask)), "rollout/logprob_drift_max": float(drift.max()),
+              "rollout/logprob_drift_share": float(masked_mean((drift > cfg.rollout.drift_tolerance).float(), mask))}
+    return m
 
 
 def estimate_advantages(rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig, baseline: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -212,22 +224,24 @@ def fused_value_step(exp: Experience, critic, cfg: PPOConfig) -> tuple[Tensor, d
 # -- The update ------------------------------------------------------------------------------------
 
 
-def policy_loss_fn(cfg: PPOConfig, num_tokens: float, num_seqs: float = 1.0, kl_coef: float | None = None):
+def policy_loss_fn(cfg: PPOConfig, num_tokens: float, num_seqs: float = 1.0, kl_coef: float | None = None, fused: bool = False):
     """Clipped surrogate (+ KL term with kl.in_loss, + entropy bonus) on a micro-batch of Experience,
-    aggregated by ppo.loss_agg over the whole batch's num_tokens / num_seqs."""
+    aggregated by ppo.loss_agg over the whole batch's num_tokens / num_seqs. fused: the first step before any
+    update, whose own logprobs are the old ones (ratio 1); it hands them back with their entropy [B, R, 2]."""
     temp, coef, beta = cfg.rollout.temperature or 1.0, cfg.ppo.entropy_coef, cfg.kl.coef if kl_coef is None else kl_coef
 
     def loss_fn(model, mb: Experience):
-        new_logprobs, ent = _logprobs(mb.response_mask.shape[1], temp, with_entropy=coef > 0)(model, mb)
+        new_logprobs, ent = _logprobs(mb.response_mask.shape[1], temp, with_entropy=coef > 0 or fused)(model, mb)
         norm = loss_normaliser(mb.response_mask, LossAgg(cfg.ppo.loss_agg), num_tokens, num_seqs, cfg.rollout.max_new_tokens)
-        loss, metrics = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, norm, cfg.ppo.clip, cfg.ppo.clip_high, cfg.ppo.ratio == "sequence")
+        old = new_logprobs.detach() if fused else mb.logprobs
+        loss, metrics = ppo_policy_loss(new_logprobs, old, mb.advantages, mb.response_mask, norm, cfg.ppo.clip, cfg.ppo.clip_high, cfg.ppo.ratio == "sequence")
         if cfg.kl.in_loss and beta > 0:
             kl, m = kl_loss(new_logprobs, mb.ref_logprobs, mb.response_mask, norm, beta, cfg.kl.kind)
             loss, metrics = loss + kl, metrics | m
         if coef > 0:
             bonus, m = entropy_bonus(ent, mb.response_mask, num_tokens, coef)
             loss, metrics = loss + bonus, metrics | {"policy/entropy_update": m["policy/entropy"]}
-        return loss, metrics
+        return (loss, metrics, torch.stack([old, ent.detach()], -1)) if fused else (loss, metrics)
 
     return loss_fn
 
@@ -250,19 +264,25 @@ def ppo_update(exp: Experience, policy, critic, cfg: PPOConfig, iteration: int, 
     The shuffle is seeded by (seed, iteration), so a resumed run draws the same minibatches. value_step:
     the critic's step of the first (whole-batch) minibatch, already taken by make_experience (fused).
     cost_critic: fitted to the cost returns with the same value loss (metrics cost_value/*). kl_coef: beta
-    of a KL term in the loss (kl.in_loss; the adaptive controller's value)."""
-    n = len(exp)
+    of a KL term in the loss (kl.in_loss; the adaptive controller's value). Old-policy logprobs left to this
+    update (make_experience's fuse_logprobs) come from the first step's forward, a whole-batch minibatch."""
+    n, fused = len(exp), exp.logprobs is None
     mbs = cfg.ppo.minibatch_size or n
+    assert not fused or mbs >= n, "the old-policy logprobs are left to a first step that covers the whole batch"
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
     parts: list[dict[str, float]] = []
     early = bad = False
     for epoch in range(cfg.ppo.epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, mbs):
-            mb = exp.select(perm[s : s + mbs])
+            mb = exp if fused else exp.select(perm[s : s + mbs])
             num_tokens = policy.global_sum(float(mb.response_mask.sum()))
-            loss_fn = policy_loss_fn(cfg, num_tokens, policy.global_sum(float(len(mb))), kl_coef)
-            m = {f"{k}_policy" if k.startswith("optim/") else k: v for k, v in policy.train_step(mb, loss_fn).items()}
+            m = policy.train_step(mb, policy_loss_fn(cfg, num_tokens, policy.global_sum(float(len(mb))), kl_coef, fused))
+            if fused:  # the step's own logprobs, before its update, are the old policy's from here on
+                m, out = m
+                exp, fused = dataclasses.replace(exp, logprobs=out[..., 0] * exp.response_mask), False
+                m |= logprob_metrics(exp, out[..., 1], cfg)
+            m = {f"{k}_policy" if k.startswith("optim/") else k: v for k, v in m.items()}
             if critic is not None:
                 mv = value_step if value_step is not None and epoch == 0 else critic.train_step(mb, value_loss_fn(cfg, num_tokens))
                 m |= {f"{k}_value" if k.startswith("optim/") else k: v for k, v in mv.items()}
@@ -334,8 +354,11 @@ def train(cfg: PPOConfig) -> dict:
             init = cfg.cost.model if cfg.cost.model and cfg.critic.init != "policy" else cfg.model
             cost_critic = make_critic(init, coster.rm_tok, cfg.cost.critic_lr or cfg.critic.lr or cfg.optim.lr, "cost")
     rollout = make_rollout(cfg.rollout.backend, policy, tok)
-    # the critic's first step stands for its old-value pass when it covers the whole batch
-    fuse_values = critic is not None and cfg.critic.fuse_value_pass == "auto" and (cfg.ppo.minibatch_size == 0 or cfg.ppo.minibatch_size >= rows)
+    # the critic's first step stands for its old-value pass when it covers the whole batch, and the policy's for
+    # its old-logprob pass when the rewards do not depend on them (KL in the loss, or none; no importance weights)
+    whole = cfg.ppo.minibatch_size == 0 or cfg.ppo.minibatch_size >= rows
+    fuse_values = critic is not None and cfg.critic.fuse_value_pass == "auto" and whole
+    fuse_logprobs = cfg.rollout.reuse_logprobs == "auto" and whole and cfg.rollout.tis_cap == 0 and (cfg.kl.in_loss or (cfg.kl.coef == 0 and not cfg.kl.adaptive))
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.coef)
     engines = {"policy": policy} | ({"value": critic} if critic is not None else {}) | ({"cost_value": cost_critic} if cost_critic is not None else {})
     lagrange = LagrangeMultiplier(cfg.cost.lambda_init, cfg.cost.lambda_lr, cfg.cost.threshold, cfg.cost.lambda_max)
@@ -359,7 +382,7 @@ def train(cfg: PPOConfig) -> dict:
         snap = {name: e.snapshot() for name, e in engines.items()} if cfg.ppo.rollback else None  # 6. the guard's copy
         # 1-4. rollout, score, forward passes, advantages (G copies of each prompt, contiguous)
         exp, ro, metrics, value_step = make_experience(next_prompts(), rollout, policy, ref, critic, scorer, cfg, kl_ctl.value, fuse_values,
-                                                   (coster, cost_critic) if coster is not None else None, next_prompts, pad)
+                                                   (coster, cost_critic) if coster is not None else None, next_prompts, pad, fuse_logprobs)
         if exp.costs is not None:  # lambda follows this batch's cost, then weighs the cost advantage (Safe RLHF)
             lagrange.update(float(exp.costs.mean()))
             exp = dataclasses.replace(exp, advantages=lagrangian_advantages(exp.advantages, exp.cost_advantages, lagrange.value))

@@ -19,7 +19,7 @@ class RolloutConfig(SamplingConfig):
     backend: str = doc("hf", "sampler: hf (the policy module itself, static KV cache, each distinct prompt encoded once) or vllm")
     drift_tolerance: float = doc(0.01, "sampler-vs-trainer logprob difference above which a token counts in rollout/logprob_drift_share")
     tis_cap: float = doc(0.0, "truncated importance sampling (as verl's and TRL's TIS): weight each token's advantage by min(pi_trainer/pi_sampler, cap) when the sampler's logprobs differ from the trainer's (vllm); 0 = off")
-    reuse_logprobs: Literal["auto", "off"] = doc("auto", "auto: take the old-policy logprobs and entropy from the sampler when they are exact (the hf sampler, float32, no top-p/top-k/min_new_tokens), skipping a forward pass; off: always recompute")
+    reuse_logprobs: Literal["auto", "off"] = doc("auto", "auto: take the old-policy logprobs and entropy from the sampler when they are exact (the hf sampler, float32, no top-p/top-k/min_new_tokens), skipping a forward pass; else, when the rewards do not depend on them (kl.in_loss or kl.coef 0, rollout.tis_cap 0) and the first update step covers the whole batch, from that step's forward before it updates (TRL's num_iterations=1 way); off: always a separate pass")
 
     def validate(self, p: str) -> None:
         super().validate(p)
