@@ -74,6 +74,11 @@ def _keys(rec: dict) -> str:
     return "[" + ", ".join(sorted(map(str, rec))) + "]"
 
 
+def _prompt_key(prompt) -> str:
+    """A prompt (text or messages) as a key that is equal for equal prompts."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
 # -- SFT -------------------------------------------------------------------------------------------
 
 
@@ -302,8 +307,7 @@ def parse_preference(rec: dict, loc: str) -> list[PreferencePair] | tuple[Any, .
             raise BadRecord("field 'rating' is missing")
         if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
             raise BadRecord(f"field 'rating' must be a number, got {rating!r}", "field 'rating' is not a number")
-        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-        return (key, prompt, response, float(rating), extras, loc)
+        return (_prompt_key(prompt), prompt, response, float(rating), extras, loc)
     raise BadRecord(f"unrecognised record: {PREF_KEYS}; got keys {_keys(rec)}", "unrecognised record")
 
 
@@ -385,8 +389,7 @@ def load_prompts(spec: str, on_bad_record: str = "error") -> tuple[list[PromptEx
     seen: set[str] = set()
     for _, (ex, derived) in parsed(spec, sink, parse_prompt, allow_txt=True):
         if derived:  # many pairs share a prompt; RL should see each once
-            key = ex.prompt if isinstance(ex.prompt, str) else json.dumps(ex.prompt, sort_keys=True)
-            if key in seen:
+            if (key := _prompt_key(ex.prompt)) in seen:
                 sink.drop("duplicate prompt from a preference file")
                 continue
             seen.add(key)
@@ -395,13 +398,6 @@ def load_prompts(spec: str, on_bad_record: str = "error") -> tuple[list[PromptEx
 
 
 # -- Eval split ------------------------------------------------------------------------------------
-
-
-def _group_key(item: Any) -> Any:
-    p = getattr(item, "prompt", None)
-    if isinstance(item, PreferencePair):  # pairs from one ranking share a prompt: keep them on one side
-        return p if isinstance(p, str) else json.dumps(p, sort_keys=True)
-    return None
 
 
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -415,8 +411,8 @@ def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
         return list(items), []
     groups: dict[Any, list[int]] = {}
     for i, it in enumerate(items):
-        k = _group_key(it)
-        groups.setdefault(("item", i) if k is None else ("key", k), []).append(i)
+        # pairs from one ranking share a prompt: keep them on one side
+        groups.setdefault(("key", _prompt_key(it.prompt)) if isinstance(it, PreferencePair) else ("item", i), []).append(i)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     target = max(1, round(n * fraction))
