@@ -107,9 +107,10 @@ def should(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def write_summary(out: Path, summary: dict) -> None:
-    """summary.json marks a finished stage (the pipeline skips stages that have one)."""
+def write_summary(out: Path, summary: dict) -> dict:
+    """summary.json marks a finished stage (the pipeline skips stages that have one). Returns `summary`."""
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def is_finished(out: str | Path) -> bool:

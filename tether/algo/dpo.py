@@ -208,9 +208,7 @@ def train(cfg: DPOConfig) -> dict:
             ckpt.save(step, {"policy": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
     tracker.close()
     engine.save_model(out / "final", tok)
-    summary = {"stage": "dpo", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rewards/"))}}
-    write_summary(out, summary)
-    return summary
+    return write_summary(out, {"stage": "dpo", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rewards/"))}})
 
 
 def main(argv: list[str]) -> int:

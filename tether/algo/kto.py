@@ -133,9 +133,7 @@ def train(cfg: KTOConfig) -> dict:
             ckpt.save(step, {"policy": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
     tracker.close()
     engine.save_model(out / "final", tok)
-    summary = {"stage": "kto", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rewards/", "kto/"))}}
-    write_summary(out, summary)
-    return summary
+    return write_summary(out, {"stage": "kto", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rewards/", "kto/"))}})
 
 
 def main(argv: list[str]) -> int:

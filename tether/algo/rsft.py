@@ -139,9 +139,7 @@ def train(cfg: RSFTConfig) -> dict:
     link.unlink(missing_ok=True)
     link.symlink_to(os.path.relpath(current, out) if current != cfg.model else os.path.abspath(current))
     os.replace(link, out / "final")
-    summary = {"stage": "rsft", "rounds": rounds, "model": current, "reward_first": rounds[0]["reward_mean"], "reward_last": rounds[-1]["reward_mean"]}
-    write_summary(out, summary)
-    return summary
+    return write_summary(out, {"stage": "rsft", "rounds": rounds, "model": current, "reward_first": rounds[0]["reward_mean"], "reward_last": rounds[-1]["reward_mean"]})
 
 
 def main(argv: list[str]) -> int:

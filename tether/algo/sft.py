@@ -96,9 +96,7 @@ def train(cfg: SFTConfig) -> dict:
             ckpt.save(step, {"policy": engine}, {"sampler": sampler.state_dict()}, to_dict(cfg))
     tracker.close()
     engine.save_model(out / "final", tok)
-    summary = {"stage": "sft", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/"))}}
-    write_summary(out, summary)
-    return summary
+    return write_summary(out, {"stage": "sft", "steps": step, **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/"))}})
 
 
 def main(argv: list[str]) -> int:
