@@ -80,12 +80,8 @@ def pair_logps(model, batch, length_normalised: bool = False) -> tuple[torch.Ten
 
 def dpo_loss_fn(cfg: DPOConfig, num_pairs: float):
     """The DPO-family loss on a micro-batch of PairBatch with cached reference logprobs."""
-    kind = cfg.kind
-
-    def loss_fn(model, mb):
-        return pair_loss(cfg, pair_logps(model, mb, kind.length_normalised), mb, num_pairs)
-
-    return loss_fn
+    norm = cfg.kind.length_normalised
+    return lambda model, mb: pair_loss(cfg, pair_logps(model, mb, norm), mb, num_pairs)
 
 
 def pair_loss(cfg: DPOConfig, logps: tuple[torch.Tensor, torch.Tensor], mb, num_pairs: float):

@@ -82,10 +82,7 @@ def make_batch(engine, ref_engine, items: list[Item], pad: int, max_length: int)
 
 
 def kto_loss_fn(cfg: KTOConfig, z0: float, num_examples: float):
-    def loss_fn(model, mb):
-        return kto_loss(seq_logps(model, mb), mb.ref_logps, mb.desirable, z0, num_examples, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-
-    return loss_fn
+    return lambda model, mb: kto_loss(seq_logps(model, mb), mb.ref_logps, mb.desirable, z0, num_examples, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
 
 
 def evaluate(engine, ref_engine, items: list[Item], pad: int, cfg: KTOConfig) -> dict[str, float]:
