@@ -89,24 +89,17 @@ def score_pairs(engine, items, pad: int, batch_size: int, cost: bool = False) ->
     higher cost of `rejected`."""
     from tether.data import collate_pairs
 
-    rc, rr = [], []
-    for s in range(0, len(items), batch_size):
-        c, r = engine.forward(collate_pairs(items[s : s + batch_size], pad), pair_scores)
-        rc.append(c.float().cpu())
-        rr.append(r.float().cpu())
-    return (torch.cat(rr), torch.cat(rc)) if cost else (torch.cat(rc), torch.cat(rr))
+    scored = [engine.forward(collate_pairs(items[s : s + batch_size], pad), pair_scores) for s in range(0, len(items), batch_size)]
+    rc, rr = (torch.cat([sides[k].float().cpu() for sides in scored]) for k in (0, 1))
+    return (rr, rc) if cost else (rc, rr)
 
 
 def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, prefix: str, items=None) -> dict[str, float]:
     """Pairwise loss, accuracy and margin; with a cost model's labelled items, also the fraction of labelled
     responses on the right side of 0 (sign_accuracy; rc are then the unsafer sides' costs)."""
     diff = rc - rr
-    out = {
-        f"{prefix}/loss": float(-F.logsigmoid(diff).mean()),
-        f"{prefix}/accuracy": float((diff > 0).float().mean()),
-        f"{prefix}/margin": float(diff.mean()),
-        f"{prefix}/pairs": len(diff),
-    }
+    out = {f"{prefix}/loss": float(-F.logsigmoid(diff).mean()), f"{prefix}/accuracy": float((diff > 0).float().mean()),
+           f"{prefix}/margin": float(diff.mean()), f"{prefix}/pairs": len(diff)}
     if items and any(it.safety for it in items):
         s = torch.tensor([it.safety or (0, 0) for it in items], dtype=torch.float)  # (safer, unsafer)
         out[f"{prefix}/sign_accuracy"] = float(sign_accuracy(torch.cat([rr, rc]), torch.cat([s[:, 0], s[:, 1]])))
@@ -137,8 +130,7 @@ def _labelled(heads: list[str]):
         for p in pairs:
             if not p.labels:
                 raise DataError(f"{p.loc}: the pair has no 'labels' ({{objective: 1 | -1 | 0}}), and heads={heads} trains on them")
-            unknown = sorted(set(p.labels) - set(heads))
-            if unknown:
+            if unknown := sorted(set(p.labels) - set(heads)):
                 raise DataError(f"{p.loc}: labels name {', '.join(unknown)}, not among heads={heads}")
         return pairs, report
 
