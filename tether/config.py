@@ -196,8 +196,7 @@ def _scalar(text: str) -> Any:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/override value to the field's type, or raise ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if _is_config(tp):  # a section inside a list, e.g. reward.sources=[{name: helpful, model: ...}]
@@ -298,8 +297,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
+    if not (key := key.strip()):
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
@@ -335,8 +333,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping of keys")
     for item in overrides or []:
-        k, v = _parse_override(item)
-        _set(tree, k, v)
+        _set(tree, *_parse_override(item))
     return _build(cls, tree, "")
 
 
