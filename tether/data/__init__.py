@@ -10,15 +10,7 @@ Bad records raise DataError("{path}:{line}: {problem}") or, with on_bad_record=s
 """
 
 from tether.data.formats import load_kto, load_preferences, load_prompts, load_sft, split_eval, split_transcripts
-from tether.data.records import (
-    DataError,
-    DataReport,
-    Messages,
-    PreferencePair,
-    PromptExample,
-    SFTExample,
-    TokenizedPair,
-)
+from tether.data.records import DataError, DataReport, Messages, PreferencePair, PromptExample, SFTExample, TokenizedPair
 # The tokenisers and collators import torch; they load on first use so that the readers, DataError and
 # the converters work without torch (the annotation app imports no torch).
 _TOKENIZE = {
