@@ -28,9 +28,7 @@ class ModelError(ValueError):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def cpu_has_bf16() -> bool:
@@ -211,17 +209,8 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return score_head(model)(h).squeeze(-1).float()
 
 
-def causal_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    position_ids: Tensor | None = None,
-    num_response: int = 0,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    targets: Tensor | None = None,
-    groups: Groups | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def causal_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, num_response: int = 0, temperature: float = 1.0,
+                    with_entropy: bool = False, targets: Tensor | None = None, groups: Groups | None = None) -> tuple[Tensor, Tensor | None]:
     """Log-probability of each token given its prefix.
 
     targets [B, T] (optional, with num_response = 0): only tokens where targets != 0 are scored; the LM
