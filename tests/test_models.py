@@ -34,6 +34,23 @@ def test_logprobs_match_log_softmax_gather(arch, request):
         assert torch.allclose(lp_r, naive[:, -5:], atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_detached_entropy_equals_the_entropy_without_its_graph(tiny_gpt2, packed):
+    """with_entropy="detached" (PPO's fused first step reports the entropy as a metric): the same values as
+    with_entropy=True, with no autograd graph behind them, while the logprobs keep theirs."""
+    from tether.packing import enable_packing
+
+    model = load_causal_lm(tiny_gpt2)
+    assert enable_packing(model) if packed else True
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    lp, ent = causal_logprobs(model, ids, mask, num_response=6, temperature=0.7, with_entropy=True)
+    lp_d, ent_d = causal_logprobs(model, ids, mask, num_response=6, temperature=0.7, with_entropy="detached")
+    assert ent.requires_grad and not ent_d.requires_grad and lp_d.requires_grad
+    assert torch.equal(ent.detach(), ent_d) and torch.equal(lp.detach(), lp_d.detach())
+
+
 def test_left_padding_does_not_change_logprobs(tiny_gpt2):
     model = load_causal_lm(tiny_gpt2).eval()
     ids = torch.tensor([[7, 8, 9, 10, 11]])

@@ -210,7 +210,7 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 def causal_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, num_response: int = 0, temperature: float = 1.0,
-                    with_entropy: bool = False, targets: Tensor | None = None, groups: Groups | None = None) -> tuple[Tensor, Tensor | None]:
+                    with_entropy: bool | str = False, targets: Tensor | None = None, groups: Groups | None = None) -> tuple[Tensor, Tensor | None]:
     """Log-probability of each token given its prefix.
 
     targets [B, T] (optional, with num_response = 0): only tokens where targets != 0 are scored; the LM
@@ -222,7 +222,8 @@ def causal_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     computes logits for the last R+1 positions only (`logits_to_keep`), which saves the [B, T, V]
     projection over the prompt.
 
-    Columns where the token or the one before it is padding are 0 (entropy too). On a packing-enabled
+    Columns where the token or the one before it is padding are 0 (entropy too). with_entropy="detached":
+    the entropy without autograd (a metric: no [n, V] softmax kept for a backward). On a packing-enabled
     model (tether.packing) the rows are packed without padding, rows with equal `groups` keys sharing
     their prompt, and the head runs on real scored tokens only.
     """
@@ -241,7 +242,7 @@ def causal_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
         logits = model(**kwargs, use_cache=False).logits[:, :-1]  # [B, T-1, V]
         labels = input_ids[:, 1:]
     lp = token_logprobs(logits, labels, temperature)
-    ent = entropy_from_logits(logits / temperature if temperature != 1.0 else logits) if with_entropy else None
+    ent = entropy_from_logits(_for_entropy(logits, temperature, with_entropy)) if with_entropy else None
     if attention_mask is not None:  # 0 where the token or its predecessor is padding, as the packed path
         K = lp.shape[1]
         real = (attention_mask[:, -K:] != 0) & (attention_mask[:, -K - 1 : -1] != 0)
@@ -265,7 +266,12 @@ def _packed_logprobs(model, input_ids, attention_mask, num_response, temperature
     return _head_at(model, hidden[used], input_ids[:, -K:][sel], sel, temperature, with_entropy, num_response == 0)
 
 
-def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, with_entropy: bool, full: bool) -> tuple[Tensor, Tensor | None]:
+def _for_entropy(logits: Tensor, temperature: float, with_entropy: bool | str) -> Tensor:
+    logits = logits.detach() if with_entropy == "detached" else logits
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, with_entropy: bool | str, full: bool) -> tuple[Tensor, Tensor | None]:
     """The LM head and log-softmax on the selected hidden states only: h [n, H] predicting labels [n] at
     the True places of sel [B, K]; other places are 0. full: a zero column 0 is added ([B, K+1] = [B, T])."""
     m, n = gemm_multiple(model, h.device), h.shape[0]
@@ -274,7 +280,7 @@ def _head_at(model, h: Tensor, labels: Tensor, sel: Tensor, temperature: float, 
     lp = torch.zeros(sel.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(sel, lp_sel)  # [B, K]
     ent = None
     if with_entropy:
-        e = entropy_from_logits((logits / temperature if temperature != 1.0 else logits)[None])[0][:n]
+        e = entropy_from_logits(_for_entropy(logits, temperature, with_entropy)[None])[0][:n]
         ent = torch.zeros(sel.shape, dtype=e.dtype, device=e.device).masked_scatter(sel, e)
     if full:
         lp = torch.nn.functional.pad(lp, (1, 0))

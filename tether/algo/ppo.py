@@ -231,7 +231,7 @@ def policy_loss_fn(cfg: PPOConfig, num_tokens: float, num_seqs: float = 1.0, kl_
     temp, coef, beta = cfg.rollout.temperature or 1.0, cfg.ppo.entropy_coef, cfg.kl.coef if kl_coef is None else kl_coef
 
     def loss_fn(model, mb: Experience):
-        new_logprobs, ent = _logprobs(mb.response_mask.shape[1], temp, with_entropy=coef > 0 or fused)(model, mb)
+        new_logprobs, ent = _logprobs(mb.response_mask.shape[1], temp, with_entropy=coef > 0 or fused and "detached")(model, mb)
         norm = loss_normaliser(mb.response_mask, LossAgg(cfg.ppo.loss_agg), num_tokens, num_seqs, cfg.rollout.max_new_tokens)
         old = new_logprobs.detach() if fused else mb.logprobs
         loss, metrics = ppo_policy_loss(new_logprobs, old, mb.advantages, mb.response_mask, norm, cfg.ppo.clip, cfg.ppo.clip_high, cfg.ppo.ratio == "sequence")

@@ -54,18 +54,8 @@ import random
 from typing import Any
 
 from tether.data.readers import iter_records
-from tether.data.records import (
-    BadRecord,
-    DataReport,
-    Messages,
-    PreferencePair,
-    PromptExample,
-    SFTExample,
-    Sink,
-    messages_field,
-    text_field,
-    text_or_messages,
-)
+from tether.data.records import (BadRecord, DataReport, Messages, PreferencePair, PromptExample, SFTExample, Sink, messages_field, text_field,
+                                  text_or_messages)
 
 ASSISTANT_MARK = "\n\nAssistant:"
 
