@@ -2,7 +2,7 @@
 doubles (128 -> 1024 tokens on the 4x256 GPT-2) and as the model grows (4x256 -> 12x768, GPT-2-small's
 shape, at 128 tokens); a table, and a log-log PNG.
 
-    python -m benchmarks.growth                                  # sft, rm, dpo, rl; fp32; 3 memory modes; 40 min; table + runs/growth.png
+    python -m benchmarks.growth                                  # sft, rm, dpo, rl; fp32; 3 memory modes; 35 min; table + runs/growth.png
     python -m benchmarks.growth --stages sft --seqs 128,256 --shapes 4x256 --steps 2   # a smoke run
 
 Each point is one fresh subprocess per library and stage (benchmarks.compare.run_one, the same runners
