@@ -121,3 +121,27 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_debris(tiny_g
     assert "\n" not in message and str(tmp_path / "checkpoints" / "step_2") in message and "MB free" in message, message
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
     assert ck.latest().name == "step_1" and ck.load({"policy": eng})["marker"] == 1
+
+
+def test_a_full_disk_during_a_final_model_save_leaves_the_previous_one_and_no_debris(tiny_gpt2, tmp_path):
+    """The same real failed write for the final model folder (every engine's save_model) and for a single
+    file (the DPO reference cache): one line naming it, no temporary left, the previous version intact."""
+    from tether.checkpoint import atomic_torch_save, save_model_folder
+
+    model = load_causal_lm(tiny_gpt2)
+    save_model_folder(model, tmp_path / "final")
+    atomic_torch_save({"x": torch.zeros(10)}, tmp_path / "cache.pt")
+    before = (tmp_path / "final" / "model.safetensors").read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        with pytest.raises(OSError, match=f"^model folder {tmp_path / 'final'} could not be written \\(\\d+ MB free on its disk\\): "):
+            save_model_folder(model, tmp_path / "final")
+        with pytest.raises(OSError, match=f"^file {tmp_path / 'cache.pt'} could not be written"):
+            atomic_torch_save({"x": torch.zeros(1 << 16)}, tmp_path / "cache.pt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt", "final"]
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == before and torch.load(tmp_path / "cache.pt")["x"].shape == (10,)

@@ -15,6 +15,7 @@ the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,6 +29,24 @@ import torch
 from tether.atomic import _fsync_dir, atomic_write_text
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, what: str):
+    """A failed write into `tmp` removes it (on a full disk a half-written file or folder would hold the
+    space) and raises an OSError naming `what`, the disk's free space and the first line of the cause. Only
+    rank 0 writes, so only it removes; a failure inside a nested save keeps the innermost cause (`why`)."""
+    from tether.ranks import is_main
+
+    try:
+        yield
+    except Exception as e:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        why = getattr(e, "why", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        err = OSError(f"{what} could not be written ({shutil.disk_usage(tmp.parent).free >> 20} MB free on its disk): {why}")
+        err.why = why
+        raise err from e
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary name, then rename: readers never see half a file. Under torchrun
     only rank 0 writes; the others wait until the file is complete."""
@@ -36,9 +55,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     path = Path(path)
     if is_main():
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with _removed_on_failure(tmp, f"file {path}"):
+            torch.save(obj, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     barrier()
@@ -84,12 +104,13 @@ def save_model_folder(model, path: Path, tokenizer=None, state_dict: dict | None
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        if extra is not None:
-            extra(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        _fsync_tree(tmp)
+        with _removed_on_failure(tmp, f"model folder {path}"):
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            if extra is not None:
+                extra(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _fsync_tree(tmp)
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
@@ -126,7 +147,7 @@ class Checkpointer:
             for stale in self.root.glob("*.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-        try:  # a failed write (a full disk) leaves no half folder holding the space, and says so in one line
+        with _removed_on_failure(tmp, f"checkpoint {final}"):
             for name, engine in engines.items():
                 engine.save_model(tmp / f"model_{name}", merged=False)
                 opt = engine.optimizer_state()
@@ -142,11 +163,6 @@ class Checkpointer:
             # state.json last: its presence marks the folder complete.
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
             _fsync_tree(tmp)
-        except Exception as e:
-            if is_main():
-                shutil.rmtree(tmp, ignore_errors=True)
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise OSError(f"checkpoint {final} could not be written ({shutil.disk_usage(self.root).free >> 20} MB free on its disk): {why}") from e
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
