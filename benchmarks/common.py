@@ -114,3 +114,11 @@ def pair_tokens(d: Path, n: int) -> int:
 def write_result(path: str, result: dict) -> None:
     result["peak_rss_mb"] = peak_rss_mb()
     Path(path).write_text(json.dumps(result, indent=1))
+
+
+def text_table(lines: list[tuple]) -> str:
+    """Rows of cells (the first the header) as left-aligned columns, with a rule under the header."""
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(lines[0]))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import text_table
 from benchmarks.workload import Workload, build
 
 STAGES = ("sft", "rm", "dpo", "orpo", "simpo", "kto", "rl", "grpo_loss")
@@ -201,10 +202,7 @@ def summarise(rows: list[tuple[str, str, str, list[dict], list[dict]]], w: Workl
             pair(_first(ts[0]), _first(rs[0]) if rs else None, 6),
             pair(_last(ts[0]), _last(rs[0]) if rs else None, 5),
         ))
-    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
-    out = ["  ".join(str(c).ljust(wd) for c, wd in zip(l, widths)) for l in lines]
-    out.insert(1, "  ".join("-" * wd for wd in widths))
-    return "\n".join(out)
+    return text_table(lines)
 
 
 def phases_text(runs: dict) -> str:

@@ -23,7 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.compare import have_trl, model_params, run_one
+from benchmarks.common import text_table
+from benchmarks.compare import _fmt, have_trl, model_params, run_one
 from benchmarks.workload import Workload, build
 
 # stage -> (tether runner stage, TRL runner stage)
@@ -63,14 +64,11 @@ def table(rows: list[dict]) -> str:
         t, b = r.get("tether_s"), r.get("trl_s")
         lines.append((r["axis"], r["point"], r.get("mode", "full"), f"{r['params'] / 1e6:.1f}M", r["stage"], _f(t), _f(b),
                       f"{b / t:.2f}x" if t and b else "-", _f(r.get("tether_mb"), 0), _f(r.get("trl_mb"), 0)))
-    widths = [max(len(str(x[i])) for x in lines) for i in range(len(head))]
-    text = ["  ".join(str(c).ljust(w) for c, w in zip(x, widths)) for x in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    return text_table(lines)
 
 
 def _f(x, p: int = 3) -> str:
-    return "-" if x is None else (f"{x:.0f}" if p == 0 else f"{x:.{p}g}")
+    return f"{x:.0f}" if p == 0 and x is not None else _fmt(x, p)
 
 
 def plot(rows: list[dict], png: Path) -> None:
